@@ -1,0 +1,38 @@
+//! The network-namespace harness of re6st-rs.
+//!
+//! Builds whole networks on one Linux machine: one namespace per host, an
+//! `inet` namespace that plays the Internet through a userspace WAN emulator
+//! (per-pair one-way delay, jitter, loss and blackholes, changeable live),
+//! optional LAN segments and direct links; runs programs inside hosts with
+//! their output logged; measures RTT, waits for conditions, and probes loss
+//! windows. Everything is torn down on drop, also on panic; the `cleanup`
+//! subcommand of `re6st-demo` removes leftovers of a crashed run.
+//!
+//! ```no_run
+//! use netns_tests::{LinkParams, Net, Topology};
+//! # fn main() -> netns_tests::Result<()> {
+//! let mut t = Topology::new("example");
+//! t.host("a").host("b").wan_both("a", "b", LinkParams::delay_ms(25));
+//! let net = Net::build(&t)?;
+//! let b = net.host("b")?.addr(false)?;
+//! let rtt = netns_tests::probe::ping(net.host("a")?, b, 5, std::time::Duration::from_millis(200))?;
+//! println!("{rtt:?}");
+//! net.wan()?.blackhole("a", "b")?;
+//! # Ok(()) }
+//! ```
+
+pub mod cleanup;
+pub mod error;
+pub mod net;
+pub mod netns;
+pub mod probe;
+pub mod process;
+pub mod testing;
+pub mod topology;
+pub mod wan;
+
+pub use error::{Error, Result, TopologyError};
+pub use net::{Host, Net};
+pub use process::Process;
+pub use topology::{LinkParams, Topology};
+pub use wan::WanHandle;

@@ -1,0 +1,1 @@
+//! SlapOS-like master, node agent, service descriptors and request CLI. Filled by issue 7; empty until then.

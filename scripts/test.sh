@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, simulation and network-namespace tests (as root;
 # without root the namespace tests are reported as ignored, loudly).
+# Arguments go to `cargo test`. Ends with one summary line over all targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^(passed|failed|ignored);?$/) { n[$(i)] += $(i-1) }
+        }
+     }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", n["passed;"], n["failed;"], n["ignored;"] }' "$log"
+exit "$status"

@@ -29,10 +29,10 @@ pub fn run_suite(tests: &[NetTest]) -> ExitCode {
     let root = netns::is_root();
     if !root {
         eprintln!(
-            "\n********************************************************************\n\
+            "\n**********************************************************************\n\
              * netns tests SKIPPED: they build network namespaces and need root. *\n\
-             * They are reported as ignored below. Run the suite as root.       *\n\
-             ********************************************************************\n"
+             * They are reported as ignored below. Run the suite as root.        *\n\
+             **********************************************************************\n"
         );
     }
     let trials = tests

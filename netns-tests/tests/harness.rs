@@ -248,6 +248,8 @@ fn teardown_on_panic() -> Result<()> {
         .filter(|n| n.starts_with(&format!("{prefix}-")))
         .collect();
     check(left.is_empty(), format!("left after panic: {left:?}"))?;
+    // The logs of a network dropped in a panic are kept on purpose; these are not needed.
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join("re6st-netns").join(&prefix));
     check(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "sleeper gone",
@@ -319,6 +321,71 @@ fn cleanup_removes_leftovers() -> Result<()> {
     check(ours_alive, "a live network was removed")
 }
 
+/// The demo runs to its end, and Ctrl-C on a `--keep` demo removes
+/// everything it built.
+fn demo_runs_and_ctrl_c_leaves_nothing() -> Result<()> {
+    let exe = env!("CARGO_BIN_EXE_re6st-demo");
+    let out = std::process::Command::new(exe)
+        .args(["--nodes", "3", "--seed", "1"])
+        .output()
+        .map_err(|e| Error::io("running re6st-demo", e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    check(
+        out.status.success(),
+        format!(
+            "demo failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )?;
+    check(
+        text.contains("=> unreachable") && text.contains("5/5 replies"),
+        format!("demo output: {text}"),
+    )?;
+
+    let log = std::env::temp_dir().join(format!("re6st-demo-keep-{}.out", std::process::id()));
+    let file = std::fs::File::create(&log).map_err(|e| Error::io("creating the demo log", e))?;
+    let mut child = std::process::Command::new(exe)
+        .args(["--nodes", "3", "--keep"])
+        .stdout(file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::io("running re6st-demo --keep", e))?;
+    let mine = format!("-{}-", child.id());
+    let waited = wait_until(
+        "the demo to be up",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            t.contains("press Ctrl-C").then_some(())
+        },
+    );
+    let built = netns::list_netns()?
+        .iter()
+        .filter(|n| n.contains(&mine))
+        .count();
+    // SAFETY: kill has no memory-safety preconditions; the PID is our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("waiting for the demo", e))?;
+    let _ = std::fs::remove_file(&log);
+    waited?;
+    check(
+        built == 4,
+        format!("demo had {built} namespaces, expected 4"),
+    )?;
+    check(
+        status.code() == Some(130),
+        format!("demo exited with {status}"),
+    )?;
+    let left: Vec<String> = netns::list_netns()?
+        .into_iter()
+        .filter(|n| n.contains(&mine))
+        .collect();
+    check(left.is_empty(), format!("left after Ctrl-C: {left:?}"))
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("rtt_matches_configured_delay", rtt_matches_configured_delay),
@@ -337,5 +404,9 @@ fn main() -> ExitCode {
             bad_topologies_create_nothing,
         ),
         ("cleanup_removes_leftovers", cleanup_removes_leftovers),
+        (
+            "demo_runs_and_ctrl_c_leaves_nothing",
+            demo_runs_and_ctrl_c_leaves_nothing,
+        ),
     ])
 }

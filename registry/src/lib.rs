@@ -1,1 +1,7 @@
-//! The trust model (certificates, prefixes, network config, CRL, signed peer records) and the registry server and client. Filled by issue 3; empty until then.
+//! The re6st-rs trust model and registry.
+
+pub mod cert;
+pub mod error;
+pub mod prefix;
+
+pub use error::{Error, Result};

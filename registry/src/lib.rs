@@ -1,7 +1,17 @@
 //! The re6st-rs trust model and registry.
+//!
+//! - [`cert`]: the CA, node certificates (prefix in CN, overlay address in
+//!   SAN, WireGuard key extension), CSR checks.
+//! - [`prefix`]: buddy allocation of node prefixes.
+//! - [`config`]: the signed network configuration, HMAC keys, sealing to a
+//!   node's WireGuard key.
+//! - [`auth`]: node-signed requests and signed peer records.
 
+pub mod auth;
 pub mod cert;
+pub mod config;
 pub mod error;
 pub mod prefix;
+pub mod store;
 
 pub use error::{Error, Result};

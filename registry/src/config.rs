@@ -1,0 +1,519 @@
+//! The signed network configuration, and the Babel HMAC keys.
+//!
+//! The configuration is one JSON document signed by the CA key. The exact
+//! signed bytes travel with the signature (`payload` is the JSON text), so a
+//! verifier checks the bytes first and parses them second: no canonical
+//! form is needed.
+//!
+//! The HMAC keys are never in that public document: a member fetches them
+//! with a node-signed request, and they are sealed to its WireGuard key
+//! (X25519 + HKDF-SHA256 + ChaCha20-Poly1305) so that only that node can
+//! read them, even over plain HTTP.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use serde::{Deserialize, Serialize};
+
+use crate::cert::CaCert;
+use crate::error::{Error, Result};
+
+/// Version of the registry protocol spoken by this code.
+pub const PROTOCOL: u32 = 1;
+
+/// The network configuration every node caches and applies live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Increases with every change.
+    pub version: u64,
+    /// Unix seconds when this version was made.
+    pub issued_at: i64,
+    /// The network prefix (e.g. `fd5e:2a1:77::/48`).
+    pub network: String,
+    /// Default node prefix length.
+    pub prefix_len: u8,
+    /// Babel hello interval on tunnels, milliseconds.
+    pub hello_interval_ms: u32,
+    /// RTT below which no penalty applies, milliseconds.
+    pub rtt_min_ms: u32,
+    /// RTT at which the penalty is maximal, milliseconds.
+    pub rtt_max_ms: u32,
+    /// Maximal RTT penalty added to a link's cost.
+    pub max_rtt_penalty: u32,
+    /// Outgoing tunnels per node.
+    pub client_count: u32,
+    /// Incoming tunnels a node accepts.
+    pub max_clients: u32,
+    /// Seconds between two tunnel rotations.
+    pub tunnel_refresh_s: u32,
+    /// Tunnel MTU.
+    pub mtu: u32,
+    /// Protocol version of the registry.
+    pub protocol: u32,
+    /// Nodes below this protocol version must not run.
+    pub min_protocol: u32,
+    /// Registry URLs.
+    pub registry_urls: Vec<String>,
+    /// Revoked serials whose certificates have not expired yet, sorted.
+    pub crl: Vec<u64>,
+    /// Version of the HMAC key set (a rotation floods like any change).
+    pub hmac_version: u64,
+}
+
+/// A settable parameter: its name, and how to check and apply a value.
+struct Param {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    field: fn(&mut NetworkConfig) -> &mut u32,
+}
+
+const PARAMS: &[Param] = &[
+    Param {
+        name: "hello_interval_ms",
+        min: 50,
+        max: 60_000,
+        field: |c| &mut c.hello_interval_ms,
+    },
+    Param {
+        name: "rtt_min_ms",
+        min: 0,
+        max: 10_000,
+        field: |c| &mut c.rtt_min_ms,
+    },
+    Param {
+        name: "rtt_max_ms",
+        min: 1,
+        max: 60_000,
+        field: |c| &mut c.rtt_max_ms,
+    },
+    Param {
+        name: "max_rtt_penalty",
+        min: 0,
+        max: 65_535,
+        field: |c| &mut c.max_rtt_penalty,
+    },
+    Param {
+        name: "client_count",
+        min: 0,
+        max: 1000,
+        field: |c| &mut c.client_count,
+    },
+    Param {
+        name: "max_clients",
+        min: 0,
+        max: 10_000,
+        field: |c| &mut c.max_clients,
+    },
+    Param {
+        name: "tunnel_refresh_s",
+        min: 10,
+        max: 86_400,
+        field: |c| &mut c.tunnel_refresh_s,
+    },
+    Param {
+        name: "mtu",
+        min: 1280,
+        max: 65_535,
+        field: |c| &mut c.mtu,
+    },
+    Param {
+        name: "min_protocol",
+        min: 1,
+        max: PROTOCOL,
+        field: |c| &mut c.min_protocol,
+    },
+];
+
+impl NetworkConfig {
+    /// Defaults for a new network.
+    pub fn new(network: &str, prefix_len: u8, now: i64) -> Self {
+        Self {
+            version: 1,
+            issued_at: now,
+            network: network.to_string(),
+            prefix_len,
+            hello_interval_ms: 300,
+            rtt_min_ms: 10,
+            rtt_max_ms: 500,
+            max_rtt_penalty: 5000,
+            client_count: 10,
+            max_clients: 20,
+            tunnel_refresh_s: 300,
+            mtu: 1420,
+            protocol: PROTOCOL,
+            min_protocol: 1,
+            registry_urls: Vec::new(),
+            crl: Vec::new(),
+            hmac_version: 1,
+        }
+    }
+
+    /// Names of the parameters `set` accepts.
+    pub fn settable() -> Vec<&'static str> {
+        let mut v: Vec<&str> = PARAMS.iter().map(|p| p.name).collect();
+        v.push("registry_urls");
+        v
+    }
+
+    /// Sets one parameter from text, checking its range. Does not bump the version.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        if key == "registry_urls" {
+            let urls: Vec<String> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect();
+            for u in &urls {
+                if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 512 {
+                    return Err(Error::Invalid(format!(
+                        "registry URL {u:?} must be http(s)://..."
+                    )));
+                }
+            }
+            self.registry_urls = urls;
+            return Ok(());
+        }
+        let p = PARAMS.iter().find(|p| p.name == key).ok_or_else(|| {
+            Error::Invalid(format!(
+                "unknown parameter {key:?}; settable: {}",
+                Self::settable().join(", ")
+            ))
+        })?;
+        let v: u32 = value
+            .trim()
+            .parse()
+            .map_err(|_| Error::Invalid(format!("{key} takes a whole number, not {value:?}")))?;
+        if v < p.min || v > p.max {
+            return Err(Error::Invalid(format!(
+                "{key} must be in {}..={}",
+                p.min, p.max
+            )));
+        }
+        let mut next = self.clone();
+        *(p.field)(&mut next) = v;
+        if next.rtt_min_ms >= next.rtt_max_ms {
+            return Err(Error::Invalid(
+                "rtt_min_ms must stay below rtt_max_ms".into(),
+            ));
+        }
+        *self = next;
+        Ok(())
+    }
+}
+
+/// The configuration as served: the signed JSON text and the CA's signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedConfig {
+    /// The JSON text of a [`NetworkConfig`], exactly as signed.
+    pub payload: String,
+    /// Ed25519 signature by the CA key over `payload`, base64.
+    pub signature: String,
+}
+
+const CONFIG_CONTEXT: &[u8] = b"re6st-rs network config v1\n";
+
+impl SignedConfig {
+    /// Signs a configuration with `sign` (the CA key).
+    pub fn sign(
+        config: &NetworkConfig,
+        sign: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Self> {
+        let payload = serde_json::to_string(config)
+            .map_err(|e| Error::Corrupt(format!("serialising config: {e}")))?;
+        let mut msg = CONFIG_CONTEXT.to_vec();
+        msg.extend_from_slice(payload.as_bytes());
+        Ok(Self {
+            payload,
+            signature: B64.encode(sign(&msg)?),
+        })
+    }
+
+    /// Checks the signature with the CA and parses the configuration.
+    pub fn verify(&self, ca: &CaCert) -> Result<NetworkConfig> {
+        let sig = B64
+            .decode(&self.signature)
+            .map_err(|_| Error::Invalid("config signature is not base64".into()))?;
+        let mut msg = CONFIG_CONTEXT.to_vec();
+        msg.extend_from_slice(self.payload.as_bytes());
+        ca.verify(&msg, &sig)
+            .map_err(|_| Error::Unauthenticated("network config not signed by the CA".into()))?;
+        let config: NetworkConfig = serde_json::from_str(&self.payload)
+            .map_err(|e| Error::Invalid(format!("network config: {e}")))?;
+        if config.network != ca.network().to_string() {
+            return Err(Error::Invalid(format!(
+                "config is for network {}, CA for {}",
+                config.network,
+                ca.network()
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// One Babel HMAC key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacKey {
+    /// Key identifier (increasing).
+    pub id: u32,
+    /// 32 key bytes, base64.
+    pub key: String,
+}
+
+/// The key set a member uses: sign with one, accept several (rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacKeys {
+    /// Matches `NetworkConfig::hmac_version`.
+    pub version: u64,
+    /// The key to sign with.
+    pub sign: HmacKey,
+    /// Keys accepted on reception (includes `sign`).
+    pub accept: Vec<HmacKey>,
+    /// During a rotation, when the next phase is expected (unix seconds).
+    pub valid_until: Option<i64>,
+}
+
+impl HmacKeys {
+    /// A fresh key set with one random key.
+    pub fn generate(version: u64) -> Result<Self> {
+        let k = HmacKey {
+            id: 1,
+            key: B64.encode(random_bytes::<32>()?),
+        };
+        Ok(Self {
+            version,
+            sign: k.clone(),
+            accept: vec![k],
+            valid_until: None,
+        })
+    }
+
+    /// One rotation step (each bumps `version`):
+    /// stable `{K}` → announce (sign K, accept K and new N, `valid_until` set)
+    /// → switch (sign N, accept N and K) → stable `{N}`.
+    pub fn rotate(&self, now: i64) -> Result<Self> {
+        let version = self.version + 1;
+        Ok(match self.accept.len() {
+            1 => {
+                let next = HmacKey {
+                    id: self.sign.id + 1,
+                    key: B64.encode(random_bytes::<32>()?),
+                };
+                Self {
+                    version,
+                    sign: self.sign.clone(),
+                    accept: vec![self.sign.clone(), next],
+                    valid_until: Some(now + 3600),
+                }
+            }
+            _ => {
+                let newest = self
+                    .accept
+                    .iter()
+                    .max_by_key(|k| k.id)
+                    .cloned()
+                    .ok_or_else(|| Error::Corrupt("empty HMAC key set".into()))?;
+                if self.sign.id != newest.id {
+                    // Announce -> switch: sign the new key, still accept the old.
+                    Self {
+                        version,
+                        sign: newest.clone(),
+                        accept: vec![newest, self.sign.clone()],
+                        valid_until: Some(now + 3600),
+                    }
+                } else {
+                    // Switch -> stable.
+                    Self {
+                        version,
+                        sign: newest.clone(),
+                        accept: vec![newest],
+                        valid_until: None,
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// `N` random bytes from the system CSPRNG.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| Error::Corrupt("system random generator failed".into()))?;
+    Ok(b)
+}
+
+/// Data sealed to one X25519 public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// The sender's ephemeral X25519 public key, base64.
+    pub ephemeral: String,
+    /// ChaCha20-Poly1305 ciphertext with tag, base64.
+    pub ciphertext: String,
+}
+
+const SEAL_INFO: &[u8] = b"re6st-rs seal v1";
+
+struct OkmLen;
+impl ring::hkdf::KeyType for OkmLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+fn seal_key(shared: &[u8; 32], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey> {
+    let mut salt_input = ephemeral.to_vec();
+    salt_input.extend_from_slice(recipient);
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &salt_input);
+    let prk = salt.extract(shared);
+    let okm = prk
+        .expand(&[SEAL_INFO], OkmLen)
+        .map_err(|_| Error::Corrupt("HKDF failed".into()))?;
+    let mut key = [0u8; 32];
+    okm.fill(&mut key)
+        .map_err(|_| Error::Corrupt("HKDF failed".into()))?;
+    let unbound =
+        UnboundKey::new(&CHACHA20_POLY1305, &key).map_err(|_| Error::Corrupt("AEAD key".into()))?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+/// Seals `plaintext` so that only the holder of the X25519 secret matching
+/// `recipient` can open it.
+pub fn seal(recipient: &[u8; 32], plaintext: &[u8]) -> Result<Sealed> {
+    let secret = x25519_dalek::StaticSecret::from(random_bytes::<32>()?);
+    let ephemeral = x25519_dalek::PublicKey::from(&secret);
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*recipient));
+    let key = seal_key(shared.as_bytes(), ephemeral.as_bytes(), recipient)?;
+    let mut buf = plaintext.to_vec();
+    // A fresh ephemeral key per message: a zero nonce is never reused.
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key([0; 12]),
+        Aad::empty(),
+        &mut buf,
+    )
+    .map_err(|_| Error::Corrupt("sealing failed".into()))?;
+    Ok(Sealed {
+        ephemeral: B64.encode(ephemeral.as_bytes()),
+        ciphertext: B64.encode(buf),
+    })
+}
+
+/// Opens what [`seal`] sealed to our X25519 `secret`.
+pub fn open(secret: &[u8; 32], sealed: &Sealed) -> Result<Vec<u8>> {
+    let eph: [u8; 32] = B64
+        .decode(&sealed.ephemeral)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| Error::Invalid("sealed: bad ephemeral key".into()))?;
+    let mut buf = B64
+        .decode(&sealed.ciphertext)
+        .map_err(|_| Error::Invalid("sealed: ciphertext is not base64".into()))?;
+    let secret = x25519_dalek::StaticSecret::from(*secret);
+    let recipient = x25519_dalek::PublicKey::from(&secret);
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(eph));
+    let key = seal_key(shared.as_bytes(), &eph, recipient.as_bytes())?;
+    let plain = key
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::empty(),
+            &mut buf,
+        )
+        .map_err(|_| Error::Unauthenticated("sealed data does not open with our key".into()))?;
+    Ok(plain.to_vec())
+}
+
+/// The X25519 public key of a secret.
+pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*secret)).to_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::Ca;
+
+    #[test]
+    fn signed_config_round_trips_and_detects_tampering() -> Result<()> {
+        let ca = Ca::generate(
+            "fd5e::/48"
+                .parse()
+                .map_err(|_| Error::Invalid("n".into()))?,
+            1_790_000_000,
+            10,
+        )?;
+        let cfg = NetworkConfig::new("fd5e::/48", 64, 1_790_000_000);
+        let signed = SignedConfig::sign(&cfg, |m| ca.sign(m))?;
+        assert_eq!(signed.verify(ca.cert())?, cfg);
+        let mut bad = signed.clone();
+        bad.payload = bad
+            .payload
+            .replace("\"client_count\":10", "\"client_count\":99");
+        assert!(matches!(
+            bad.verify(ca.cert()),
+            Err(Error::Unauthenticated(_))
+        ));
+        let other = Ca::generate(
+            "fd5e::/48"
+                .parse()
+                .map_err(|_| Error::Invalid("n".into()))?,
+            1_790_000_000,
+            10,
+        )?;
+        assert!(signed.verify(other.cert()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn set_checks_names_and_ranges() -> Result<()> {
+        let mut c = NetworkConfig::new("fd5e::/48", 64, 0);
+        c.set("client_count", "12")?;
+        assert_eq!(c.client_count, 12);
+        assert!(c.set("client_count", "-1").is_err());
+        assert!(c.set("client_count", "x").is_err());
+        assert!(c.set("mtu", "100").is_err());
+        assert!(c.set("nope", "1").is_err());
+        assert!(c.set("rtt_min_ms", "600").is_err());
+        assert_eq!(c.rtt_min_ms, 10);
+        c.set("registry_urls", "http://a.example, https://b.example")?;
+        assert_eq!(c.registry_urls.len(), 2);
+        assert!(c.set("registry_urls", "ftp://x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn hmac_rotation_walks_the_three_phases() -> Result<()> {
+        let k0 = HmacKeys::generate(1)?;
+        let a = k0.rotate(100)?; // announce
+        assert_eq!(
+            (a.sign.id, a.accept.len(), a.valid_until),
+            (1, 2, Some(3700))
+        );
+        let s = a.rotate(200)?; // switch
+        assert_eq!((s.sign.id, s.accept.len()), (2, 2));
+        assert!(s.accept.iter().any(|k| k.id == 1));
+        let d = s.rotate(300)?; // stable again
+        assert_eq!((d.sign.id, d.accept.len(), d.valid_until), (2, 1, None));
+        assert_eq!(d.version, 4);
+        assert_eq!(d.sign.key, a.accept[1].key);
+        Ok(())
+    }
+
+    #[test]
+    fn sealed_data_opens_only_with_the_right_key() -> Result<()> {
+        let secret = random_bytes::<32>()?;
+        let public = x25519_public(&secret);
+        let sealed = seal(&public, b"hmac keys")?;
+        assert_eq!(open(&secret, &sealed)?, b"hmac keys");
+        assert!(open(&random_bytes::<32>()?, &sealed).is_err());
+        let mut bad = sealed.clone();
+        bad.ciphertext = B64.encode([0u8; 40]);
+        assert!(open(&secret, &bad).is_err());
+        Ok(())
+    }
+}

@@ -1,1 +1,4 @@
-//! The node daemon (re6stnet), enrolment (re6st-conf) and status tool (re6stctl). Filled by issue 6; empty until then.
+//! The re6st-rs node. For now: enrolment with a registry ([`enrol`], the
+//! `re6st-conf` tool). The node daemon and `re6stctl` come with issue 6.
+
+pub mod enrol;

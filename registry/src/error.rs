@@ -55,6 +55,19 @@ impl Error {
         }
     }
 
+    /// The message without the category prefix (for `detail` in JSON answers).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Invalid(m)
+            | Self::Unauthenticated(m)
+            | Self::Forbidden(m)
+            | Self::NotFound(m)
+            | Self::Conflict(m)
+            | Self::Exhausted(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// A short machine-readable code, used as `error` in JSON answers.
     pub fn code(&self) -> &'static str {
         match self {

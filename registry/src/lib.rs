@@ -7,11 +7,14 @@
 //!   node's WireGuard key.
 //! - [`auth`]: node-signed requests and signed peer records.
 
+pub mod api;
 pub mod auth;
 pub mod cert;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod prefix;
+pub mod server;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,93 @@
+//! `re6st-conf`: enrol this machine in a re6st-rs network (or renew its
+//! certificate when run again).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use re6stnet::enrol::{enrol, EnrolOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Enrol a node with a re6st-rs registry: fetch and pin the CA, make the keys, get a certificate and a prefix"
+)]
+struct Cli {
+    /// Registry base URL (http://host:port or https://...).
+    #[arg(long)]
+    registry: String,
+    /// One-time join token from the registry's operator (not needed to renew).
+    #[arg(long)]
+    token: Option<String>,
+    /// Configuration directory: ca.crt, node.crt, node.key, wg.key, re6stnet.toml.
+    #[arg(long, default_value = "/etc/re6stnet")]
+    dir: PathBuf,
+    /// SHA-256 fingerprint of the registry's CA (from `re6st-registry fingerprint`);
+    /// strongly recommended on first enrolment.
+    #[arg(long)]
+    ca_fingerprint: Option<String>,
+    /// Replace a different identity already in --dir (new key, new join).
+    #[arg(long)]
+    force: bool,
+}
+
+fn fmt_time(ts: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ts)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ts.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = EnrolOptions {
+        registry: cli.registry,
+        token: cli.token,
+        dir: cli.dir,
+        ca_fingerprint: cli.ca_fingerprint,
+        force: cli.force,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("re6st-conf: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(enrol(&opts)) {
+        Ok(r) => {
+            for w in &r.warnings {
+                eprintln!("re6st-conf: warning: {w}");
+            }
+            let what = match (r.joined, r.renewed) {
+                (true, _) => "joined",
+                (false, true) => "renewed",
+                (false, false) => "certificate still valid (renewable 30 days before expiry)",
+            };
+            println!(
+                "{what}: prefix {} (address {}), certificate #{}",
+                r.cert.prefix, r.cert.address, r.cert.serial
+            );
+            println!(
+                "valid until {}; renew from {}",
+                fmt_time(r.cert.not_after),
+                fmt_time(r.cert.not_after - 30 * 86_400)
+            );
+            println!(
+                "files in {}; back up node.key and wg.key",
+                opts.dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("re6st-conf: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

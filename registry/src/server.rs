@@ -1,0 +1,477 @@
+//! The registry's HTTP server (axum): the `/v1` JSON API.
+//!
+//! Every answer that is not a success is `{error, detail}` with a 4xx/5xx
+//! status, bodies are read up to [`MAX_BODY`] and parsed by us (so oversized
+//! or malformed input also gets a JSON error), and nothing changes unless
+//! the whole request is valid. Database work runs on the blocking pool.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{
+    BootstrapAnswer, CaAnswer, ErrorAnswer, JoinRequest, RenewRequest, RevokeAnswer, RevokeRequest,
+    SetParam, TokenAnswer, TokenRequest, MAX_BODY,
+};
+use crate::auth::{RequestAuth, SignedPeerRecord};
+use crate::cert::NodeCert;
+use crate::config::seal;
+use crate::error::Error;
+use crate::store::{parse_wg_key, RevokeTarget, Store};
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Shared state of the server.
+#[derive(Debug)]
+pub struct AppState {
+    store: Mutex<Store>,
+    admin_token: Option<String>,
+}
+
+impl AppState {
+    /// State over an open store; `admin_token` lets non-loopback clients use
+    /// the admin API with `Authorization: Bearer TOKEN`.
+    pub fn new(store: Store, admin_token: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            store: Mutex::new(store),
+            admin_token,
+        })
+    }
+
+    /// Runs `f` on the store, on the blocking pool.
+    pub async fn with_store<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, Error> + Send + 'static,
+    {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut store = me.store.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut store)
+        })
+        .await
+        .map_err(|e| ApiError(Error::Corrupt(format!("worker failed: {e}"))))?
+        .map_err(ApiError)
+    }
+}
+
+/// An error as an HTTP answer.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Conflict(_) | Error::Exhausted(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_of(&self.0);
+        if status.is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        // Internal details stay in our log.
+        let detail = if status.is_server_error() {
+            "internal error; see the registry log".to_string()
+        } else {
+            self.0.detail()
+        };
+        let body = ErrorAnswer {
+            error: self.0.code().to_string(),
+            detail,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn error_response(status: StatusCode, error: &str, detail: &str) -> Response {
+    (
+        status,
+        Json(ErrorAnswer {
+            error: error.to_string(),
+            detail: detail.to_string(),
+        }),
+    )
+        .into_response()
+}
+
+async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
+    to_bytes(body, MAX_BODY)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|_| {
+            error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request bodies are limited to {MAX_BODY} bytes"),
+            )
+        })
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError(Error::Invalid(format!("JSON body: {e}"))))
+}
+
+fn path_of(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| uri.path().to_string(), |p| p.as_str().to_string())
+}
+
+/// Authenticates a node-signed request (see [`crate::auth`]).
+async fn node_auth(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    grace: bool,
+) -> Result<NodeCert, ApiError> {
+    let value = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError(Error::Unauthenticated(
+                "this endpoint needs a node-signed request".into(),
+            ))
+        })?;
+    let auth = RequestAuth::parse(value)?;
+    let (method, path, body) = (method.to_string(), path_of(uri), body.to_vec());
+    state
+        .with_store(move |s| s.authenticate(&auth, &method, &path, &body, now(), grace))
+        .await
+}
+
+fn check_admin(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), ApiError> {
+    if let (Some(want), Some(got)) = (
+        &state.admin_token,
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ")),
+    ) {
+        // Comparing digests: the time taken says nothing about the token.
+        let digest = |t: &str| ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+        if digest(want).as_ref() == digest(got.trim()).as_ref() {
+            return Ok(());
+        }
+        return Err(ApiError(Error::Unauthenticated("wrong admin token".into())));
+    }
+    if peer.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ApiError(Error::Forbidden(
+        "the admin API answers loopback clients, or an admin bearer token".into(),
+    )))
+}
+
+fn json<T: Serialize>(v: T) -> Response {
+    Json(v).into_response()
+}
+
+async fn get_ca(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    st.with_store(|s| {
+        let ca = s.ca().cert();
+        Ok(CaAnswer {
+            cert: ca.pem().to_string(),
+            fingerprint: ca.fingerprint(),
+            network: ca.network().to_string(),
+        })
+    })
+    .await
+    .map(json)
+}
+
+async fn get_config(State(st): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    st.with_store(|s| s.signed_config()).await.map(json)
+}
+
+async fn post_join(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        let req: JoinRequest = parse_json(&bytes)?;
+        let wg = parse_wg_key(&req.wg_key)?;
+        if req.token.len() > 128 {
+            return Err(ApiError(Error::Invalid("token too long".into())));
+        }
+        let issued = st
+            .with_store(move |s| s.join(&req.token, &req.csr, wg, now()))
+            .await?;
+        tracing::info!(prefix = %issued.prefix, serial = issued.serial, "node joined");
+        Ok::<_, ApiError>(json(issued))
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn post_renew(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        let node = node_auth(&st, &headers, &method, &uri, &bytes, true).await?;
+        let req: RenewRequest = if bytes.is_empty() {
+            RenewRequest::default()
+        } else {
+            parse_json(&bytes)?
+        };
+        let wg = req.wg_key.as_deref().map(parse_wg_key).transpose()?;
+        let issued = st.with_store(move |s| s.renew(&node, wg, now())).await?;
+        if issued.renewed {
+            tracing::info!(prefix = %issued.prefix, serial = issued.serial, "certificate renewed");
+        }
+        Ok::<_, ApiError>(json(issued))
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn get_hmac_keys(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let node = node_auth(&st, &headers, &method, &uri, b"", false).await?;
+    let keys = st.with_store(|s| s.hmac_keys()).await?;
+    let plain = serde_json::to_vec(&keys).map_err(|e| Error::Corrupt(e.to_string()))?;
+    Ok(json(seal(&node.wg_key, &plain)?))
+}
+
+async fn post_peer(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        let node = node_auth(&st, &headers, &method, &uri, &bytes, false).await?;
+        let record: SignedPeerRecord = parse_json(&bytes)?;
+        st.with_store(move |s| s.publish_peer(&node, &record, now()))
+            .await?;
+        Ok::<_, ApiError>(StatusCode::NO_CONTENT.into_response())
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn get_bootstrap(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // Signed requests get peers other than themselves; anonymous ones any.
+    let exclude = if headers.contains_key("authorization") {
+        Some(
+            node_auth(&st, &headers, &method, &uri, b"", false)
+                .await?
+                .prefix,
+        )
+    } else {
+        None
+    };
+    let peers = st.with_store(move |s| s.bootstrap(exclude, now())).await?;
+    Ok(json(BootstrapAnswer { peers }))
+}
+
+async fn admin_add_token(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        check_admin(&st, peer, &headers)?;
+        let req: TokenRequest = if bytes.is_empty() {
+            TokenRequest::default()
+        } else {
+            parse_json(&bytes)?
+        };
+        let token = st
+            .with_store(move |s| {
+                s.add_token(
+                    req.comment.as_deref(),
+                    req.expires_in_s,
+                    req.prefix_len,
+                    now(),
+                )
+            })
+            .await?;
+        Ok::<_, ApiError>((StatusCode::CREATED, Json(TokenAnswer { token })).into_response())
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn admin_list_tokens(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&st, peer, &headers)?;
+    st.with_store(|s| s.list_tokens()).await.map(json)
+}
+
+async fn admin_delete_token(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    check_admin(&st, peer, &headers)?;
+    st.with_store(move |s| s.delete_token(&token)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn admin_nodes(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&st, peer, &headers)?;
+    st.with_store(|s| s.list_nodes()).await.map(json)
+}
+
+async fn admin_revoke(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        check_admin(&st, peer, &headers)?;
+        let req: RevokeRequest = parse_json(&bytes)?;
+        let target = match (req.prefix, req.serial) {
+            (Some(p), None) => RevokeTarget::Prefix(
+                p.parse()
+                    .map_err(|_| Error::Invalid(format!("{p:?} is not an IPv6 prefix")))?,
+            ),
+            (None, Some(s)) => RevokeTarget::Serial(s),
+            _ => {
+                return Err(ApiError(Error::Invalid(
+                    "give exactly one of prefix and serial".into(),
+                )))
+            }
+        };
+        let revoked = st.with_store(move |s| s.revoke(&target, now())).await?;
+        tracing::info!(?revoked, "revoked");
+        Ok::<_, ApiError>(json(RevokeAnswer { revoked }))
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn admin_rotate_hmac(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&st, peer, &headers)?;
+    let keys = st.with_store(|s| s.rotate_hmac(now())).await?;
+    Ok(json(serde_json::json!({ "hmac_version": keys.version })))
+}
+
+async fn admin_get_config(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_admin(&st, peer, &headers)?;
+    st.with_store(|s| s.config()).await.map(json)
+}
+
+async fn admin_set_config(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let bytes = read_body(body).await?;
+    let run = async {
+        check_admin(&st, peer, &headers)?;
+        let req: SetParam = parse_json(&bytes)?;
+        let cfg = st
+            .with_store(move |s| s.set_param(&req.key, &req.value, now()))
+            .await?;
+        Ok::<_, ApiError>(json(cfg))
+    };
+    run.await.map_err(IntoResponse::into_response)
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// The `/v1` router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/ca", get(get_ca))
+        .route("/v1/config", get(get_config))
+        .route("/v1/join", post(post_join))
+        .route("/v1/renew", post(post_renew))
+        .route("/v1/hmac-keys", get(get_hmac_keys))
+        .route("/v1/peer", post(post_peer))
+        .route("/v1/bootstrap", get(get_bootstrap))
+        .route(
+            "/v1/admin/tokens",
+            post(admin_add_token).get(admin_list_tokens),
+        )
+        .route("/v1/admin/tokens/{token}", delete(admin_delete_token))
+        .route("/v1/admin/nodes", get(admin_nodes))
+        .route("/v1/admin/revoke", post(admin_revoke))
+        .route("/v1/admin/hmac/rotate", post(admin_rotate_hmac))
+        .route(
+            "/v1/admin/config",
+            get(admin_get_config).put(admin_set_config),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Periodic housekeeping: frees expired prefixes, prunes the CRL and tokens.
+pub async fn housekeeping(state: Arc<AppState>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.with_store(|s| s.expire(now())).await {
+            tracing::error!(error = %e.0, "housekeeping failed");
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The registry's HTTP API, served in-process on loopback: concurrent joins,
+//! bad input, authentication, renewal, revocation, HMAC keys, bootstrap.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ipnet::Ipv6Net;
+use re6st_registry::api::{JoinRequest, RenewRequest};
+use re6st_registry::auth::{PeerRecord, SignedPeerRecord};
+use re6st_registry::cert::{generate_key, make_csr, CaCert};
+use re6st_registry::client::{Identity, RegistryClient};
+use re6st_registry::config::{open, random_bytes, x25519_public, HmacKeys};
+use re6st_registry::server::{now, router, AppState};
+use re6st_registry::store::{InitParams, Store};
+use re6st_registry::Error;
+
+struct Registry {
+    dir: PathBuf,
+    url: String,
+    db: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn start() -> anyhow::Result<Registry> {
+    let dir = std::env::temp_dir().join(format!(
+        "re6st-api-{}-{}",
+        std::process::id(),
+        hex::encode(random_bytes::<6>()?)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let db = dir.join("registry.db");
+    let store = Store::init(
+        &db,
+        &InitParams {
+            network: "fd5e:2a1:77::/48".parse()?,
+            prefix_len: 64,
+            validity_days: 365,
+            grace_days: 100,
+            ca_cert: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+        },
+        now(),
+    )?;
+    let state = AppState::new(store, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(Registry {
+        dir,
+        url: format!("http://{addr}"),
+        db,
+        task,
+    })
+}
+
+fn token(reg: &Registry) -> anyhow::Result<String> {
+    Ok(Store::open(&reg.db)?.add_token(None, None, None, now())?)
+}
+
+struct Node {
+    key: rcgen::KeyPair,
+    wg_secret: [u8; 32],
+    serial: u64,
+    cert: String,
+    prefix: Ipv6Net,
+}
+
+async fn join(client: &RegistryClient, token: &str) -> anyhow::Result<Node> {
+    let key = generate_key()?;
+    let wg_secret = random_bytes::<32>()?;
+    let issued = client
+        .join(&JoinRequest {
+            token: token.to_string(),
+            csr: make_csr(&key)?,
+            wg_key: B64.encode(x25519_public(&wg_secret)),
+        })
+        .await?;
+    Ok(Node {
+        key,
+        wg_secret,
+        serial: issued.serial,
+        prefix: issued.prefix.parse()?,
+        cert: issued.cert,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_joins_from_fifty_clients_get_distinct_prefixes() -> anyhow::Result<()> {
+    let reg = start().await?;
+    let tokens: Vec<String> = (0..200).map(|_| token(&reg)).collect::<anyhow::Result<_>>()?;
+    let tokens = Arc::new(tokens);
+    let mut tasks = Vec::new();
+    for c in 0..50 {
+        let (url, tokens) = (reg.url.clone(), Arc::clone(&tokens));
+        tasks.push(tokio::spawn(async move {
+            let client = RegistryClient::new(&url)?;
+            let mut out = Vec::new();
+            for i in (c..200).step_by(50) {
+                let n = join(&client, &tokens[i]).await?;
+                out.push((n.prefix, n.cert));
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    assert_eq!(all.len(), 200);
+    let ca = CaCert::from_pem(&RegistryClient::new(&reg.url)?.ca().await?.cert)?;
+    for (i, (p, cert)) in all.iter().enumerate() {
+        let c = ca.verify_node(cert, Some(now()))?;
+        assert_eq!(&c.prefix, p);
+        for (q, _) in &all[i + 1..] {
+            assert!(!p.contains(q) && !q.contains(p), "{p} overlaps {q}");
+        }
+    }
+    let zero: Ipv6Net = "fd5e:2a1:77::/64".parse()?;
+    assert!(all.iter().all(|(p, _)| *p != zero), "the all-zero prefix is reserved");
+    Ok(())
+}
+
+async fn raw(url: &str, method: &str, path: &str, body: Vec<u8>, auth: Option<&str>) -> anyhow::Result<(u16, serde_json::Value)> {
+    let http = reqwest::Client::new();
+    let mut req = http.request(method.parse()?, format!("{url}{path}")).body(body);
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await?;
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes)?
+    };
+    Ok((status, json))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_json_4xx_and_changes_nothing() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let reg = start().await?;
+    let t = token(&reg)?;
+    let version = Store::open(&reg.db)?.config()?.version;
+    let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let good_wg = B64.encode([1u8; 32]);
+    let mut cn = rcgen::CertificateParams::default();
+    cn.distinguished_name = rcgen::DistinguishedName::new();
+    cn.distinguished_name.push(rcgen::DnType::CommonName, "fd5e:2a1:77:5::/64");
+    let key = generate_key()?;
+    let cases: Vec<(&str, &str, Vec<u8>, Option<&str>, u16)> = vec![
+        ("POST", "/v1/join", b"not json".to_vec(), None, 400),
+        ("POST", "/v1/join", vec![b'{'; 70_000], None, 413),
+        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": "garbage", "wg_key": good_wg}))?, None, 400),
+        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": make_csr(&ec)?, "wg_key": good_wg}))?, None, 400),
+        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": cn.serialize_request(&key)?.pem()?, "wg_key": good_wg}))?, None, 400),
+        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": make_csr(&key)?, "wg_key": "short"}))?, None, 400),
+        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": "unknown", "csr": make_csr(&key)?, "wg_key": good_wg}))?, None, 403),
+        ("POST", "/v1/renew", Vec::new(), None, 401),
+        ("POST", "/v1/renew", Vec::new(), Some("Re6st serial=1,ts=1,nonce=00000000000000000000000000000000,sig=AAAA"), 401),
+        ("POST", "/v1/renew", Vec::new(), Some("Basic abc"), 401),
+        ("GET", "/v1/hmac-keys", Vec::new(), None, 401),
+        ("POST", "/v1/peer", b"{}".to_vec(), None, 401),
+        ("POST", "/v1/admin/revoke", b"{}".to_vec(), None, 400),
+        ("POST", "/v1/admin/revoke", b"{\"serial\": 424242}".to_vec(), None, 404),
+        ("PUT", "/v1/admin/config", b"{\"key\": \"mtu\", \"value\": \"1\"}".to_vec(), None, 400),
+        ("GET", "/v1/nothing", Vec::new(), None, 404),
+        ("DELETE", "/v1/config", Vec::new(), None, 405),
+    ];
+    for (method, path, body, auth, want) in cases {
+        let (status, json) = raw(&reg.url, method, path, body, auth).await?;
+        assert_eq!(status, want, "{method} {path}: {json}");
+        assert!(json["error"].is_string() && json["detail"].is_string(), "{method} {path}: {json}");
+    }
+    let store = Store::open(&reg.db)?;
+    assert!(store.list_nodes()?.is_empty());
+    assert_eq!(store.config()?.version, version);
+    assert!(store.list_tokens()?.iter().all(|t| t.used_serial.is_none()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::Result<()> {
+    let reg = start().await?;
+    let client = RegistryClient::new(&reg.url)?;
+    let mut nodes = Vec::new();
+    for _ in 0..6 {
+        nodes.push(join(&client, &token(&reg)?).await?);
+    }
+    let ca = CaCert::from_pem(&client.ca().await?.cert)?;
+    let config = client.config().await?.verify(&ca)?;
+
+    let a = &nodes[0];
+    let id = Identity { key: &a.key, serial: a.serial };
+    let sealed = client.hmac_keys(&id).await?;
+    let keys: HmacKeys = serde_json::from_slice(&open(&a.wg_secret, &sealed)?)?;
+    assert_eq!(keys.version, config.hmac_version);
+    assert!(open(&nodes[1].wg_secret, &sealed).is_err(), "sealed to a's key only");
+
+    let same = client.renew(&id, &RenewRequest::default()).await?;
+    assert!(!same.renewed);
+    assert_eq!(same.serial, a.serial);
+    // Rotating the WireGuard key is a renewal.
+    let new_wg = B64.encode(x25519_public(&random_bytes::<32>()?));
+    let rotated = client.renew(&id, &RenewRequest { wg_key: Some(new_wg) }).await?;
+    assert!(rotated.renewed && rotated.serial > a.serial);
+
+    for (i, n) in nodes.iter().enumerate() {
+        let rec = PeerRecord {
+            cert: n.cert.clone(),
+            endpoints: vec![format!("198.18.{}.2:326", i + 1).parse()?],
+            timestamp: now(),
+        };
+        let who = Identity { key: &n.key, serial: n.serial };
+        client.publish_peer(&who, &SignedPeerRecord::sign(&rec, &n.key)?).await?;
+    }
+    let b = &nodes[1];
+    let who = Identity { key: &b.key, serial: b.serial };
+    for _ in 0..5 {
+        let peers = client.bootstrap(Some(&who)).await?;
+        assert_eq!(peers.len(), 4);
+        for p in peers {
+            let (_, cert) = p.verify(&ca, now(), &[])?;
+            assert_ne!(cert.prefix, b.prefix, "bootstrap never returns the requester");
+        }
+    }
+
+    // Revoke c: its requests are refused, its record is gone, the CRL says so.
+    let c = &nodes[2];
+    Store::open(&reg.db)?.revoke(&re6st_registry::store::RevokeTarget::Prefix(c.prefix), now())?;
+    let cid = Identity { key: &c.key, serial: c.serial };
+    assert!(matches!(client.renew(&cid, &RenewRequest::default()).await, Err(Error::Forbidden(_))));
+    assert!(client.config().await?.verify(&ca)?.crl.contains(&c.serial));
+    for _ in 0..5 {
+        for p in client.bootstrap(None).await? {
+            assert_ne!(p.verify(&ca, now(), &[])?.1.prefix, c.prefix);
+        }
+    }
+    Ok(())
+}

@@ -43,6 +43,8 @@ pub struct EnrolOptions {
     pub ca_fingerprint: Option<String>,
     /// Replace a different identity (new key, new join).
     pub force: bool,
+    /// Extra TLS root (PEM) for an HTTPS registry with a private TLS CA.
+    pub tls_root: Option<String>,
 }
 
 /// What enrolment did.
@@ -129,7 +131,7 @@ pub async fn enrol(opts: &EnrolOptions) -> anyhow::Result<EnrolReport> {
     let mut warnings = Vec::new();
     std::fs::create_dir_all(&opts.dir)
         .with_context(|| format!("creating {}", opts.dir.display()))?;
-    let client = RegistryClient::new(&opts.registry)?;
+    let client = RegistryClient::with_tls_root(&opts.registry, opts.tls_root.as_deref())?;
     let answer = client.ca().await.context("fetching the CA")?;
     let ca = CaCert::from_pem(&answer.cert).context("the registry's CA certificate")?;
     let fp = ca.fingerprint();

@@ -35,15 +35,28 @@ fn install_crypto() {
 }
 
 impl RegistryClient {
-    /// A client for `base` (`http://host:port` or `https://...`).
+    /// A client for `base` (`http://host:port` or `https://...`), trusting
+    /// the system's roots for HTTPS.
     pub fn new(base: &str) -> Result<Self> {
+        Self::with_tls_root(base, None)
+    }
+
+    /// Like [`RegistryClient::new`], also trusting `tls_root` (PEM) for
+    /// HTTPS: for a registry whose TLS certificate comes from a private CA.
+    pub fn with_tls_root(base: &str, tls_root: Option<&str>) -> Result<Self> {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::Invalid(format!(
                 "registry URL {base:?} must start with http:// or https://"
             )));
         }
         install_crypto();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = tls_root {
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+                .map_err(|e| Error::Invalid(format!("TLS root certificate: {e}")))?;
+            builder = builder.tls_certs_merge([cert]);
+        }
+        let http = builder
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("re6st-rs/", env!("CARGO_PKG_VERSION")))

@@ -100,7 +100,9 @@ async fn join(client: &RegistryClient, token: &str) -> anyhow::Result<Node> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_joins_from_fifty_clients_get_distinct_prefixes() -> anyhow::Result<()> {
     let reg = start().await?;
-    let tokens: Vec<String> = (0..200).map(|_| token(&reg)).collect::<anyhow::Result<_>>()?;
+    let tokens: Vec<String> = (0..200)
+        .map(|_| token(&reg))
+        .collect::<anyhow::Result<_>>()?;
     let tokens = Arc::new(tokens);
     let mut tasks = Vec::new();
     for c in 0..50 {
@@ -129,13 +131,24 @@ async fn two_hundred_joins_from_fifty_clients_get_distinct_prefixes() -> anyhow:
         }
     }
     let zero: Ipv6Net = "fd5e:2a1:77::/64".parse()?;
-    assert!(all.iter().all(|(p, _)| *p != zero), "the all-zero prefix is reserved");
+    assert!(
+        all.iter().all(|(p, _)| *p != zero),
+        "the all-zero prefix is reserved"
+    );
     Ok(())
 }
 
-async fn raw(url: &str, method: &str, path: &str, body: Vec<u8>, auth: Option<&str>) -> anyhow::Result<(u16, serde_json::Value)> {
+async fn raw(
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    auth: Option<&str>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let http = reqwest::Client::new();
-    let mut req = http.request(method.parse()?, format!("{url}{path}")).body(body);
+    let mut req = http
+        .request(method.parse()?, format!("{url}{path}"))
+        .body(body);
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
@@ -150,6 +163,9 @@ async fn raw(url: &str, method: &str, path: &str, body: Vec<u8>, auth: Option<&s
     Ok((status, json))
 }
 
+/// Method, path, body, Authorization header, expected status.
+type Case<'a> = (&'a str, &'a str, Vec<u8>, Option<&'a str>, u16);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_json_4xx_and_changes_nothing() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -160,31 +176,93 @@ async fn bad_input_gets_json_4xx_and_changes_nothing() -> anyhow::Result<()> {
     let good_wg = B64.encode([1u8; 32]);
     let mut cn = rcgen::CertificateParams::default();
     cn.distinguished_name = rcgen::DistinguishedName::new();
-    cn.distinguished_name.push(rcgen::DnType::CommonName, "fd5e:2a1:77:5::/64");
+    cn.distinguished_name
+        .push(rcgen::DnType::CommonName, "fd5e:2a1:77:5::/64");
     let key = generate_key()?;
-    let cases: Vec<(&str, &str, Vec<u8>, Option<&str>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("POST", "/v1/join", b"not json".to_vec(), None, 400),
         ("POST", "/v1/join", vec![b'{'; 70_000], None, 413),
-        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": "garbage", "wg_key": good_wg}))?, None, 400),
-        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": make_csr(&ec)?, "wg_key": good_wg}))?, None, 400),
-        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": cn.serialize_request(&key)?.pem()?, "wg_key": good_wg}))?, None, 400),
-        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": t, "csr": make_csr(&key)?, "wg_key": "short"}))?, None, 400),
-        ("POST", "/v1/join", serde_json::to_vec(&serde_json::json!({"token": "unknown", "csr": make_csr(&key)?, "wg_key": good_wg}))?, None, 403),
+        (
+            "POST",
+            "/v1/join",
+            serde_json::to_vec(
+                &serde_json::json!({"token": t, "csr": "garbage", "wg_key": good_wg}),
+            )?,
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/join",
+            serde_json::to_vec(
+                &serde_json::json!({"token": t, "csr": make_csr(&ec)?, "wg_key": good_wg}),
+            )?,
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/join",
+            serde_json::to_vec(
+                &serde_json::json!({"token": t, "csr": cn.serialize_request(&key)?.pem()?, "wg_key": good_wg}),
+            )?,
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/join",
+            serde_json::to_vec(
+                &serde_json::json!({"token": t, "csr": make_csr(&key)?, "wg_key": "short"}),
+            )?,
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/join",
+            serde_json::to_vec(
+                &serde_json::json!({"token": "unknown", "csr": make_csr(&key)?, "wg_key": good_wg}),
+            )?,
+            None,
+            403,
+        ),
         ("POST", "/v1/renew", Vec::new(), None, 401),
-        ("POST", "/v1/renew", Vec::new(), Some("Re6st serial=1,ts=1,nonce=00000000000000000000000000000000,sig=AAAA"), 401),
+        (
+            "POST",
+            "/v1/renew",
+            Vec::new(),
+            Some("Re6st serial=1,ts=1,nonce=00000000000000000000000000000000,sig=AAAA"),
+            401,
+        ),
         ("POST", "/v1/renew", Vec::new(), Some("Basic abc"), 401),
         ("GET", "/v1/hmac-keys", Vec::new(), None, 401),
         ("POST", "/v1/peer", b"{}".to_vec(), None, 401),
         ("POST", "/v1/admin/revoke", b"{}".to_vec(), None, 400),
-        ("POST", "/v1/admin/revoke", b"{\"serial\": 424242}".to_vec(), None, 404),
-        ("PUT", "/v1/admin/config", b"{\"key\": \"mtu\", \"value\": \"1\"}".to_vec(), None, 400),
+        (
+            "POST",
+            "/v1/admin/revoke",
+            b"{\"serial\": 424242}".to_vec(),
+            None,
+            404,
+        ),
+        (
+            "PUT",
+            "/v1/admin/config",
+            b"{\"key\": \"mtu\", \"value\": \"1\"}".to_vec(),
+            None,
+            400,
+        ),
         ("GET", "/v1/nothing", Vec::new(), None, 404),
         ("DELETE", "/v1/config", Vec::new(), None, 405),
     ];
     for (method, path, body, auth, want) in cases {
         let (status, json) = raw(&reg.url, method, path, body, auth).await?;
         assert_eq!(status, want, "{method} {path}: {json}");
-        assert!(json["error"].is_string() && json["detail"].is_string(), "{method} {path}: {json}");
+        assert!(
+            json["error"].is_string() && json["detail"].is_string(),
+            "{method} {path}: {json}"
+        );
     }
     let store = Store::open(&reg.db)?;
     assert!(store.list_nodes()?.is_empty());
@@ -205,18 +283,31 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
     let config = client.config().await?.verify(&ca)?;
 
     let a = &nodes[0];
-    let id = Identity { key: &a.key, serial: a.serial };
+    let id = Identity {
+        key: &a.key,
+        serial: a.serial,
+    };
     let sealed = client.hmac_keys(&id).await?;
     let keys: HmacKeys = serde_json::from_slice(&open(&a.wg_secret, &sealed)?)?;
     assert_eq!(keys.version, config.hmac_version);
-    assert!(open(&nodes[1].wg_secret, &sealed).is_err(), "sealed to a's key only");
+    assert!(
+        open(&nodes[1].wg_secret, &sealed).is_err(),
+        "sealed to a's key only"
+    );
 
     let same = client.renew(&id, &RenewRequest::default()).await?;
     assert!(!same.renewed);
     assert_eq!(same.serial, a.serial);
     // Rotating the WireGuard key is a renewal.
     let new_wg = B64.encode(x25519_public(&random_bytes::<32>()?));
-    let rotated = client.renew(&id, &RenewRequest { wg_key: Some(new_wg) }).await?;
+    let rotated = client
+        .renew(
+            &id,
+            &RenewRequest {
+                wg_key: Some(new_wg),
+            },
+        )
+        .await?;
     assert!(rotated.renewed && rotated.serial > a.serial);
 
     for (i, n) in nodes.iter().enumerate() {
@@ -225,25 +316,45 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
             endpoints: vec![format!("198.18.{}.2:326", i + 1).parse()?],
             timestamp: now(),
         };
-        let who = Identity { key: &n.key, serial: n.serial };
-        client.publish_peer(&who, &SignedPeerRecord::sign(&rec, &n.key)?).await?;
+        let who = Identity {
+            key: &n.key,
+            serial: n.serial,
+        };
+        client
+            .publish_peer(&who, &SignedPeerRecord::sign(&rec, &n.key)?)
+            .await?;
     }
     let b = &nodes[1];
-    let who = Identity { key: &b.key, serial: b.serial };
+    let who = Identity {
+        key: &b.key,
+        serial: b.serial,
+    };
     for _ in 0..5 {
         let peers = client.bootstrap(Some(&who)).await?;
         assert_eq!(peers.len(), 4);
         for p in peers {
             let (_, cert) = p.verify(&ca, now(), &[])?;
-            assert_ne!(cert.prefix, b.prefix, "bootstrap never returns the requester");
+            assert_ne!(
+                cert.prefix, b.prefix,
+                "bootstrap never returns the requester"
+            );
         }
     }
 
     // Revoke c: its requests are refused, its record is gone, the CRL says so.
     let c = &nodes[2];
-    Store::open(&reg.db)?.revoke(&re6st_registry::store::RevokeTarget::Prefix(c.prefix), now())?;
-    let cid = Identity { key: &c.key, serial: c.serial };
-    assert!(matches!(client.renew(&cid, &RenewRequest::default()).await, Err(Error::Forbidden(_))));
+    Store::open(&reg.db)?.revoke(
+        &re6st_registry::store::RevokeTarget::Prefix(c.prefix),
+        now(),
+    )?;
+    let cid = Identity {
+        key: &c.key,
+        serial: c.serial,
+    };
+    assert!(matches!(
+        client.renew(&cid, &RenewRequest::default()).await,
+        Err(Error::Forbidden(_))
+    ));
     assert!(client.config().await?.verify(&ca)?.crl.contains(&c.serial));
     for _ in 0..5 {
         for p in client.bootstrap(None).await? {

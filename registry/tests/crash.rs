@@ -32,13 +32,22 @@ struct Server {
 impl Server {
     fn start(db: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
         let child = Command::new(EXE)
-            .args(["--db", &db.to_string_lossy(), "serve", "--listen", &addr.to_string()])
+            .args([
+                "--db",
+                &db.to_string_lossy(),
+                "serve",
+                "--listen",
+                &addr.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(addr).is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "registry did not start listening");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "registry did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Self { child })
@@ -67,16 +76,30 @@ impl Drop for Dir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_during_joins_loses_nothing_and_never_double_allocates() -> anyhow::Result<()> {
-    let dir = Dir(std::env::temp_dir().join(format!("re6st-crash-{}", hex::encode(random_bytes::<6>()?))));
+    let dir = Dir(
+        std::env::temp_dir().join(format!("re6st-crash-{}", hex::encode(random_bytes::<6>()?)))
+    );
     std::fs::create_dir_all(&dir.0)?;
     let db = dir.0.join("registry.db");
     let out = Command::new(EXE)
-        .args(["--db", &db.to_string_lossy(), "init", "--network", "fd5e:2a1:77::/48"])
+        .args([
+            "--db",
+            &db.to_string_lossy(),
+            "init",
+            "--network",
+            "fd5e:2a1:77::/48",
+        ])
         .output()?;
-    anyhow::ensure!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tokens: VecDeque<String> = {
         let mut s = Store::open(&db)?;
-        (0..JOINS).map(|_| s.add_token(None, None, None, now())).collect::<Result<_, _>>()?
+        (0..JOINS)
+            .map(|_| s.add_token(None, None, None, now()))
+            .collect::<Result<_, _>>()?
     };
     let addr: SocketAddr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -96,7 +119,11 @@ async fn sigkill_during_joins_loses_nothing_and_never_double_allocates() -> anyh
         tasks.push(tokio::spawn(async move {
             let client = RegistryClient::new(&url)?;
             loop {
-                let Some(token) = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop_front() else {
+                let Some(token) = queue
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .pop_front()
+                else {
                     return anyhow::Ok(());
                 };
                 let key = generate_key()?;
@@ -134,7 +161,12 @@ async fn sigkill_during_joins_loses_nothing_and_never_double_allocates() -> anyh
     for round in 0..3 {
         let target = (round + 1) * JOINS / 5;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len() < target {
+        while received
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .len()
+            < target
+        {
             anyhow::ensure!(Instant::now() < deadline, "joins stalled");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -149,7 +181,10 @@ async fn sigkill_during_joins_loses_nothing_and_never_double_allocates() -> anyh
     }
     drop(server);
 
-    let received = received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let received = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     assert_eq!(received.len(), JOINS);
     eprintln!(
         "{JOINS} joins, 3 SIGKILLs: {} failed attempts retried, {} retries answered with the certificate committed before the kill",
@@ -159,13 +194,30 @@ async fn sigkill_during_joins_loses_nothing_and_never_double_allocates() -> anyh
     let prefixes: HashSet<Ipv6Net> = received.iter().map(|r| r.2).collect();
     assert_eq!(prefixes.len(), JOINS, "a prefix was handed to two nodes");
     let store = Store::open(&db)?;
-    let nodes: HashMap<String, u64> = store.list_nodes()?.into_iter().map(|n| (n.prefix, n.serial)).collect();
+    let nodes: HashMap<String, u64> = store
+        .list_nodes()?
+        .into_iter()
+        .map(|n| (n.prefix, n.serial))
+        .collect();
     for (_, serial, prefix) in &received {
-        assert_eq!(nodes.get(&prefix.to_string()), Some(serial), "certificate for {prefix} lost");
+        assert_eq!(
+            nodes.get(&prefix.to_string()),
+            Some(serial),
+            "certificate for {prefix} lost"
+        );
     }
-    assert_eq!(nodes.len(), JOINS, "the database has nodes no client received");
+    assert_eq!(
+        nodes.len(),
+        JOINS,
+        "the database has nodes no client received"
+    );
     for f in store.free_blocks()? {
-        assert!(prefixes.iter().all(|p| !f.net().contains(p) && !p.contains(&f.net())), "free block {f} overlaps a node");
+        assert!(
+            prefixes
+                .iter()
+                .all(|p| !f.net().contains(p) && !p.contains(&f.net())),
+            "free block {f} overlaps a node"
+        );
     }
     Ok(())
 }

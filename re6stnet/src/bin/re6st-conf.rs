@@ -29,6 +29,10 @@ struct Cli {
     /// Replace a different identity already in --dir (new key, new join).
     #[arg(long)]
     force: bool,
+    /// PEM file of a CA to trust for the registry's HTTPS certificate (when
+    /// it is not signed by a public CA).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 fn fmt_time(ts: i64) -> String {
@@ -43,7 +47,20 @@ fn fmt_time(ts: i64) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let tls_root = match cli
+        .tls_ca
+        .as_deref()
+        .map(std::fs::read_to_string)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("re6st-conf: reading --tls-ca: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = EnrolOptions {
+        tls_root,
         registry: cli.registry,
         token: cli.token,
         dir: cli.dir,

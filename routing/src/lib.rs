@@ -1,1 +1,6 @@
-//! Babel (RFC 8966 + RTT extension + HMAC): wire codec, sans-IO core, simulator, driver, kernel routes. Filled by issue 4; empty until then.
+//! Babel (RFC 8966 + RTT extension + HMAC) for re6st-rs.
+//!
+//! So far: [`wire`], the packet codec. The sans-IO router, HMAC, simulator,
+//! driver and kernel routes follow (issue 4).
+
+pub mod wire;

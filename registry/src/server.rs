@@ -475,3 +475,79 @@ pub async fn housekeeping(state: Arc<AppState>, every: std::time::Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(token: Option<&str>) -> Result<Arc<AppState>, Error> {
+        // The database is only needed to build the state; the directory goes at once.
+        let dir = std::env::temp_dir().join(format!(
+            "re6st-admin-{}",
+            hex::encode(crate::config::random_bytes::<6>()?)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("mkdir", e))?;
+        let store = Store::init(
+            &dir.join("r.db"),
+            &crate::store::InitParams {
+                network: "fd5e::/48"
+                    .parse()
+                    .map_err(|_| Error::Invalid("n".into()))?,
+                prefix_len: 64,
+                validity_days: 1,
+                grace_days: 1,
+                ca_cert: dir.join("ca.crt"),
+                ca_key: dir.join("ca.key"),
+            },
+            now(),
+        )?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(AppState::new(store, token.map(str::to_string)))
+    }
+
+    #[test]
+    fn admin_is_loopback_or_bearer_token() -> Result<(), Error> {
+        let far: SocketAddr = "[fd00::7]:4000"
+            .parse()
+            .map_err(|_| Error::Invalid("a".into()))?;
+        let near: SocketAddr = "[::1]:4000"
+            .parse()
+            .map_err(|_| Error::Invalid("a".into()))?;
+        let none = HeaderMap::new();
+        let mut good = HeaderMap::new();
+        good.insert(
+            "authorization",
+            "Bearer 0123456789abcdef"
+                .parse()
+                .map_err(|_| Error::Invalid("h".into()))?,
+        );
+        let mut bad = HeaderMap::new();
+        bad.insert(
+            "authorization",
+            "Bearer nope"
+                .parse()
+                .map_err(|_| Error::Invalid("h".into()))?,
+        );
+
+        let open = state(None)?;
+        assert!(check_admin(&open, near, &none).is_ok());
+        assert!(matches!(
+            check_admin(&open, far, &none),
+            Err(ApiError(Error::Forbidden(_)))
+        ));
+        assert!(
+            check_admin(&open, far, &good).is_err(),
+            "no token configured"
+        );
+
+        let tok = state(Some("0123456789abcdef"))?;
+        assert!(check_admin(&tok, far, &good).is_ok());
+        assert!(matches!(
+            check_admin(&tok, far, &bad),
+            Err(ApiError(Error::Unauthenticated(_)))
+        ));
+        assert!(check_admin(&tok, near, &none).is_ok());
+        assert!(check_admin(&tok, far, &none).is_err());
+        Ok(())
+    }
+}

@@ -1,6 +1,20 @@
-//! Babel (RFC 8966 + RTT extension + HMAC) for re6st-rs.
+//! Babel (RFC 8966 + RTT extension RFC 9616 + source-specific routes
+//! RFC 9079) for re6st-rs, sans-IO.
 //!
-//! So far: [`wire`], the packet codec. The sans-IO router, HMAC, simulator,
-//! driver and kernel routes follow (issue 4).
+//! - [`wire`]: the packet codec.
+//! - [`metric`]: seqno arithmetic, 2-out-of-3 cost, RTT penalty.
+//! - [`neighbour`]: Hello history with per-neighbour deadlines, IHU, RTT.
+//! - [`source`]: feasibility distances.
+//! - [`router`]: the state machine (`handle_packet`, `handle_timeout`,
+//!   `poll_transmit`, `poll_timeout`, `poll_route_change`).
+//! - [`sim`]: many routers on a virtual clock with per-link delay and loss.
+//!
+//! Still to come (issue 4): HMAC (RFC 8967), the tokio driver, kernel
+//! routes (rtnetlink) and the `re6st-babeld` daemon.
 
+pub mod metric;
+pub mod neighbour;
+pub mod router;
+pub mod sim;
+pub mod source;
 pub mod wire;

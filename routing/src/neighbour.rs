@@ -1,0 +1,233 @@
+//! Neighbours: Hello history, missed-Hello deadlines, IHU (txcost), RTT.
+//!
+//! A Hello is counted as missed by a per-neighbour deadline (not a periodic
+//! check): the first at 1.5 intervals after the last Hello, then one per
+//! interval. With 2-out-of-3 the link becomes unusable at the second miss,
+//! 2.5 Hello intervals after the last Hello heard.
+
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use crate::metric::{add, two_out_of_three, RttParams};
+use crate::wire::INFINITY;
+
+/// Identifies an interface of the router (chosen by the caller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IfaceId(pub u32);
+
+/// One neighbour: a link-local address on an interface.
+#[derive(Clone, Debug)]
+pub struct Neighbour {
+    /// Its interface.
+    pub iface: IfaceId,
+    /// Its link-local address.
+    pub addr: Ipv6Addr,
+    /// Hello history; bit 15 is the most recent Hello slot.
+    pub history: u16,
+    last_seqno: Option<u16>,
+    missed: u16,
+    /// Its Hello interval (from its Hellos).
+    pub hello_interval: Duration,
+    /// When the next Hello counts as missed.
+    pub next_miss: Instant,
+    /// Its rxcost for us, from its IHU.
+    pub txcost: u16,
+    /// When the IHU information expires.
+    pub ihu_expires: Instant,
+    /// Smoothed RTT, and when it was last sampled.
+    pub rtt: Option<(Duration, Instant)>,
+    /// The RTT the link cost uses: it follows the smoothed RTT only when
+    /// that moves by more than 10% (hysteresis against jitter).
+    pub rtt_used: Option<Duration>,
+    /// The timestamp of its last Hello and our clock when it arrived
+    /// (echoed in our IHU for its RTT).
+    pub last_hello_ts: Option<(u32, u32)>,
+    /// When we last heard anything from it.
+    pub last_heard: Instant,
+}
+
+/// How long an RTT sample stays valid.
+pub const RTT_VALID: Duration = Duration::from_secs(180);
+
+impl Neighbour {
+    /// A neighbour first heard now.
+    pub fn new(iface: IfaceId, addr: Ipv6Addr, now: Instant) -> Self {
+        Self {
+            iface,
+            addr,
+            history: 0,
+            last_seqno: None,
+            missed: 0,
+            hello_interval: Duration::from_secs(4),
+            next_miss: now + Duration::from_secs(6),
+            txcost: INFINITY,
+            ihu_expires: now,
+            rtt: None,
+            rtt_used: None,
+            last_hello_ts: None,
+            last_heard: now,
+        }
+    }
+
+    /// Records a multicast Hello.
+    pub fn hello(&mut self, now: Instant, seqno: u16, interval: Duration) {
+        self.last_heard = now;
+        match self.last_seqno {
+            None => self.history = 0x8000,
+            Some(prev) => {
+                let gap = seqno.wrapping_sub(prev);
+                if gap == 0 {
+                    return;
+                }
+                if gap > 16 {
+                    // A restart or a long gap: start over.
+                    self.history = 0x8000;
+                } else if gap > self.missed {
+                    self.history = (self.history >> (gap - self.missed)) | 0x8000;
+                } else {
+                    // Our deadline counted it missed but it was only late.
+                    self.history |= 0x8000;
+                }
+            }
+        }
+        self.last_seqno = Some(seqno);
+        self.missed = 0;
+        // An unscheduled Hello (interval 0) keeps the known interval.
+        if !interval.is_zero() {
+            self.hello_interval = interval;
+        }
+        self.next_miss = now + self.hello_interval + self.hello_interval / 2;
+    }
+
+    /// Counts missed Hellos whose deadline has passed. Returns true if the
+    /// history changed.
+    pub fn check_missed(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        while now >= self.next_miss && self.history != 0 {
+            self.history >>= 1;
+            self.missed = self.missed.saturating_add(1);
+            self.next_miss += self.hello_interval.max(Duration::from_millis(10));
+            changed = true;
+        }
+        changed
+    }
+
+    /// Whether nothing is left of its Hello history (it can be forgotten).
+    pub fn is_dead(&self) -> bool {
+        self.history == 0
+    }
+
+    /// Our rxcost for it (sent in our IHU): nominal if 2 of the last 3
+    /// Hellos arrived, else infinity.
+    pub fn rxcost(&self, nominal: u16) -> u16 {
+        if two_out_of_three(self.history) {
+            nominal
+        } else {
+            INFINITY
+        }
+    }
+
+    /// The cost of the link to it at `now`: txcost if we hear it (2 of 3)
+    /// and its IHU is current, plus the RTT penalty, times the multiplier.
+    pub fn cost(&self, now: Instant, rtt: Option<&RttParams>, multiplier: u16) -> u16 {
+        if !two_out_of_three(self.history) || now >= self.ihu_expires || self.txcost == INFINITY {
+            return INFINITY;
+        }
+        let penalty = match (rtt, self.rtt, self.rtt_used) {
+            (Some(p), Some((_, at)), Some(r)) if now.duration_since(at) < RTT_VALID => p.penalty(r),
+            _ => 0,
+        };
+        let base = add(self.txcost, penalty);
+        let scaled = u32::from(base) * u32::from(multiplier.max(1));
+        if scaled >= u32::from(INFINITY) {
+            INFINITY
+        } else {
+            scaled as u16
+        }
+    }
+
+    /// Folds an RTT sample in.
+    pub fn rtt_sample(&mut self, now: Instant, sample: Duration, params: &RttParams) {
+        let current = self.rtt.map(|(r, _)| r);
+        let smoothed = params.smooth(current, sample);
+        self.rtt = Some((smoothed, now));
+        let moved = match self.rtt_used {
+            None => true,
+            Some(used) => {
+                let threshold = (used / 10).max(Duration::from_millis(1));
+                smoothed.abs_diff(used) > threshold
+            }
+        };
+        if moved {
+            self.rtt_used = Some(smoothed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const I: Duration = Duration::from_millis(300);
+
+    fn n(now: Instant) -> Neighbour {
+        Neighbour::new(IfaceId(1), Ipv6Addr::LOCALHOST, now)
+    }
+
+    #[test]
+    fn link_dies_at_the_second_missed_hello() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        for i in 0..3u16 {
+            nb.hello(t0 + I * u32::from(i), i, I);
+        }
+        nb.txcost = 96;
+        nb.ihu_expires = t0 + Duration::from_secs(60);
+        let last = t0 + I * 2;
+        assert_eq!(nb.cost(last, None, 1), 96);
+        assert!(!nb.check_missed(last + I + I / 2 - Duration::from_millis(1)));
+        assert!(nb.check_missed(last + I + I / 2));
+        assert_eq!(
+            nb.cost(last + I + I / 2, None, 1),
+            96,
+            "one miss is tolerated"
+        );
+        assert!(nb.check_missed(last + I * 5 / 2));
+        assert_eq!(nb.cost(last + I * 5 / 2, None, 1), INFINITY);
+        // It comes back: two Hellos restore it.
+        nb.hello(last + I * 3, 3 + 3, I);
+        nb.hello(last + I * 4, 3 + 4, I);
+        assert_eq!(nb.cost(last + I * 4, None, 1), 96);
+    }
+
+    #[test]
+    fn a_late_hello_does_not_count_twice() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        nb.hello(t0, 10, I);
+        nb.hello(t0 + I, 11, I);
+        nb.check_missed(t0 + I * 5 / 2 + Duration::from_millis(1));
+        nb.hello(t0 + I * 5 / 2 + Duration::from_millis(2), 12, I);
+        assert_eq!(nb.history & 0xE000, 0xE000);
+    }
+
+    #[test]
+    fn cost_includes_rtt_and_multiplier() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        nb.hello(t0, 0, I);
+        nb.hello(t0 + I, 1, I);
+        nb.txcost = 96;
+        nb.ihu_expires = t0 + Duration::from_secs(60);
+        let p = RttParams::default();
+        nb.rtt_sample(t0 + I, Duration::from_millis(255), &p);
+        assert_eq!(nb.cost(t0 + I, Some(&p), 1), 96 + 2500);
+        assert_eq!(nb.cost(t0 + I, Some(&p), 4), (96 + 2500) * 4);
+        assert_eq!(nb.cost(t0 + I, Some(&p), 100), INFINITY);
+        assert_eq!(
+            nb.cost(t0 + Duration::from_secs(61), Some(&p), 1),
+            INFINITY,
+            "IHU expired"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 # benchmarks use. Does nothing when they are all there already (so it runs
 # `apt-get update` at most once per machine).
 set -euo pipefail
-PKGS=(iproute2 nftables iputils-ping iperf3 procps)
+PKGS=(iproute2 nftables iputils-ping iperf3 procps babeld)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -32,6 +32,28 @@ pub mod topology;
 pub mod wan;
 
 pub use error::{Error, Result, TopologyError};
+
+/// Path of a binary of this workspace, built next to the running test
+/// (`target/<profile>/NAME`). Errors with a hint when it was not built.
+pub fn binary(name: &str) -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the test executable", e))?;
+    let mut dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(Error::Measure(format!(
+            "{} not found: build it first (cargo build --workspace --bins)",
+            path.display()
+        )))
+    }
+}
 pub use net::{Host, Net};
 pub use process::Process;
 pub use topology::{LinkParams, Topology};

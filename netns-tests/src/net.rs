@@ -113,6 +113,27 @@ impl Host {
         )
     }
 
+    /// Silently breaks an interface: nftables drops everything arriving on
+    /// it (the link stays up, as a real path failure would).
+    pub fn block_ingress(&self, iface: &str) -> Result<()> {
+        let table = format!("r6tblock_{}", iface.replace('-', "_"));
+        let rules = format!(
+            "table netdev {table} {{\n chain in {{\n  type filter hook ingress device \"{iface}\" priority -500; policy drop;\n }}\n}}\n"
+        );
+        netns::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
+            Some(&rules),
+        )
+        .map(|_| ())
+    }
+
+    /// Undoes [`Host::block_ingress`].
+    pub fn unblock_ingress(&self, iface: &str) -> Result<()> {
+        let table = format!("r6tblock_{}", iface.replace('-', "_"));
+        self.run("nft", &["delete", "table", "netdev", &table])
+            .map(|_| ())
+    }
+
     /// Runs `f` on a thread inside this host's namespace (sockets it creates
     /// stay in the host).
     pub fn in_ns<T, F>(&self, f: F) -> Result<T>

@@ -8,10 +8,13 @@
 //! - [`router`]: the state machine (`handle_packet`, `handle_timeout`,
 //!   `poll_transmit`, `poll_timeout`, `poll_route_change`).
 //! - [`sim`]: many routers on a virtual clock with per-link delay and loss.
+//! - [`driver`]: the tokio driver (sockets, clock, commands, status).
+//! - [`kernel`]: kernel routes over rtnetlink with our own `proto`.
 //!
-//! Still to come (issue 4): HMAC (RFC 8967), the tokio driver, kernel
-//! routes (rtnetlink) and the `re6st-babeld` daemon.
+//! Still to come (issue 4): HMAC (RFC 8967).
 
+pub mod driver;
+pub mod kernel;
 pub mod metric;
 pub mod neighbour;
 pub mod router;

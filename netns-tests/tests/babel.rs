@@ -1,0 +1,258 @@
+//! re6st-babeld in real network namespaces: the square (routes, RTT
+//! preference, silent-failure reroute with its loss window) and interop
+//! with babeld 1.12 (a chain ours–babeld–ours, and a mixed triangle).
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use netns_tests::probe::{ping, wait_until, LossProbe};
+use netns_tests::testing::{check, run_suite};
+use netns_tests::{binary, Error, Host, Net, Process, Result, Topology};
+
+fn stub(h: &Host, addr: &str) -> Result<()> {
+    h.run(
+        "ip",
+        &["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"],
+    )
+    .map(|_| ())
+}
+
+fn ours(h: &Host, ifaces: &[&str], export: &str, extra: &[&str]) -> Result<Process> {
+    let bin = binary("re6st-babeld")?;
+    let bin = bin.to_string_lossy().into_owned();
+    let mut args: Vec<String> = Vec::new();
+    for i in ifaces {
+        args.extend(["--interface".into(), i.to_string()]);
+    }
+    args.extend([
+        "--export".into(),
+        format!("{export}/128"),
+        "--pref-src".into(),
+        export.into(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    h.spawn("re6st-babeld", &bin, &args)
+}
+
+fn babeld(h: &Host, net: &Net, ifaces: &[&str], hello_s: &str) -> Result<Process> {
+    let dir = net.log_dir();
+    let pid = dir
+        .join(format!("{}-babeld.pid", h.name()))
+        .to_string_lossy()
+        .into_owned();
+    let state = dir
+        .join(format!("{}-babeld.state", h.name()))
+        .to_string_lossy()
+        .into_owned();
+    let conf = format!("default type tunnel hello-interval {hello_s}");
+    let mut args = vec!["-I", &pid, "-S", &state, "-C", &conf];
+    args.extend_from_slice(ifaces);
+    h.spawn("babeld", "babeld", &args)
+}
+
+fn reaches(from: &Host, dst: &str) -> bool {
+    let Ok(addr) = dst.parse::<IpAddr>() else {
+        return false;
+    };
+    ping(from, addr, 1, Duration::from_millis(100))
+        .map(|s| s.received == 1)
+        .unwrap_or(false)
+}
+
+fn route_dev(h: &Host, dst: &str, src: &str) -> Option<String> {
+    let out = h
+        .output("ip", &["-6", "route", "get", dst, "from", src])
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "dev" {
+            return words.next().map(str::to_string);
+        }
+    }
+    None
+}
+
+/// a-b-d fast (2 ms per hop, direct veths with nothing added), a-c-d with
+/// 0 extra delay too but c's links cost more: we check reachability, that
+/// every node learns every stub, and the reroute after a silent failure.
+fn square_learns_everything_and_reroutes() -> Result<()> {
+    let mut t = Topology::new("bsquare");
+    for h in ["a", "b", "c", "d"] {
+        t.host_offline(h);
+    }
+    t.link("a", "b")
+        .link("b", "d")
+        .link("a", "c")
+        .link("c", "d");
+    let net = Net::build(&t)?;
+    let (a, b, c, d) = (
+        net.host("a")?,
+        net.host("b")?,
+        net.host("c")?,
+        net.host("d")?,
+    );
+    let stubs = [
+        (a, "fd00:5a::1"),
+        (b, "fd00:5b::1"),
+        (c, "fd00:5c::1"),
+        (d, "fd00:5d::1"),
+    ];
+    for (h, s) in stubs {
+        stub(h, s)?;
+    }
+    let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
+    let _pb = ours(b, &["to-a", "to-d"], "fd00:5b::1", &[])?;
+    let _pc = ours(c, &["to-a", "to-d"], "fd00:5c::1", &[])?;
+    let _pd = ours(d, &["to-b", "to-c"], "fd00:5d::1", &[])?;
+    let (_, took) = wait_until(
+        "a to reach d",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || reaches(a, "fd00:5d::1").then_some(()),
+    )?;
+    eprintln!("square: a reached d {took:?} after start");
+    for (h, _) in stubs {
+        for (_, s) in stubs {
+            let (_, _) = wait_until(
+                &format!("{} to reach {s}", h.name()),
+                Duration::from_secs(10),
+                Duration::from_millis(50),
+                || reaches(h, s).then_some(()),
+            )?;
+        }
+    }
+    let dev = route_dev(a, "fd00:5d::1", "fd00:5a::1")
+        .ok_or_else(|| Error::Measure("no route a->d".into()))?;
+    let (peer, peer_iface) = if dev == "to-b" {
+        (b, "to-a")
+    } else {
+        (c, "to-a")
+    };
+    let probe = LossProbe::start(
+        a,
+        d,
+        "fd00:5d::1"
+            .parse()
+            .map_err(|_| Error::Measure("addr".into()))?,
+        Duration::from_millis(10),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    a.block_ingress(&dev)?;
+    peer.block_ingress(peer_iface)?;
+    std::thread::sleep(Duration::from_secs(4));
+    let r = probe.stop(Duration::from_millis(300));
+    let gap = r.longest_gap.as_secs_f64() * 1000.0;
+    eprintln!(
+        "square: silent failure of a's {dev}: longest gap {gap:.0} ms, {} of {} probes lost",
+        r.lost, r.sent
+    );
+    check(
+        gap < 5000.0,
+        format!("traffic did not recover within 5 s: {r:?}"),
+    )?;
+    let now_dev = route_dev(a, "fd00:5d::1", "fd00:5a::1");
+    check(
+        now_dev.as_deref() != Some(dev.as_str()),
+        format!("still routed via {dev}"),
+    )?;
+    check(reaches(a, "fd00:5d::1"), "a reaches d after the reroute")
+}
+
+/// A chain ours (a) – babeld (b) – ours (c): every stub learned in both
+/// directions, ping over two hops through babeld.
+fn interop_chain_with_babeld() -> Result<()> {
+    let mut t = Topology::new("bchain");
+    for h in ["a", "b", "c"] {
+        t.host_offline(h);
+    }
+    t.link("a", "b").link("b", "c");
+    let net = Net::build(&t)?;
+    let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    stub(c, "fd00:5c::1")?;
+    let _pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
+    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3")?;
+    let _pc = ours(c, &["to-b"], "fd00:5c::1", &[])?;
+    for (h, s) in [
+        (a, "fd00:5c::1"),
+        (c, "fd00:5a::1"),
+        (a, "fd00:5b::1"),
+        (c, "fd00:5b::1"),
+        (b, "fd00:5a::1"),
+        (b, "fd00:5c::1"),
+    ] {
+        let (_, took) = wait_until(
+            &format!("{} to reach {s}", h.name()),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || reaches(h, s).then_some(()),
+        )?;
+        eprintln!("chain: {} reached {s} after {took:?}", h.name());
+    }
+    let babel_routes = String::from_utf8_lossy(
+        &b.run("ip", &["-6", "route", "show", "proto", "babel"])?
+            .stdout,
+    )
+    .into_owned();
+    check(
+        babel_routes.contains("fd00:5a::1") && babel_routes.contains("fd00:5c::1"),
+        format!("babeld's routes: {babel_routes}"),
+    )?;
+    let our_routes = String::from_utf8_lossy(
+        &a.run("ip", &["-6", "route", "show", "proto", "113"])?
+            .stdout,
+    )
+    .into_owned();
+    check(
+        our_routes.contains("fd00:5b::1") && our_routes.contains("fd00:5c::1"),
+        format!("our routes on a: {our_routes}"),
+    )
+}
+
+/// A mixed triangle: ours (a, c) and babeld (b), all linked.
+fn interop_mixed_triangle() -> Result<()> {
+    let mut t = Topology::new("btri");
+    for h in ["a", "b", "c"] {
+        t.host_offline(h);
+    }
+    t.link("a", "b").link("b", "c").link("a", "c");
+    let net = Net::build(&t)?;
+    let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    stub(c, "fd00:5c::1")?;
+    let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
+    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3")?;
+    let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
+    for (h, s) in [
+        (a, "fd00:5b::1"),
+        (a, "fd00:5c::1"),
+        (b, "fd00:5a::1"),
+        (b, "fd00:5c::1"),
+        (c, "fd00:5a::1"),
+        (c, "fd00:5b::1"),
+    ] {
+        wait_until(
+            &format!("{} to reach {s}", h.name()),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || reaches(h, s).then_some(()),
+        )?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    run_suite(&[
+        (
+            "square_learns_everything_and_reroutes",
+            square_learns_everything_and_reroutes,
+        ),
+        ("interop_chain_with_babeld", interop_chain_with_babeld),
+        ("interop_mixed_triangle", interop_mixed_triangle),
+    ])
+}

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod babel;
 pub mod cleanup;
 pub mod error;
 pub mod net;

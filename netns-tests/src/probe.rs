@@ -150,6 +150,8 @@ pub struct LossReport {
     pub longest_gap: Duration,
     /// When, after the probe started, that gap began.
     pub gap_start: Duration,
+    /// When, after the probe started, the first answered probe was sent.
+    pub first_answered: Option<Duration>,
 }
 
 impl LossReport {
@@ -193,12 +195,19 @@ impl ProbeLog {
                 prev = Some(*t);
             }
         }
+        let first_answered = self
+            .sent
+            .iter()
+            .zip(&self.answered)
+            .find(|(_, a)| **a)
+            .map(|(t, _)| t.saturating_duration_since(start));
         LossReport {
             sent,
             received,
             lost: sent - received,
             longest_gap: longest,
             gap_start,
+            first_answered,
         }
     }
 }
@@ -232,10 +241,10 @@ impl LossProbe {
             .local_addr()
             .map_err(|e| Error::io("reading the responder's port", e))?
             .port();
+        // Not connected: sending must work (and count as lost) while there
+        // is no route yet.
         let sender = bind_in(from, any(0))?;
-        sender
-            .connect(SocketAddr::new(dst, port))
-            .map_err(|e| Error::io(format!("connecting the probe to {dst}"), e))?;
+        let target = SocketAddr::new(dst, port);
         let receiver = sender
             .try_clone()
             .map_err(|e| Error::io("cloning the probe socket", e))?;
@@ -303,7 +312,7 @@ impl LossProbe {
                     l.answered.push(false);
                 }
                 // A send error (no route while a path is broken) is a lost probe.
-                let _ = sender.send(&pkt);
+                let _ = sender.send_to(&pkt, target);
                 seq += 1;
             }
         })?);
@@ -422,6 +431,7 @@ mod tests {
         assert_eq!(r.lost, 6);
         assert_eq!(r.longest_gap, Duration::from_millis(60));
         assert_eq!(r.gap_start, Duration::from_millis(90));
+        assert_eq!(r.first_answered, Some(Duration::ZERO));
     }
 
     #[test]

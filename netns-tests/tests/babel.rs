@@ -2,78 +2,13 @@
 //! preference, silent-failure reroute with its loss window) and interop
 //! with babeld 1.12 (a chain ours–babeld–ours, and a mixed triangle).
 
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use netns_tests::probe::{ping, wait_until, LossProbe};
+use netns_tests::babel::{babeld, ours, reaches, route_dev, stub};
+use netns_tests::probe::{wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
-use netns_tests::{binary, Error, Host, Net, Process, Result, Topology};
-
-fn stub(h: &Host, addr: &str) -> Result<()> {
-    h.run(
-        "ip",
-        &["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"],
-    )
-    .map(|_| ())
-}
-
-fn ours(h: &Host, ifaces: &[&str], export: &str, extra: &[&str]) -> Result<Process> {
-    let bin = binary("re6st-babeld")?;
-    let bin = bin.to_string_lossy().into_owned();
-    let mut args: Vec<String> = Vec::new();
-    for i in ifaces {
-        args.extend(["--interface".into(), i.to_string()]);
-    }
-    args.extend([
-        "--export".into(),
-        format!("{export}/128"),
-        "--pref-src".into(),
-        export.into(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    h.spawn("re6st-babeld", &bin, &args)
-}
-
-fn babeld(h: &Host, net: &Net, ifaces: &[&str], hello_s: &str) -> Result<Process> {
-    let dir = net.log_dir();
-    let pid = dir
-        .join(format!("{}-babeld.pid", h.name()))
-        .to_string_lossy()
-        .into_owned();
-    let state = dir
-        .join(format!("{}-babeld.state", h.name()))
-        .to_string_lossy()
-        .into_owned();
-    let conf = format!("default type tunnel hello-interval {hello_s}");
-    let mut args = vec!["-I", &pid, "-S", &state, "-C", &conf];
-    args.extend_from_slice(ifaces);
-    h.spawn("babeld", "babeld", &args)
-}
-
-fn reaches(from: &Host, dst: &str) -> bool {
-    let Ok(addr) = dst.parse::<IpAddr>() else {
-        return false;
-    };
-    ping(from, addr, 1, Duration::from_millis(100))
-        .map(|s| s.received == 1)
-        .unwrap_or(false)
-}
-
-fn route_dev(h: &Host, dst: &str, src: &str) -> Option<String> {
-    let out = h
-        .output("ip", &["-6", "route", "get", dst, "from", src])
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace();
-    while let Some(w) = words.next() {
-        if w == "dev" {
-            return words.next().map(str::to_string);
-        }
-    }
-    None
-}
+use netns_tests::{Error, Net, Result, Topology};
 
 /// a-b-d fast (2 ms per hop, direct veths with nothing added), a-c-d with
 /// 0 extra delay too but c's links cost more: we check reachability, that
@@ -175,7 +110,7 @@ fn interop_chain_with_babeld() -> Result<()> {
     stub(b, "fd00:5b::1")?;
     stub(c, "fd00:5c::1")?;
     let _pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
-    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3")?;
+    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-b"], "fd00:5c::1", &[])?;
     for (h, s) in [
         (a, "fd00:5c::1"),
@@ -226,7 +161,7 @@ fn interop_mixed_triangle() -> Result<()> {
     stub(b, "fd00:5b::1")?;
     stub(c, "fd00:5c::1")?;
     let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
-    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3")?;
+    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
     for (h, s) in [
         (a, "fd00:5b::1"),

@@ -34,6 +34,8 @@ pub type NeighbourId = (IfaceId, Ipv6Addr);
 const REQUEST_HOPS: u8 = 64;
 /// How long a retraction keeps being advertised.
 const RETRACT_HOLD: Duration = Duration::from_secs(20);
+/// Gap between the quick Hellos of a burst.
+const BURST_GAP: Duration = Duration::from_millis(30);
 /// Delay before triggered updates are sent (to batch them).
 const URGENT_DELAY: Duration = Duration::from_millis(10);
 /// Housekeeping period (route expiry, garbage collection).
@@ -173,6 +175,9 @@ struct Iface {
     dump_soon: Option<Instant>,
     last_full_dump: Option<Instant>,
     startup_request: bool,
+    /// Extra quick Hellos still to send (start-up and new neighbours), so
+    /// that 2-out-of-3 is met in tens of milliseconds, not two intervals.
+    burst: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -345,6 +350,7 @@ impl Router {
                 dump_soon: Some(dump),
                 last_full_dump: None,
                 startup_request: true,
+                burst: 2,
             },
         );
     }
@@ -706,8 +712,12 @@ impl Router {
             .last_heard = now;
         if fresh {
             // Let it learn our routes soon.
+            // Also two quick Hellos (with an IHU for it), so the link is
+            // usable at once on both sides.
             if let Some(i) = self.ifaces.get_mut(&iface) {
                 i.dump_soon = Some(now + URGENT_DELAY);
+                i.burst = i.burst.max(2);
+                i.next_hello = i.next_hello.min(now + URGENT_DELAY);
             }
         }
         let mut hello_ts = None;
@@ -1118,14 +1128,19 @@ impl Router {
             };
             if hello_due {
                 self.send_hello(id, now);
-                let iv = self
+                let (iv, burst) = self
                     .ifaces
                     .get(&id)
-                    .map(|i| i.cfg.hello_interval)
+                    .map(|i| (i.cfg.hello_interval, i.burst))
                     .unwrap_or_default();
-                let next = now + self.jitter(iv, 5);
+                let next = if burst > 0 {
+                    now + BURST_GAP.min(iv)
+                } else {
+                    now + self.jitter(iv, 5)
+                };
                 if let Some(i) = self.ifaces.get_mut(&id) {
                     i.next_hello = next;
+                    i.burst = burst.saturating_sub(1);
                 }
             }
             if dump_due {

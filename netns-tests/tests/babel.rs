@@ -181,6 +181,79 @@ fn interop_mixed_triangle() -> Result<()> {
     Ok(())
 }
 
+/// The chain with RFC 8967 HMAC-SHA256 on every node: babeld accepts our
+/// MACs (and answers our challenges) and we accept its.
+fn interop_chain_with_hmac() -> Result<()> {
+    let mut t = Topology::new("bhmac");
+    for h in ["a", "b", "c", "x"] {
+        t.host_offline(h);
+    }
+    t.link("a", "b").link("b", "c").link("x", "b");
+    let net = Net::build(&t)?;
+    let (a, b, c, x) = (
+        net.host("a")?,
+        net.host("b")?,
+        net.host("c")?,
+        net.host("x")?,
+    );
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    stub(c, "fd00:5c::1")?;
+    stub(x, "fd00:5e::1")?;
+    let hex: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+    let keyfile = net.log_dir().join("hmac.keys");
+    std::fs::write(&keyfile, format!("# test key\nhmac-sha256 {hex}\n"))
+        .map_err(|e| Error::io("writing keys", e))?;
+    let kf = keyfile.to_string_lossy().into_owned();
+    let _pa = ours(a, &["to-b"], "fd00:5a::1", &["--hmac-key-file", &kf])?;
+    let key_stmt = format!("key id k1 type hmac-sha256 value {hex}");
+    let _pb = babeld(
+        b,
+        &net,
+        &["to-a", "to-c", "to-x"],
+        "0.3",
+        &[&key_stmt, "default key k1"],
+    )?;
+    // x has another key: it must learn nothing, and inject nothing.
+    let wrong = net.log_dir().join("wrong.keys");
+    std::fs::write(&wrong, format!("hmac-sha256 {}\n", "ab".repeat(32)))
+        .map_err(|e| Error::io("writing keys", e))?;
+    let _px = ours(
+        x,
+        &["to-b"],
+        "fd00:5e::1",
+        &["--hmac-key-file", &wrong.to_string_lossy()],
+    )?;
+    let _pc = ours(c, &["to-b"], "fd00:5c::1", &["--hmac-key-file", &kf])?;
+    for (h, s) in [
+        (a, "fd00:5c::1"),
+        (c, "fd00:5a::1"),
+        (a, "fd00:5b::1"),
+        (b, "fd00:5a::1"),
+    ] {
+        let (_, took) = wait_until(
+            &format!("{} to reach {s} with HMAC", h.name()),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || reaches(h, s).then_some(()),
+        )?;
+        eprintln!("hmac chain: {} reached {s} after {took:?}", h.name());
+    }
+    check(
+        !reaches(x, "fd00:5a::1") && !reaches(a, "fd00:5e::1"),
+        "a node with another key got routes",
+    )?;
+    let routes = String::from_utf8_lossy(
+        &b.run("ip", &["-6", "route", "show", "proto", "babel"])?
+            .stdout,
+    )
+    .into_owned();
+    check(
+        !routes.contains("fd00:5e::1"),
+        format!("babeld accepted routes signed with another key: {routes}"),
+    )
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         (
@@ -189,5 +262,6 @@ fn main() -> ExitCode {
         ),
         ("interop_chain_with_babeld", interop_chain_with_babeld),
         ("interop_mixed_triangle", interop_mixed_triangle),
+        ("interop_chain_with_hmac", interop_chain_with_hmac),
     ])
 }

@@ -2,6 +2,7 @@
 //! RFC 9079) for re6st-rs, sans-IO.
 //!
 //! - [`wire`]: the packet codec.
+//! - [`auth`]: RFC 8967 MACs, packet counters and challenges.
 //! - [`metric`]: seqno arithmetic, 2-out-of-3 cost, RTT penalty.
 //! - [`neighbour`]: Hello history with per-neighbour deadlines, IHU, RTT.
 //! - [`source`]: feasibility distances.
@@ -10,9 +11,8 @@
 //! - [`sim`]: many routers on a virtual clock with per-link delay and loss.
 //! - [`driver`]: the tokio driver (sockets, clock, commands, status).
 //! - [`kernel`]: kernel routes over rtnetlink with our own `proto`.
-//!
-//! Still to come (issue 4): HMAC (RFC 8967).
 
+pub mod auth;
 pub mod driver;
 pub mod kernel;
 pub mod metric;

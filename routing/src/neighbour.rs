@@ -46,6 +46,9 @@ pub struct Neighbour {
     pub last_heard: Instant,
 }
 
+/// A silent neighbour with no Hello history is forgotten after this long.
+pub const NEIGHBOUR_GC: Duration = Duration::from_secs(3);
+
 /// How long an RTT sample stays valid.
 pub const RTT_VALID: Duration = Duration::from_secs(180);
 
@@ -112,9 +115,11 @@ impl Neighbour {
         changed
     }
 
-    /// Whether nothing is left of its Hello history (it can be forgotten).
-    pub fn is_dead(&self) -> bool {
-        self.history == 0
+    /// Whether it can be forgotten: nothing left of its Hello history and
+    /// nothing heard for [`NEIGHBOUR_GC`] (a neighbour heard only through a
+    /// challenge exchange has no Hello history yet, and must stay).
+    pub fn is_dead(&self, now: Instant) -> bool {
+        self.history == 0 && now.duration_since(self.last_heard) >= NEIGHBOUR_GC
     }
 
     /// Our rxcost for it (sent in our IHU): nominal if 2 of the last 3

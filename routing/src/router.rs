@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+use crate::auth::{Auth, AuthConfig, Verdict};
 use crate::metric::{add, seqno_newer, RttParams};
 use crate::neighbour::{IfaceId, Neighbour};
 use crate::source::{SourceKey, SourceTable};
@@ -52,6 +53,8 @@ pub struct RouterConfig {
     pub update_interval: Duration,
     /// Seed of the jitter generator (simulations are reproducible).
     pub seed: u64,
+    /// RFC 8967 MAC authentication (None: off).
+    pub auth: Option<AuthConfig>,
 }
 
 impl RouterConfig {
@@ -61,6 +64,7 @@ impl RouterConfig {
             router_id,
             update_interval: Duration::from_secs(4),
             seed: u64::from_be_bytes(router_id),
+            auth: None,
         }
     }
 }
@@ -175,6 +179,9 @@ struct Iface {
     dump_soon: Option<Instant>,
     last_full_dump: Option<Instant>,
     startup_request: bool,
+    /// Packet counter and index for RFC 8967.
+    pc: u32,
+    index: [u8; 8],
     /// Extra quick Hellos still to send (start-up and new neighbours), so
     /// that 2-out-of-3 is met in tens of milliseconds, not two intervals.
     burst: u8,
@@ -272,10 +279,20 @@ pub struct Router {
     next_housekeeping: Instant,
     rng: u64,
     stats: Stats,
+    auth: Option<Auth>,
 }
 
 fn cs(d: Duration) -> u16 {
     (d.as_millis() / 10).min(0xfffe) as u16
+}
+
+/// Unpredictable bytes (packet-counter indexes, challenge nonces).
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // If the system generator fails, a zero index/nonce only weakens
+    // replay protection for that exchange; it cannot crash the router.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b
 }
 
 fn is_link_local(a: &Ipv6Addr) -> bool {
@@ -286,6 +303,7 @@ impl Router {
     /// A router with no interfaces yet.
     pub fn new(cfg: RouterConfig, now: Instant) -> Self {
         let rng = cfg.seed | 1;
+        let cfg_auth = cfg.auth.clone();
         let seqno = (cfg.seed >> 16) as u16;
         Self {
             cfg,
@@ -310,6 +328,7 @@ impl Router {
             next_housekeeping: now + HOUSEKEEPING,
             rng,
             stats: Stats::default(),
+            auth: cfg_auth.map(Auth::new),
         }
     }
 
@@ -351,6 +370,8 @@ impl Router {
                 last_full_dump: None,
                 startup_request: true,
                 burst: 2,
+                pc: 0,
+                index: random_bytes::<8>(),
             },
         );
     }
@@ -626,6 +647,7 @@ impl Router {
         seqno: u16,
         hops: u8,
     ) {
+        let reserve = self.reserve();
         let Some(i) = self.ifaces.get(&to.0) else {
             return;
         };
@@ -639,19 +661,116 @@ impl Router {
                 prefix: key.0,
                 src_prefix: key.1,
             },
-            0,
+            reserve,
         );
         self.stats.seqno_requests += 1;
-        self.emit(to.0, Destination::Unicast(to.1), w.finish(&[]));
+        self.emit(to.0, Destination::Unicast(to.1), w);
     }
 
-    fn emit(&mut self, iface: IfaceId, dst: Destination, bytes: Vec<u8>) {
+    /// RFC 8967 checks of a received packet (true: process it). Answers
+    /// Challenge Requests received on unicast, and challenges a neighbour
+    /// whose index we do not know.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        iface: IfaceId,
+        src: Ipv6Addr,
+        bytes: &[u8],
+        packet: &wire::Packet,
+    ) -> bool {
+        let (link_local, max) = match self.ifaces.get(&iface) {
+            Some(i) => (i.cfg.link_local, i.cfg.max_packet),
+            None => return false,
+        };
+        let Some(auth) = self.auth.as_mut() else {
+            return true;
+        };
+        let macs: Vec<&[u8]> = packet
+            .trailer
+            .iter()
+            .filter_map(|t| match t {
+                Tlv::Mac(m) => Some(m.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let mut dsts = vec![wire::MULTICAST];
+        dsts.extend(link_local);
+        let Some(dst) = auth.check_mac(src, &dsts, bytes, packet.body_end, &macs) else {
+            return false;
+        };
+        let unicast = dst != wire::MULTICAST;
+        let key = (iface.0, src);
+        let pc = packet.body.iter().find_map(|t| match t {
+            Tlv::Pc { pc, index } => Some((*pc, index.as_slice())),
+            _ => None,
+        });
+        let reply = packet.body.iter().find_map(|t| match t {
+            Tlv::ChallengeReply(n) => Some(n.as_slice()),
+            _ => None,
+        });
+        let request = packet.body.iter().find_map(|t| match t {
+            Tlv::ChallengeRequest(n) if unicast && n.len() <= 192 => Some(n.clone()),
+            _ => None,
+        });
+        let answer = request.filter(|_| auth.may_reply(now, key));
+        let verdict = auth.check_pc(now, key, unicast, pc, reply);
+        let challenge = match verdict {
+            Verdict::Drop("unknown index") => {
+                auth.challenge(now, key, random_bytes::<8>().to_vec())
+            }
+            _ => None,
+        };
+        if answer.is_some() || challenge.is_some() {
+            let reserve = self.reserve();
+            let mut w = PacketWriter::new(max);
+            if let Some(n) = answer {
+                w.push(&Tlv::ChallengeReply(n), reserve);
+            }
+            if let Some(n) = challenge {
+                w.push(&Tlv::ChallengeRequest(n), reserve);
+            }
+            self.emit(iface, Destination::Unicast(src), w);
+        }
+        verdict == Verdict::Accept
+    }
+
+    /// Bytes kept free in every packet for the PC and MAC TLVs.
+    fn reserve(&self) -> usize {
+        self.auth.as_ref().map_or(0, Auth::overhead)
+    }
+
+    /// Finishes a packet (PC and MAC when authentication is on) and queues it.
+    fn emit(&mut self, iface: IfaceId, dst: Destination, mut w: PacketWriter) {
+        let bytes = match (&self.auth, self.ifaces.get_mut(&iface)) {
+            (Some(auth), Some(i)) => {
+                i.pc = i.pc.wrapping_add(1);
+                w.push(
+                    &Tlv::Pc {
+                        pc: i.pc,
+                        index: i.index.to_vec(),
+                    },
+                    0,
+                );
+                let body = w.body();
+                let src = i.cfg.link_local.unwrap_or(Ipv6Addr::UNSPECIFIED);
+                let dst_addr = match dst {
+                    Destination::Multicast => wire::MULTICAST,
+                    Destination::Unicast(a) => a,
+                };
+                let mac = auth.sign(src, dst_addr, &body);
+                w.finish(&[Tlv::Mac(mac)])
+            }
+            _ => w.finish(&[]),
+        };
         self.stats.packets_out += 1;
         self.outbox.push_back(Transmit { iface, dst, bytes });
     }
 
     fn drop_neighbour(&mut self, id: NeighbourId, now: Instant) {
         self.neighbours.remove(&id);
+        if let Some(a) = self.auth.as_mut() {
+            a.forget((id.0 .0, id.1));
+        }
         self.costs.remove(&id);
         let keys: Vec<RouteKey> = self
             .routes
@@ -698,6 +817,11 @@ impl Router {
             self.stats.packets_rejected += 1;
             return;
         };
+        let reserve = self.reserve();
+        if !self.authenticate(now, iface, src, bytes, &packet) {
+            self.stats.packets_rejected += 1;
+            return;
+        }
         self.stats.packets_in += 1;
         let nid = (iface, src);
         let fresh = !self.neighbours.contains_key(&nid);
@@ -822,8 +946,8 @@ impl Router {
                 }
                 Tlv::AckReq { opaque, .. } => {
                     let mut w = PacketWriter::new(256);
-                    w.push(&Tlv::Ack { opaque: *opaque }, 0);
-                    self.emit(iface, Destination::Unicast(src), w.finish(&[]));
+                    w.push(&Tlv::Ack { opaque: *opaque }, reserve);
+                    self.emit(iface, Destination::Unicast(src), w);
                 }
                 _ => {}
             }
@@ -1015,6 +1139,7 @@ impl Router {
     }
 
     fn send_updates(&mut self, iface: IfaceId, keys: &[RouteKey], now: Instant) {
+        let reserve = self.reserve();
         let Some(i) = self.ifaces.get(&iface) else {
             return;
         };
@@ -1025,14 +1150,14 @@ impl Router {
             let Some(tlv) = self.update_for(*key, now, interval) else {
                 continue;
             };
-            if !w.push(&tlv, 0) {
+            if !w.push(&tlv, reserve) {
                 let full = std::mem::replace(&mut w, PacketWriter::new(max));
-                self.emit(iface, Destination::Multicast, full.finish(&[]));
-                w.push(&tlv, 0);
+                self.emit(iface, Destination::Multicast, full);
+                w.push(&tlv, reserve);
             }
         }
         if !w.is_empty() {
-            self.emit(iface, Destination::Multicast, w.finish(&[]));
+            self.emit(iface, Destination::Multicast, w);
         }
     }
 
@@ -1044,6 +1169,7 @@ impl Router {
     }
 
     fn send_hello(&mut self, iface: IfaceId, now: Instant) {
+        let reserve = self.reserve();
         let ts = self.micros(now);
         let ihus: Vec<Tlv> = {
             let Some(i) = self.ifaces.get(&iface) else {
@@ -1075,10 +1201,10 @@ impl Router {
                 interval: cs(i.cfg.hello_interval).max(1),
                 timestamp: i.cfg.rtt.is_some().then_some(ts),
             },
-            0,
+            reserve,
         );
         for ihu in &ihus {
-            w.push(ihu, 0);
+            w.push(ihu, reserve);
         }
         if i.startup_request {
             i.startup_request = false;
@@ -1088,11 +1214,10 @@ impl Router {
                     prefix: None,
                     src_prefix: None,
                 },
-                0,
+                reserve,
             );
         }
-        let bytes = w.finish(&[]);
-        self.emit(iface, Destination::Multicast, bytes);
+        self.emit(iface, Destination::Multicast, w);
     }
 
     /// Runs every timer that is due at `now`.
@@ -1103,7 +1228,7 @@ impl Router {
             let (dead, at_risk) = match self.neighbours.get_mut(&id) {
                 Some(n) => {
                     let missed = n.check_missed(now);
-                    (n.is_dead(), missed && n.history & 0x8000 == 0)
+                    (n.is_dead(now), missed && n.history & 0x8000 == 0)
                 }
                 None => continue,
             };
@@ -1248,6 +1373,7 @@ impl Router {
     /// with a 10 ms interval so neighbours drop us at once; then remove
     /// every installed route.
     pub fn shutdown(&mut self) {
+        let reserve = self.reserve();
         let keys = self.all_keys();
         self.seqno = self.seqno.wrapping_add(1);
         let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
@@ -1264,7 +1390,7 @@ impl Router {
                     interval: 1,
                     timestamp: None,
                 },
-                0,
+                reserve,
             );
             let max = i.cfg.max_packet;
             for key in &keys {
@@ -1280,13 +1406,13 @@ impl Router {
                     router_id: None,
                     next_hop: None,
                 };
-                if !w.push(&tlv, 0) {
+                if !w.push(&tlv, reserve) {
                     let full = std::mem::replace(&mut w, PacketWriter::new(max));
-                    self.emit(id, Destination::Multicast, full.finish(&[]));
-                    w.push(&tlv, 0);
+                    self.emit(id, Destination::Multicast, full);
+                    w.push(&tlv, reserve);
                 }
             }
-            self.emit(id, Destination::Multicast, w.finish(&[]));
+            self.emit(id, Destination::Multicast, w);
         }
         let installed: Vec<RouteKey> = self.installed.keys().copied().collect();
         for key in installed {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv6Net};
 
+use crate::auth::AuthConfig;
 use crate::metric::RttParams;
 use crate::neighbour::IfaceId;
 use crate::router::{Destination, InterfaceConfig, RouteChange, Router, RouterConfig};
@@ -68,6 +69,8 @@ pub struct Sim {
     rng: fastrand_lite::Rng,
     /// Packets carried.
     pub packets: u64,
+    /// The last packet delivered to each node: (interface, source, bytes).
+    pub last_delivered: HashMap<usize, (IfaceId, Ipv6Addr, Vec<u8>)>,
 }
 
 /// A tiny deterministic RNG (no dependency for the library).
@@ -112,6 +115,16 @@ fn link_local(node: usize, link: usize) -> Ipv6Addr {
 impl Sim {
     /// `n` routers, each exporting [`node_prefix`], with this Hello interval.
     pub fn new(n: usize, hello: Duration, seed: u64) -> Self {
+        Self::with_auth(n, hello, seed, |_| None)
+    }
+
+    /// Like [`Sim::new`], with RFC 8967 keys per node (None: no MACs).
+    pub fn with_auth(
+        n: usize,
+        hello: Duration,
+        seed: u64,
+        auth: impl Fn(usize) -> Option<AuthConfig>,
+    ) -> Self {
         let now = Instant::now();
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
@@ -120,6 +133,7 @@ impl Sim {
             id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
             let mut cfg = RouterConfig::new(id);
             cfg.seed = seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            cfg.auth = auth(i);
             let mut router = Router::new(cfg, now);
             router.export(node_prefix(i), None, now);
             nodes.push(SimNode {
@@ -140,6 +154,7 @@ impl Sim {
             seq: 0,
             rng: fastrand_lite::Rng::new(seed),
             packets: 0,
+            last_delivered: HashMap::new(),
         };
         for i in 0..n {
             sim.after_call(i);
@@ -290,6 +305,7 @@ impl Sim {
                             &d.bytes,
                         );
                         self.after_call(d.to);
+                        self.last_delivered.insert(d.to, (d.iface, d.src, d.bytes));
                     }
                 }
             } else if let Some(Reverse((_, i))) = self.timers.pop() {
@@ -299,6 +315,15 @@ impl Sim {
                 self.after_call(i);
             }
         }
+    }
+
+    /// Hands `node` a packet again (a replay by an attacker on the link).
+    pub fn replay(&mut self, node: usize, iface: IfaceId, src: Ipv6Addr, bytes: &[u8]) {
+        let now = self.now;
+        self.nodes[node]
+            .router
+            .handle_packet(now, iface, IpAddr::V6(src), bytes);
+        self.after_call(node);
     }
 
     /// Follows installed next hops from `from` towards node `to`'s prefix.

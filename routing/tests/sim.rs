@@ -194,3 +194,50 @@ fn jitter_does_not_make_routes_flap() {
     sim.all_reachable().unwrap_or_else(|e| panic!("{e}"));
     assert!(sim.nodes[0].fib.contains_key(&node_prefix(1)));
 }
+
+fn key(byte: u8) -> re6st_routing::auth::AuthConfig {
+    use re6st_routing::auth::{Algorithm, AuthConfig, Key};
+    let k = Key::new(Algorithm::HmacSha256, vec![byte; 32]).unwrap_or_else(|e| panic!("{e}"));
+    AuthConfig {
+        sign: k.clone(),
+        accept: vec![k],
+    }
+}
+
+#[test]
+fn hmac_members_route_outsiders_and_replays_are_refused() {
+    // Nodes 0-3 in a line share a key; node 4 hangs off node 3 with another key.
+    let mut sim = Sim::with_auth(5, HELLO, 3, |i| Some(key(if i == 4 { 2 } else { 1 })));
+    for (a, b) in [(0, 1), (1, 2), (2, 3), (3, 4)] {
+        sim.connect(a, b, Duration::from_millis(5));
+    }
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(sim.path(0, 3), Ok(vec![0, 1, 2, 3]));
+    assert!(
+        sim.path(0, 4).is_err(),
+        "a node with another key must not inject routes"
+    );
+    assert!(sim.path(4, 0).is_err());
+    let rejected = sim.nodes[3].router.stats().packets_rejected;
+    assert!(rejected > 10, "node 3 rejects node 4's packets: {rejected}");
+    // Replaying a packet node 1 already accepted is refused (old PC).
+    let (iface, src, bytes) = sim
+        .last_delivered
+        .get(&1)
+        .cloned()
+        .unwrap_or_else(|| panic!("nothing delivered"));
+    let before = sim.nodes[1].router.stats().packets_rejected;
+    sim.replay(1, iface, src, &bytes);
+    assert_eq!(sim.nodes[1].router.stats().packets_rejected, before + 1);
+    // Rotation: node 4 accepts both keys and signs with the shared one.
+    let mut sim = Sim::with_auth(2, HELLO, 4, |i| {
+        let mut k = key(1);
+        if i == 1 {
+            k.accept.push(key(2).sign);
+        }
+        Some(k)
+    });
+    sim.connect(0, 1, Duration::from_millis(5));
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.path(0, 1), Ok(vec![0, 1]));
+}

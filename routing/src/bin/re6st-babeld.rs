@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
+use re6st_routing::auth::{Algorithm, AuthConfig, Key};
 use re6st_routing::driver::{run, Command, DriverConfig};
 use re6st_routing::kernel::PROTO;
 use re6st_routing::metric::RttParams;
@@ -48,6 +49,11 @@ struct Cli {
     /// Do not send timestamps nor add RTT penalties.
     #[arg(long)]
     no_timestamps: bool,
+    /// RFC 8967 keys, one per line: `hmac-sha256 HEX` or `blake2s128 HEX`
+    /// (`#` comments). The first key signs; all are accepted. Packets
+    /// without a valid MAC are then dropped.
+    #[arg(long)]
+    hmac_key_file: Option<PathBuf>,
     /// Kernel routing table (254 = main).
     #[arg(long, default_value_t = 254)]
     table: u32,
@@ -97,6 +103,44 @@ fn parse_export(s: &str) -> anyhow::Result<(IpNet, Option<IpNet>)> {
         bail!("--export {s:?}: only IPv6 prefixes are supported");
     }
     Ok((dst.trunc(), src.map(|p| p.trunc())))
+}
+
+fn load_keys(path: &std::path::Path) -> anyhow::Result<AuthConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (algo, hex) = line
+            .split_once(char::is_whitespace)
+            .with_context(|| format!("{}:{}: expected `ALGORITHM HEX`", path.display(), n + 1))?;
+        let algorithm = match algo {
+            "hmac-sha256" => Algorithm::HmacSha256,
+            "blake2s128" => Algorithm::Blake2s128,
+            other => bail!("{}:{}: unknown algorithm {other:?}", path.display(), n + 1),
+        };
+        let hex = hex.trim();
+        if hex.len() % 2 != 0 {
+            bail!("{}:{}: odd number of hex digits", path.display(), n + 1);
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .with_context(|| format!("{}:{}: bad hex", path.display(), n + 1))?;
+        keys.push(
+            Key::new(algorithm, bytes)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
+        );
+    }
+    let sign = keys
+        .first()
+        .cloned()
+        .with_context(|| format!("{}: no key", path.display()))?;
+    Ok(AuthConfig { sign, accept: keys })
 }
 
 fn router_id(cli: &Cli, exports: &[(IpNet, Option<IpNet>)]) -> anyhow::Result<[u8; 8]> {
@@ -167,6 +211,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let mut rcfg = RouterConfig::new(router_id(&cli, &exports)?);
     rcfg.update_interval = Duration::from_millis(cli.update_interval.max(100));
+    rcfg.auth = cli.hmac_key_file.as_deref().map(load_keys).transpose()?;
+    let mut seed = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("reading /dev/urandom")?;
+    rcfg.seed = u64::from_be_bytes(seed);
     let cfg = DriverConfig {
         router: rcfg,
         table: cli.table,

@@ -46,6 +46,16 @@ pub struct Neighbour {
     pub last_heard: Instant,
 }
 
+/// How link cost is computed from Hello history (RFC 8966 Appendix A).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinkQuality {
+    /// 2-out-of-3 (wired links and tunnels).
+    #[default]
+    TwoOutOfThree,
+    /// ETX (lossy links such as wireless).
+    Etx,
+}
+
 /// A silent neighbour with no Hello history is forgotten after this long.
 pub const NEIGHBOUR_GC: Duration = Duration::from_secs(3);
 
@@ -122,27 +132,47 @@ impl Neighbour {
         self.history == 0 && now.duration_since(self.last_heard) >= NEIGHBOUR_GC
     }
 
-    /// Our rxcost for it (sent in our IHU): nominal if 2 of the last 3
-    /// Hellos arrived, else infinity.
-    pub fn rxcost(&self, nominal: u16) -> u16 {
-        if two_out_of_three(self.history) {
-            nominal
-        } else {
-            INFINITY
+    /// Our rxcost for it (sent in our IHU). 2-out-of-3 (RFC 8966 A.2.1):
+    /// nominal if 2 of the last 3 Hellos arrived, else infinity. ETX (A.2.2):
+    /// nominal / beta, beta the fraction of the last 16 Hellos received.
+    pub fn rxcost(&self, nominal: u16, quality: LinkQuality) -> u16 {
+        match quality {
+            LinkQuality::TwoOutOfThree if two_out_of_three(self.history) => nominal,
+            LinkQuality::TwoOutOfThree => INFINITY,
+            LinkQuality::Etx => match self.history.count_ones() {
+                0 => INFINITY,
+                got => (u32::from(nominal) * 16 / got).min(u32::from(INFINITY) - 1) as u16,
+            },
         }
     }
 
-    /// The cost of the link to it at `now`: txcost if we hear it (2 of 3)
-    /// and its IHU is current, plus the RTT penalty, times the multiplier.
-    pub fn cost(&self, now: Instant, rtt: Option<&RttParams>, multiplier: u16) -> u16 {
-        if !two_out_of_three(self.history) || now >= self.ihu_expires || self.txcost == INFINITY {
+    /// The cost of the link to it at `now`, plus the RTT penalty, times the
+    /// multiplier. 2-out-of-3: txcost if we hear it; ETX: (tx × rx) / 256
+    /// with both at least 256. Infinite when its IHU is stale.
+    pub fn cost(
+        &self,
+        now: Instant,
+        rtt: Option<&RttParams>,
+        multiplier: u16,
+        nominal: u16,
+        quality: LinkQuality,
+    ) -> u16 {
+        let rx = self.rxcost(nominal, quality);
+        if rx == INFINITY || now >= self.ihu_expires || self.txcost == INFINITY {
             return INFINITY;
         }
+        let link = match quality {
+            LinkQuality::TwoOutOfThree => self.txcost,
+            LinkQuality::Etx => {
+                let c = (u32::from(self.txcost.max(256)) * u32::from(rx.max(256)) + 128) >> 8;
+                c.min(u32::from(INFINITY)) as u16
+            }
+        };
         let penalty = match (rtt, self.rtt, self.rtt_used) {
             (Some(p), Some((_, at)), Some(r)) if now.duration_since(at) < RTT_VALID => p.penalty(r),
             _ => 0,
         };
-        let base = add(self.txcost, penalty);
+        let base = add(link, penalty);
         let scaled = u32::from(base) * u32::from(multiplier.max(1));
         if scaled >= u32::from(INFINITY) {
             INFINITY
@@ -189,20 +219,26 @@ mod tests {
         nb.txcost = 96;
         nb.ihu_expires = t0 + Duration::from_secs(60);
         let last = t0 + I * 2;
-        assert_eq!(nb.cost(last, None, 1), 96);
+        assert_eq!(nb.cost(last, None, 1, 96, LinkQuality::TwoOutOfThree), 96);
         assert!(!nb.check_missed(last + I + I / 2 - Duration::from_millis(1)));
         assert!(nb.check_missed(last + I + I / 2));
         assert_eq!(
-            nb.cost(last + I + I / 2, None, 1),
+            nb.cost(last + I + I / 2, None, 1, 96, LinkQuality::TwoOutOfThree),
             96,
             "one miss is tolerated"
         );
         assert!(nb.check_missed(last + I * 5 / 2));
-        assert_eq!(nb.cost(last + I * 5 / 2, None, 1), INFINITY);
+        assert_eq!(
+            nb.cost(last + I * 5 / 2, None, 1, 96, LinkQuality::TwoOutOfThree),
+            INFINITY
+        );
         // It comes back: two Hellos restore it.
         nb.hello(last + I * 3, 3 + 3, I);
         nb.hello(last + I * 4, 3 + 4, I);
-        assert_eq!(nb.cost(last + I * 4, None, 1), 96);
+        assert_eq!(
+            nb.cost(last + I * 4, None, 1, 96, LinkQuality::TwoOutOfThree),
+            96
+        );
     }
 
     #[test]
@@ -217,6 +253,29 @@ mod tests {
     }
 
     #[test]
+    fn etx_cost_grows_with_loss() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        for i in 0..16u16 {
+            nb.hello(t0 + I * u32::from(i), i, I);
+        }
+        nb.txcost = 256;
+        nb.ihu_expires = t0 + Duration::from_secs(60);
+        let now = t0 + I * 15;
+        assert_eq!(nb.rxcost(256, LinkQuality::Etx), 256);
+        assert_eq!(nb.cost(now, None, 1, 256, LinkQuality::Etx), 256);
+        // Lose every other Hello: beta = 1/2, rxcost 512, cost 512.
+        let mut lossy = n(t0);
+        for i in 0..16u16 {
+            lossy.hello(t0 + I * u32::from(2 * i), 2 * i, I);
+        }
+        lossy.txcost = 256;
+        lossy.ihu_expires = t0 + Duration::from_secs(60);
+        assert_eq!(lossy.rxcost(256, LinkQuality::Etx), 512);
+        assert_eq!(lossy.cost(t0 + I * 30, None, 1, 256, LinkQuality::Etx), 512);
+    }
+
+    #[test]
     fn cost_includes_rtt_and_multiplier() {
         let t0 = Instant::now();
         let mut nb = n(t0);
@@ -226,11 +285,26 @@ mod tests {
         nb.ihu_expires = t0 + Duration::from_secs(60);
         let p = RttParams::default();
         nb.rtt_sample(t0 + I, Duration::from_millis(255), &p);
-        assert_eq!(nb.cost(t0 + I, Some(&p), 1), 96 + 2500);
-        assert_eq!(nb.cost(t0 + I, Some(&p), 4), (96 + 2500) * 4);
-        assert_eq!(nb.cost(t0 + I, Some(&p), 100), INFINITY);
         assert_eq!(
-            nb.cost(t0 + Duration::from_secs(61), Some(&p), 1),
+            nb.cost(t0 + I, Some(&p), 1, 96, LinkQuality::TwoOutOfThree),
+            96 + 2500
+        );
+        assert_eq!(
+            nb.cost(t0 + I, Some(&p), 4, 96, LinkQuality::TwoOutOfThree),
+            (96 + 2500) * 4
+        );
+        assert_eq!(
+            nb.cost(t0 + I, Some(&p), 100, 96, LinkQuality::TwoOutOfThree),
+            INFINITY
+        );
+        assert_eq!(
+            nb.cost(
+                t0 + Duration::from_secs(61),
+                Some(&p),
+                1,
+                96,
+                LinkQuality::TwoOutOfThree
+            ),
             INFINITY,
             "IHU expired"
         );

@@ -22,7 +22,7 @@ use ipnet::IpNet;
 
 use crate::auth::{Auth, AuthConfig, Verdict};
 use crate::metric::{add, seqno_newer, RttParams};
-use crate::neighbour::{IfaceId, Neighbour};
+use crate::neighbour::{IfaceId, LinkQuality, Neighbour};
 use crate::source::{SourceKey, SourceTable};
 use crate::wire::{self, PacketWriter, Tlv, INFINITY};
 
@@ -85,6 +85,8 @@ pub struct InterfaceConfig {
     pub link_local: Option<Ipv6Addr>,
     /// Multiplies the link cost (1: normal; raise it to drain a tunnel).
     pub cost_multiplier: u16,
+    /// How Hello history becomes a cost (2-out-of-3 or ETX).
+    pub link_quality: LinkQuality,
 }
 
 impl InterfaceConfig {
@@ -97,6 +99,7 @@ impl InterfaceConfig {
             max_packet: 1200,
             link_local: None,
             cost_multiplier: 1,
+            link_quality: LinkQuality::TwoOutOfThree,
         }
     }
 }
@@ -438,7 +441,13 @@ impl Router {
         let (Some(n), Some(i)) = (self.neighbours.get(id), self.ifaces.get(&id.0)) else {
             return INFINITY;
         };
-        n.cost(now, i.cfg.rtt.as_ref(), i.cfg.cost_multiplier)
+        n.cost(
+            now,
+            i.cfg.rtt.as_ref(),
+            i.cfg.cost_multiplier,
+            i.cfg.rxcost,
+            i.cfg.link_quality,
+        )
     }
 
     fn route_metric(&self, r: &Route, now: Instant) -> u16 {
@@ -1182,7 +1191,7 @@ impl Router {
                 .filter(|n| n.iface == iface)
                 .map(|n| Tlv::Ihu {
                     ae: 0,
-                    rxcost: n.rxcost(i.cfg.rxcost),
+                    rxcost: n.rxcost(i.cfg.rxcost, i.cfg.link_quality),
                     interval,
                     address: Some(IpAddr::V6(n.addr)),
                     timestamp: if timestamps { n.last_hello_ts } else { None },
@@ -1431,12 +1440,17 @@ impl Router {
         self.neighbours
             .iter()
             .map(|(id, n)| {
-                let nominal = self.ifaces.get(&id.0).map_or(96, |i| i.cfg.rxcost);
+                let (nominal, quality) = self
+                    .ifaces
+                    .get(&id.0)
+                    .map_or((96, LinkQuality::TwoOutOfThree), |i| {
+                        (i.cfg.rxcost, i.cfg.link_quality)
+                    });
                 NeighbourInfo {
                     iface: id.0,
                     addr: id.1,
                     history: n.history,
-                    rxcost: n.rxcost(nominal),
+                    rxcost: n.rxcost(nominal, quality),
                     txcost: n.txcost,
                     rtt: n.rtt.map(|(r, _)| r),
                     cost: self.neighbour_cost(id, now),

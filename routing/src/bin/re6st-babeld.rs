@@ -13,6 +13,7 @@ use re6st_routing::auth::{Algorithm, AuthConfig, Key};
 use re6st_routing::driver::{run, Command, DriverConfig};
 use re6st_routing::kernel::PROTO;
 use re6st_routing::metric::RttParams;
+use re6st_routing::neighbour::LinkQuality;
 use re6st_routing::router::{InterfaceConfig, RouterConfig};
 use tokio::sync::{mpsc, oneshot};
 
@@ -46,6 +47,10 @@ struct Cli {
     /// The full RTT penalty (metric units; a hop costs 96).
     #[arg(long, default_value_t = 5000)]
     max_rtt_penalty: u16,
+    /// Interface to run Babel on with ETX link quality (lossy links, e.g.
+    /// wireless; nominal cost 256) instead of 2-out-of-3 (repeat).
+    #[arg(long = "lossy-interface")]
+    lossy_interfaces: Vec<String>,
     /// Do not send timestamps nor add RTT penalties.
     #[arg(long)]
     no_timestamps: bool,
@@ -191,7 +196,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
-    if cli.interfaces.is_empty() {
+    if cli.interfaces.is_empty() && cli.lossy_interfaces.is_empty() {
         bail!("give at least one --interface");
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -240,6 +245,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         for name in &cli.interfaces {
             let mut icfg = InterfaceConfig::tunnel(hello);
             icfg.rtt = rtt;
+            tx.send(Command::AddInterface(name.clone(), icfg)).await?;
+        }
+        for name in &cli.lossy_interfaces {
+            let mut icfg = InterfaceConfig::tunnel(hello);
+            icfg.rtt = rtt;
+            icfg.rxcost = 256;
+            icfg.link_quality = LinkQuality::Etx;
             tx.send(Command::AddInterface(name.clone(), icfg)).await?;
         }
         for (p, s) in &exports {

@@ -1,1 +1,7 @@
-//! WireGuard links over boringtun, tun devices, the shared UDP socket, the tunnel-manager policy and the peer cache. Filled by issue 5; empty until then.
+//! WireGuard tunnels for re6st-rs.
+//!
+//! So far: [`policy`], the tunnel-manager policy (sans-IO). The links over
+//! boringtun, tun devices, the shared UDP socket, tunnel set-up and the peer
+//! cache are still to come (issue 5).
+
+pub mod policy;

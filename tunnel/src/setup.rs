@@ -1,0 +1,696 @@
+//! Tunnel set-up: the messages exchanged on the tunnel port before the
+//! WireGuard handshake (sans-IO).
+//!
+//! ```text
+//! initiator -> responder   Request  {cert, to, ts, nonce, sig}
+//! responder -> initiator   Accept   {cert, nonce, ts, sig}       (then the handshake)
+//!                          Busy     {cert, nonce, ts, peers, sig} (try these instead)
+//!                          Refused  {nonce, reason}
+//! ```
+//!
+//! Datagrams start with `R6T1` and a kind byte (WireGuard messages start
+//! with 1..=4 and three zero bytes, so the two never collide), then JSON.
+//! Requests, accepts and busies are signed with the node key over a context
+//! string, the peer they are for, the timestamp and the nonce. The responder
+//! checks size, rate (per source, bounded table), structure, chain, CRL,
+//! freshness, that it is the addressee, the signature, and replay — in that
+//! order, so garbage costs little and only a valid request is remembered.
+//! The certificate's WireGuard key is the one the handshake must then use.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ipnet::Ipv6Net;
+use re6st_registry::cert::{sign, verify_ed25519, CaCert, NodeCert};
+use re6st_registry::config::random_bytes;
+use serde::{Deserialize, Serialize};
+
+/// First bytes of every set-up datagram.
+pub const MAGIC: &[u8; 4] = b"R6T1";
+/// Largest set-up datagram.
+pub const MAX_SIZE: usize = 1400;
+/// Largest clock difference accepted.
+pub const MAX_SKEW_S: i64 = 60;
+/// Remembered request nonces (replay protection), at most.
+pub const REPLAY_SLOTS: usize = 8192;
+/// Sources tracked by the rate limiter, at most.
+pub const RATE_SLOTS: usize = 1024;
+/// Requests per second per source (burst: twice that).
+pub const RATE_PER_S: f64 = 5.0;
+
+const KIND_REQUEST: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
+const KIND_BUSY: u8 = 3;
+const KIND_REFUSED: u8 = 4;
+
+/// Why a set-up datagram was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// Too large, wrong magic, bad JSON or fields.
+    #[error("malformed set-up message: {0}")]
+    Malformed(&'static str),
+    /// The source sends too fast.
+    #[error("rate limited")]
+    RateLimited,
+    /// Not from a certificate of our CA, or expired.
+    #[error("bad certificate: {0}")]
+    BadCertificate(String),
+    /// The certificate is revoked.
+    #[error("revoked certificate {0}")]
+    Revoked(u64),
+    /// Timestamp too far from now.
+    #[error("stale or future timestamp")]
+    Stale,
+    /// For another node.
+    #[error("not addressed to us")]
+    NotForUs,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// A request seen before.
+    #[error("replayed request")]
+    Replay,
+    /// A reply that does not answer our request.
+    #[error("unexpected reply")]
+    Unexpected,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestMsg {
+    cert: String,
+    to: String,
+    ts: i64,
+    nonce: String,
+    sig: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptMsg {
+    cert: String,
+    nonce: String,
+    ts: i64,
+    #[serde(default)]
+    peers: Vec<String>,
+    sig: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefusedMsg {
+    nonce: String,
+    reason: String,
+}
+
+fn signed_bytes(kind: u8, peer: &str, ts: i64, nonce: &str, peers: &[String]) -> Vec<u8> {
+    format!(
+        "re6st-rs tunnel setup v1\n{kind}\n{peer}\n{ts}\n{nonce}\n{}",
+        peers.join(",")
+    )
+    .into_bytes()
+}
+
+fn frame(kind: u8, body: &impl Serialize) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(kind);
+    // Serialising our own plain structs cannot fail.
+    out.extend(serde_json::to_vec(body).unwrap_or_default());
+    out
+}
+
+fn unframe(bytes: &[u8]) -> Result<(u8, &[u8]), SetupError> {
+    if bytes.len() > MAX_SIZE {
+        return Err(SetupError::Malformed("too large"));
+    }
+    match bytes {
+        [m0, m1, m2, m3, kind, body @ ..] if [*m0, *m1, *m2, *m3] == *MAGIC => Ok((*kind, body)),
+        _ => Err(SetupError::Malformed("not a set-up message")),
+    }
+}
+
+/// Whether a datagram is a set-up message (not WireGuard).
+pub fn is_setup(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
+fn check_cert(ca: &CaCert, crl: &[u64], der_b64: &str, unix: i64) -> Result<NodeCert, SetupError> {
+    let der = B64
+        .decode(der_b64)
+        .map_err(|_| SetupError::Malformed("certificate is not base64"))?;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        B64.encode(&der)
+    );
+    let cert = ca
+        .verify_node(&pem, Some(unix))
+        .map_err(|e| SetupError::BadCertificate(e.to_string()))?;
+    if crl.contains(&cert.serial) {
+        return Err(SetupError::Revoked(cert.serial));
+    }
+    Ok(cert)
+}
+
+/// What identifies us: certificate and key.
+pub struct Identity {
+    /// Our certificate.
+    pub cert: NodeCert,
+    /// Our node key.
+    pub key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("prefix", &self.cert.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a set-up towards `to`: the datagram and the nonce to match the reply.
+pub fn request(me: &Identity, to: Ipv6Net, unix: i64) -> Result<(Vec<u8>, String), SetupError> {
+    let nonce =
+        hex_encode(&random_bytes::<16>().map_err(|_| SetupError::Malformed("no randomness"))?);
+    let to_s = to.to_string();
+    let sig = sign(
+        &me.key,
+        &signed_bytes(KIND_REQUEST, &to_s, unix, &nonce, &[]),
+    )
+    .map_err(|_| SetupError::Malformed("signing failed"))?;
+    let msg = RequestMsg {
+        cert: B64.encode(&me.cert.der),
+        to: to_s,
+        ts: unix,
+        nonce: nonce.clone(),
+        sig: B64.encode(sig),
+    };
+    Ok((frame(KIND_REQUEST, &msg), nonce))
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The responder's answer to a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Go ahead: the peer's certificate (its WireGuard key is the one the
+    /// handshake must use).
+    Accepted(NodeCert),
+    /// Full: try these peers.
+    Busy(Vec<Ipv6Net>),
+    /// Refused, with the responder's reason.
+    Refused(String),
+}
+
+/// Checks a reply to our request `nonce` sent to `expected`.
+pub fn check_reply(
+    ca: &CaCert,
+    crl: &[u64],
+    expected: Ipv6Net,
+    nonce: &str,
+    unix: i64,
+    bytes: &[u8],
+) -> Result<Reply, SetupError> {
+    let (kind, body) = unframe(bytes)?;
+    match kind {
+        KIND_ACCEPT | KIND_BUSY => {
+            let m: AcceptMsg =
+                serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
+            if m.nonce != nonce {
+                return Err(SetupError::Unexpected);
+            }
+            if (m.ts - unix).abs() > MAX_SKEW_S {
+                return Err(SetupError::Stale);
+            }
+            let cert = check_cert(ca, crl, &m.cert, unix)?;
+            if cert.prefix != expected {
+                return Err(SetupError::Unexpected);
+            }
+            let sig = B64
+                .decode(&m.sig)
+                .map_err(|_| SetupError::Malformed("signature is not base64"))?;
+            let me = expected.to_string();
+            verify_ed25519(
+                &cert.public_key,
+                &signed_bytes(kind, &me, m.ts, &m.nonce, &m.peers),
+                &sig,
+            )
+            .map_err(|_| SetupError::BadSignature)?;
+            if kind == KIND_ACCEPT {
+                Ok(Reply::Accepted(cert))
+            } else {
+                let peers = m
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.parse().ok())
+                    .take(8)
+                    .collect();
+                Ok(Reply::Busy(peers))
+            }
+        }
+        KIND_REFUSED => {
+            let m: RefusedMsg =
+                serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
+            if m.nonce != nonce {
+                return Err(SetupError::Unexpected);
+            }
+            Ok(Reply::Refused(m.reason.chars().take(200).collect()))
+        }
+        _ => Err(SetupError::Malformed("unknown kind")),
+    }
+}
+
+/// The responder's decision for a valid request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Accept the tunnel.
+    Accept,
+    /// Full: suggest these peers.
+    Busy(Vec<Ipv6Net>),
+}
+
+/// Counters of the responder.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponderStats {
+    /// Requests accepted.
+    pub accepted: u64,
+    /// Answered busy.
+    pub busy: u64,
+    /// Dropped, by reason.
+    pub dropped: HashMap<&'static str, u64>,
+}
+
+/// What to do after a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted: send `reply`, then expect a handshake with `peer.wg_key`.
+    Accepted {
+        /// The initiator.
+        peer: NodeCert,
+        /// The Accept datagram.
+        reply: Vec<u8>,
+    },
+    /// Send this (Busy or Refused) and forget the request.
+    Reply(Vec<u8>),
+    /// Drop silently.
+    Dropped(SetupError),
+}
+
+/// The responder side: checks requests, remembers their nonces.
+#[derive(Debug)]
+pub struct Responder {
+    ca: CaCert,
+    me: Identity,
+    crl: Vec<u64>,
+    replay: HashMap<String, i64>,
+    rate: HashMap<IpAddr, (f64, Instant)>,
+    stats: ResponderStats,
+}
+
+fn reason(e: &SetupError) -> &'static str {
+    match e {
+        SetupError::Malformed(_) => "malformed",
+        SetupError::RateLimited => "rate_limited",
+        SetupError::BadCertificate(_) => "bad_certificate",
+        SetupError::Revoked(_) => "revoked",
+        SetupError::Stale => "stale",
+        SetupError::NotForUs => "not_for_us",
+        SetupError::BadSignature => "bad_signature",
+        SetupError::Replay => "replay",
+        SetupError::Unexpected => "unexpected",
+    }
+}
+
+impl Responder {
+    /// A responder for our identity under `ca`.
+    pub fn new(ca: CaCert, me: Identity) -> Self {
+        Self {
+            ca,
+            me,
+            crl: Vec::new(),
+            replay: HashMap::new(),
+            rate: HashMap::new(),
+            stats: ResponderStats::default(),
+        }
+    }
+
+    /// Updates the revocation list (from a new network config).
+    pub fn set_crl(&mut self, crl: Vec<u64>) {
+        self.crl = crl;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ResponderStats {
+        &self.stats
+    }
+
+    fn rate_ok(&mut self, now: Instant, src: IpAddr) -> bool {
+        if !self.rate.contains_key(&src) && self.rate.len() >= RATE_SLOTS {
+            // Forget the source idle longest (bounded state).
+            if let Some(old) = self
+                .rate
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k)
+            {
+                self.rate.remove(&old);
+            }
+        }
+        let (tokens, last) = self.rate.entry(src).or_insert((2.0 * RATE_PER_S, now));
+        let refill = now.duration_since(*last).as_secs_f64() * RATE_PER_S;
+        *tokens = (*tokens + refill).min(2.0 * RATE_PER_S);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn check(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        src: IpAddr,
+        bytes: &[u8],
+    ) -> Result<(NodeCert, String), SetupError> {
+        let (kind, body) = unframe(bytes)?;
+        if kind != KIND_REQUEST {
+            return Err(SetupError::Unexpected);
+        }
+        if !self.rate_ok(now, src) {
+            return Err(SetupError::RateLimited);
+        }
+        let m: RequestMsg =
+            serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
+        if m.nonce.len() != 32 || !m.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(SetupError::Malformed("bad nonce"));
+        }
+        if (m.ts - unix).abs() > MAX_SKEW_S {
+            return Err(SetupError::Stale);
+        }
+        if m.to != self.me.cert.prefix.to_string() {
+            return Err(SetupError::NotForUs);
+        }
+        let cert = check_cert(&self.ca, &self.crl, &m.cert, unix)?;
+        if cert.prefix == self.me.cert.prefix {
+            return Err(SetupError::NotForUs);
+        }
+        let sig = B64
+            .decode(&m.sig)
+            .map_err(|_| SetupError::Malformed("signature is not base64"))?;
+        verify_ed25519(
+            &cert.public_key,
+            &signed_bytes(KIND_REQUEST, &m.to, m.ts, &m.nonce, &[]),
+            &sig,
+        )
+        .map_err(|_| SetupError::BadSignature)?;
+        self.replay.retain(|_, exp| *exp > unix);
+        if self.replay.contains_key(&m.nonce) {
+            return Err(SetupError::Replay);
+        }
+        if self.replay.len() >= REPLAY_SLOTS {
+            // Full of fresh nonces: refuse rather than forget one early.
+            return Err(SetupError::RateLimited);
+        }
+        self.replay.insert(m.nonce.clone(), m.ts + 2 * MAX_SKEW_S);
+        Ok((cert, m.nonce))
+    }
+
+    /// A signed Accept or Busy, signed over our own prefix (what the
+    /// initiator expects).
+    fn signed_reply(&self, kind: u8, nonce: &str, unix: i64, peers: Vec<String>) -> Vec<u8> {
+        let me = self.me.cert.prefix.to_string();
+        let sig =
+            sign(&self.me.key, &signed_bytes(kind, &me, unix, nonce, &peers)).unwrap_or_default();
+        frame(
+            kind,
+            &AcceptMsg {
+                cert: B64.encode(&self.me.cert.der),
+                nonce: nonce.to_string(),
+                ts: unix,
+                peers,
+                sig: B64.encode(sig),
+            },
+        )
+    }
+
+    /// Handles a datagram from `src`; `decide` is asked (policy: capacity)
+    /// only for valid requests.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        src: IpAddr,
+        bytes: &[u8],
+        decide: impl FnOnce(&NodeCert) -> Decision,
+    ) -> Outcome {
+        match self.check(now, unix, src, bytes) {
+            Err(e) => {
+                *self.stats.dropped.entry(reason(&e)).or_default() += 1;
+                match e {
+                    // A revoked or foreign node is told, so it stops trying.
+                    SetupError::Revoked(_) | SetupError::BadCertificate(_) => {
+                        let nonce = request_nonce(bytes).unwrap_or_default();
+                        Outcome::Reply(frame(
+                            KIND_REFUSED,
+                            &RefusedMsg {
+                                nonce,
+                                reason: reason(&e).to_string(),
+                            },
+                        ))
+                    }
+                    other => Outcome::Dropped(other),
+                }
+            }
+            Ok((peer, nonce)) => match decide(&peer) {
+                Decision::Accept => {
+                    self.stats.accepted += 1;
+                    let reply = self.signed_reply(KIND_ACCEPT, &nonce, unix, Vec::new());
+                    Outcome::Accepted { peer, reply }
+                }
+                Decision::Busy(others) => {
+                    self.stats.busy += 1;
+                    let peers = others.iter().take(8).map(|p| p.to_string()).collect();
+                    Outcome::Reply(self.signed_reply(KIND_BUSY, &nonce, unix, peers))
+                }
+            },
+        }
+    }
+}
+
+fn request_nonce(bytes: &[u8]) -> Option<String> {
+    let (_, body) = unframe(bytes).ok()?;
+    let m: RequestMsg = serde_json::from_slice(body).ok()?;
+    Some(m.nonce.chars().take(32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use re6st_registry::cert::{check_csr, generate_key, make_csr, Ca, IssueRequest};
+
+    const NOW: i64 = 1_790_000_000;
+
+    fn ca() -> Ca {
+        Ca::generate("fd5e::/48".parse().unwrap_or_default(), NOW - 100, 10)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn node(ca: &Ca, i: u16, serial: u64) -> Identity {
+        let key = generate_key().unwrap_or_else(|e| panic!("{e}"));
+        let pem = ca
+            .issue(&IssueRequest {
+                public_key: check_csr(&make_csr(&key).unwrap_or_else(|e| panic!("{e}")))
+                    .unwrap_or_else(|e| panic!("{e}")),
+                prefix: format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default(),
+                wg_key: [i as u8; 32],
+                serial,
+                not_before: NOW - 10,
+                not_after: NOW + 86_400,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        Identity {
+            cert: NodeCert::from_pem(&pem).unwrap_or_else(|e| panic!("{e}")),
+            key,
+        }
+    }
+
+    fn src() -> IpAddr {
+        "198.18.1.2".parse().unwrap_or(IpAddr::from([0u8; 4]))
+    }
+
+    #[test]
+    fn accept_round_trip_binds_the_wireguard_key() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Accepted { peer, reply } =
+            resp.handle(Instant::now(), NOW, src(), &req, |_| Decision::Accept)
+        else {
+            panic!("not accepted");
+        };
+        assert_eq!(
+            peer.wg_key, [1; 32],
+            "the handshake must come from this key"
+        );
+        assert_eq!(peer.prefix, a.cert.prefix);
+        match check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply) {
+            Ok(Reply::Accepted(c)) => assert_eq!(c.wg_key, [2; 32]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, "00", NOW, &reply),
+            Err(SetupError::Unexpected)
+        );
+        let other: Ipv6Net = "fd5e:0:0:9::/64".parse().unwrap_or_default();
+        assert_eq!(
+            check_reply(ca.cert(), &[], other, &nonce, NOW, &reply),
+            Err(SetupError::Unexpected)
+        );
+        // The same request again is a replay.
+        assert_eq!(
+            resp.handle(Instant::now(), NOW, src(), &req, |_| Decision::Accept),
+            Outcome::Dropped(SetupError::Replay)
+        );
+        assert_eq!(resp.stats().accepted, 1);
+    }
+
+    #[test]
+    fn busy_carries_signed_suggestions() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let try_these: Vec<Ipv6Net> = vec!["fd5e:0:0:7::/64".parse().unwrap_or_default()];
+        let Outcome::Reply(reply) = resp.handle(Instant::now(), NOW, src(), &req, |_| {
+            Decision::Busy(try_these.clone())
+        }) else {
+            panic!("expected busy");
+        };
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply),
+            Ok(Reply::Busy(try_these))
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_dropped_or_refused() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let mut resp = Responder::new(ca.cert().clone(), b);
+        let t = Instant::now();
+        // Stale and future timestamps.
+        let (old, _) = request(&a, b_prefix, NOW - 120).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            resp.handle(t, NOW, src(), &old, |_| Decision::Accept),
+            Outcome::Dropped(SetupError::Stale)
+        );
+        // For someone else.
+        let (elsewhere, _) = request(&a, "fd5e:0:0:9::/64".parse().unwrap_or_default(), NOW)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            resp.handle(t, NOW, src(), &elsewhere, |_| Decision::Accept),
+            Outcome::Dropped(SetupError::NotForUs)
+        );
+        // A certificate of another CA: refused, and the initiator learns it.
+        let other_ca = Ca::generate("fd5e::/48".parse().unwrap_or_default(), NOW - 100, 10)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stranger = node(&other_ca, 3, 13);
+        let (req, nonce) = request(&stranger, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Reply(r) = resp.handle(t, NOW, src(), &req, |_| Decision::Accept) else {
+            panic!("no refusal")
+        };
+        assert!(matches!(
+            check_reply(other_ca.cert(), &[], b_prefix, &nonce, NOW, &r),
+            Ok(Reply::Refused(_))
+        ));
+        // Revoked.
+        resp.set_crl(vec![11]);
+        let (req, _) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            resp.handle(t, NOW, src(), &req, |_| Decision::Accept),
+            Outcome::Reply(_)
+        ));
+        resp.set_crl(Vec::new());
+        // A forged signature: the request re-signed by another key.
+        let (req, _) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let mut m: RequestMsg = serde_json::from_slice(&req[5..]).unwrap_or_else(|e| panic!("{e}"));
+        m.sig = B64.encode(
+            sign(&generate_key().unwrap_or_else(|e| panic!("{e}")), b"x").unwrap_or_default(),
+        );
+        let forged = frame(KIND_REQUEST, &m);
+        assert_eq!(
+            resp.handle(t, NOW, src(), &forged, |_| Decision::Accept),
+            Outcome::Dropped(SetupError::BadSignature)
+        );
+        // Garbage.
+        for junk in [
+            &b""[..],
+            b"R6T1",
+            b"R6T1\x01{}",
+            b"\x01\x00\x00\x00wireguard",
+            &[b'R'; 2000],
+        ] {
+            assert!(matches!(
+                resp.handle(t, NOW, src(), junk, |_| Decision::Accept),
+                Outcome::Dropped(_)
+            ));
+        }
+        assert!(resp.stats().dropped.values().sum::<u64>() >= 9);
+    }
+
+    #[test]
+    fn floods_are_rate_limited_and_state_stays_bounded() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let mut resp = Responder::new(ca.cert().clone(), b);
+        let t = Instant::now();
+        let mut limited = 0;
+        for _ in 0..40 {
+            let (req, _) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+            if resp.handle(t, NOW, src(), &req, |_| Decision::Accept)
+                == Outcome::Dropped(SetupError::RateLimited)
+            {
+                limited += 1;
+            }
+        }
+        assert_eq!(limited, 40 - 10, "burst of 10, then limited");
+        for i in 0..5000u32 {
+            let s = IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 | i));
+            let _ = resp.handle(t, NOW, s, b"R6T1\x01garbage", |_| Decision::Accept);
+        }
+        assert!(resp.rate.len() <= RATE_SLOTS);
+        assert!(resp.replay.len() <= 10);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..1600), magic in any::<bool>()) {
+            let ca = ca();
+            let b = node(&ca, 2, 12);
+            let mut resp = Responder::new(ca.cert().clone(), b);
+            let mut d = data.clone();
+            if magic {
+                d.splice(0..0, MAGIC.iter().copied().chain([1u8]));
+            }
+            let _ = resp.handle(Instant::now(), NOW, src(), &d, |_| Decision::Accept);
+            let _ = check_reply(ca.cert(), &[], "fd5e::/64".parse().unwrap_or_default(), "n", NOW, &d);
+        }
+    }
+}

@@ -254,6 +254,95 @@ fn interop_chain_with_hmac() -> Result<()> {
     )
 }
 
+fn our_routes(h: &netns_tests::Host) -> Result<String> {
+    Ok(String::from_utf8_lossy(
+        &h.run("ip", &["-6", "route", "show", "proto", "113"])?
+            .stdout,
+    )
+    .into_owned())
+}
+
+/// SIGTERM: our routes leave the kernel and the neighbour drops the
+/// retracted prefix at once. SIGKILL leaves stale routes, which the next
+/// start removes.
+fn kernel_routes_cleaned_at_exit_and_start() -> Result<()> {
+    let mut t = Topology::new("bclean");
+    t.host_offline("a").host_offline("b");
+    t.link("a", "b");
+    let net = Net::build(&t)?;
+    let (a, b) = (net.host("a")?, net.host("b")?);
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    let mut pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
+    let mut pb = ours(b, &["to-a"], "fd00:5b::1", &[])?;
+    wait_until(
+        "a to route b",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            our_routes(a)
+                .ok()
+                .filter(|r| r.contains("fd00:5b::1"))
+                .map(|_| ())
+        },
+    )?;
+    wait_until(
+        "b to route a",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            our_routes(b)
+                .ok()
+                .filter(|r| r.contains("fd00:5a::1"))
+                .map(|_| ())
+        },
+    )?;
+    // Crash of a: its routes stay in the kernel; the next start removes them.
+    pa.kill()?;
+    check(
+        our_routes(a)?.contains("fd00:5b::1"),
+        "a's routes survive a SIGKILL",
+    )?;
+    let pa2 = ours(a, &["to-b"], "fd00:5a::1", &[])?;
+    wait_until(
+        "a's restart to flush its stale routes",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || pa2.log().contains("removed stale routes").then_some(()),
+    )?;
+    wait_until(
+        "a to route b again",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            our_routes(a)
+                .ok()
+                .filter(|r| r.contains("fd00:5b::1"))
+                .map(|_| ())
+        },
+    )?;
+    // Clean exit of b: no route of b's left, and a drops b's prefix at once.
+    pb.signal(libc::SIGTERM)?;
+    pb.wait_timeout(Duration::from_secs(5))?;
+    check(
+        our_routes(b)?.trim().is_empty(),
+        format!("b left routes: {}", our_routes(b)?),
+    )?;
+    let (_, took) = wait_until(
+        "a to drop b's prefix",
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+        || {
+            our_routes(a)
+                .ok()
+                .filter(|r| !r.contains("fd00:5b::1"))
+                .map(|_| ())
+        },
+    )?;
+    eprintln!("clean exit: a dropped b's route {took:?} after b's SIGTERM");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         (
@@ -263,5 +352,9 @@ fn main() -> ExitCode {
         ("interop_chain_with_babeld", interop_chain_with_babeld),
         ("interop_mixed_triangle", interop_mixed_triangle),
         ("interop_chain_with_hmac", interop_chain_with_hmac),
+        (
+            "kernel_routes_cleaned_at_exit_and_start",
+            kernel_routes_cleaned_at_exit_and_start,
+        ),
     ])
 }

@@ -20,7 +20,7 @@ use crate::cleanup;
 use crate::error::{Error, Result};
 use crate::netns;
 use crate::process::Process;
-use crate::topology::{HostPlan, IfacePlan, Plan, Topology};
+use crate::topology::{HostPlan, IfacePlan, LinkParams, Plan, Topology};
 use crate::wan::{open_tun, Emulator, Shaper, WanHandle};
 
 /// Routing table that sends host traffic into the emulator.
@@ -155,6 +155,8 @@ pub struct Net {
     namespaces: Vec<String>,
     wan: Option<WanHandle>,
     emulator: Option<Emulator>,
+    links: Vec<((String, String), WanHandle)>,
+    link_emulators: Vec<Emulator>,
     log_dir: PathBuf,
     keep_logs: bool,
 }
@@ -178,6 +180,8 @@ impl Net {
             namespaces: Vec::new(),
             wan: None,
             emulator: None,
+            links: Vec::new(),
+            link_emulators: Vec::new(),
             log_dir,
             keep_logs: std::env::var_os("RE6ST_KEEP_LOGS").is_some(),
         };
@@ -244,7 +248,7 @@ impl Net {
                 ));
             }
         }
-        for l in &plan.links {
+        for l in plan.links.iter().filter(|l| l.emulated.is_none()) {
             root.push(format!(
                 "link add {} netns {} type veth peer name {} netns {}",
                 l.a_iface, self.hosts[l.a].ns, l.b_iface, self.hosts[l.b].ns
@@ -264,6 +268,12 @@ impl Net {
             netns::ip_batch(Some(&lan_ns[k]), false, &cmds)?;
         }
 
+        for l in &plan.links {
+            if let Some(params) = l.emulated {
+                self.start_link(plan, l.a, l.b, &l.a_iface, &l.b_iface, params)?;
+            }
+        }
+
         for h in &self.hosts {
             let mut v4 = vec!["link set lo up".to_string()];
             let mut v6 = Vec::new();
@@ -275,7 +285,14 @@ impl Net {
                 v6.push(format!("route add default via {} dev eth0", u.gw6));
             }
             for i in &h.plan.ifaces {
+                if i.link_local.is_some() {
+                    v4.push(format!("link set {} multicast on addrgenmode none", i.name));
+                }
                 v4.push(format!("link set {} up", i.name));
+                if let Some(ll) = i.link_local {
+                    // After `up`: addresses of a down interface do not survive it.
+                    v4.push(format!("addr add {ll}/64 dev {} nodad", i.name));
+                }
                 v4.push(format!("addr add {} dev {}", i.v4, i.name));
                 v4.push(format!("addr add {} dev {} nodad", i.v6, i.name));
             }
@@ -286,6 +303,47 @@ impl Net {
         if let Some(inet) = self.inet.clone() {
             self.start_wan(plan, &inet)?;
         }
+        Ok(())
+    }
+
+    /// An emulated link: a tun device in each host, and the emulator
+    /// relaying between them in both directions.
+    fn start_link(
+        &mut self,
+        plan: &Plan,
+        a: usize,
+        b: usize,
+        a_iface: &str,
+        b_iface: &str,
+        params: LinkParams,
+    ) -> Result<()> {
+        let (ns_a, ns_b) = (self.hosts[a].ns.clone(), self.hosts[b].ns.clone());
+        let (ia, ib) = (a_iface.to_string(), b_iface.to_string());
+        let tun_a = netns::in_netns(&ns_a, move || open_tun(&ia))??;
+        let tun_b = netns::in_netns(&ns_b, move || open_tun(&ib))??;
+        let names = vec![plan.hosts[a].name.clone(), plan.hosts[b].name.clone()];
+        let matrix = vec![LinkParams::default(), params, params, LinkParams::default()];
+        let (shaper, handle) = Shaper::new(
+            names,
+            vec![Vec::new(), Vec::new()],
+            matrix,
+            fastrand::u64(..),
+        )?;
+        let a_to_b = shaper.direction(0, 1, fastrand::u64(..));
+        let b_to_a = shaper.direction(1, 0, fastrand::u64(..));
+        let dup = |f: &std::fs::File| {
+            f.try_clone()
+                .map_err(|e| Error::io("duplicating a tun descriptor", e))
+        };
+        let (a_in, b_out) = (dup(&tun_a)?, dup(&tun_b)?);
+        self.link_emulators
+            .push(Emulator::start_pipe(a_in, b_out, a_to_b)?);
+        self.link_emulators
+            .push(Emulator::start_pipe(tun_b, tun_a, b_to_a)?);
+        self.links.push((
+            (plan.hosts[a].name.clone(), plan.hosts[b].name.clone()),
+            handle,
+        ));
         Ok(())
     }
 
@@ -380,6 +438,19 @@ impl Net {
         })
     }
 
+    /// Live control of an emulated link (`Topology::link_emulated`): its two
+    /// directions are `handle.set(a, b, ..)` and `handle.set(b, a, ..)`.
+    pub fn link(&self, a: &str, b: &str) -> Result<&WanHandle> {
+        self.links
+            .iter()
+            .find(|((x, y), _)| (x == a && y == b) || (x == b && y == a))
+            .map(|(_, h)| h)
+            .ok_or_else(|| Error::NoSuch {
+                kind: "emulated link",
+                name: format!("{a}-{b}"),
+            })
+    }
+
     /// The `inet` namespace, if any host has an uplink.
     pub fn inet_ns(&self) -> Option<&str> {
         self.inet.as_deref()
@@ -392,6 +463,7 @@ impl Net {
 
     fn teardown(&mut self) -> Result<()> {
         self.emulator = None;
+        self.link_emulators.clear();
         let mut first_err = None;
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = netns::remove_netns(&ns) {

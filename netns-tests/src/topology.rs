@@ -117,7 +117,7 @@ pub struct Topology {
     tag: String,
     hosts: Vec<HostSpec>,
     lans: Vec<LanSpec>,
-    links: Vec<(String, String)>,
+    links: Vec<(String, String, Option<LinkParams>)>,
     wan: Vec<(String, String, LinkParams)>,
     default_params: LinkParams,
 }
@@ -189,7 +189,18 @@ impl Topology {
 
     /// Adds a direct veth link between two hosts (not through the WAN emulator).
     pub fn link(&mut self, a: &str, b: &str) -> &mut Self {
-        self.links.push((a.to_string(), b.to_string()));
+        self.links.push((a.to_string(), b.to_string(), None));
+        self
+    }
+
+    /// Adds a point-to-point link between two hosts made of a tun device at
+    /// each end, with the emulator in between applying `params` in both
+    /// directions (changeable live with `Net::link`). Its interfaces have a
+    /// link-local address and carry link-local multicast, so routing
+    /// protocols run over them like over a veth, but with delay and loss.
+    pub fn link_emulated(&mut self, a: &str, b: &str, params: LinkParams) -> &mut Self {
+        self.links
+            .push((a.to_string(), b.to_string(), Some(params)));
         self
     }
 
@@ -320,6 +331,7 @@ impl Topology {
                     name: format!("lan{k}"),
                     v4: with_host_v4(net4, host_no)?,
                     v6: with_host_v6(net6, host_no)?,
+                    link_local: None,
                 };
                 hosts[h].ifaces.push(iface);
                 members.push(h);
@@ -332,7 +344,7 @@ impl Topology {
 
         let mut links = Vec::with_capacity(self.links.len());
         let mut pairs = HashSet::new();
-        for (k, (a, b)) in self.links.iter().enumerate() {
+        for (k, (a, b, emulated)) in self.links.iter().enumerate() {
             let what = format!("link {a:?}-{b:?}");
             let ia = lookup(&what, a)?;
             let ib = lookup(&what, b)?;
@@ -351,11 +363,17 @@ impl Topology {
             let net6 = auto_v6(0x00d1, k, 0)?;
             subnets.add(&what, IpNet::V4(net4))?;
             subnets.add(&what, IpNet::V6(net6))?;
+            if let Some(p) = emulated {
+                p.validate()
+                    .map_err(|e| TopologyError::OutOfRange(format!("{what}: {e}")))?;
+            }
             for (me, peer, no) in [(ia, b, 1), (ib, a, 2)] {
                 hosts[me].ifaces.push(IfacePlan {
                     name: format!("to-{peer}"),
                     v4: with_host_v4(net4, no)?,
                     v6: with_host_v6(net6, no)?,
+                    link_local: emulated
+                        .map(|_| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0xd1, k as u16, no as u16)),
                 });
             }
             links.push(LinkPlan {
@@ -363,6 +381,7 @@ impl Topology {
                 b: ib,
                 a_iface: format!("to-{b}"),
                 b_iface: format!("to-{a}"),
+                emulated: *emulated,
             });
         }
 
@@ -536,6 +555,9 @@ pub struct IfacePlan {
     pub v4: Ipv4Net,
     /// IPv6 address with prefix length.
     pub v6: Ipv6Net,
+    /// A fixed link-local address (emulated links: tun devices get none
+    /// from the kernel).
+    pub link_local: Option<Ipv6Addr>,
 }
 
 /// One host of a checked topology.
@@ -585,6 +607,8 @@ pub struct LinkPlan {
     pub a_iface: String,
     /// Interface name on `b`.
     pub b_iface: String,
+    /// Emulated (tun + emulator) instead of a veth, with these parameters.
+    pub emulated: Option<LinkParams>,
 }
 
 /// A checked topology with every address assigned.

@@ -206,6 +206,9 @@ pub struct Shaper {
     /// Per pair: the due time of the last packet, so none is released before
     /// the one sent ahead of it.
     last_due: Vec<Option<Instant>>,
+    /// For one direction of a point-to-point link: every packet is in this
+    /// slot, whatever its addresses.
+    fixed_slot: Option<usize>,
 }
 
 /// Source and destination addresses of an IPv4 or IPv6 packet.
@@ -266,26 +269,45 @@ impl Shaper {
             shared: Arc::clone(&shared),
             rng: fastrand::Rng::with_seed(seed),
             last_due: vec![None; n * n],
+            fixed_slot: None,
         };
         Ok((shaper, WanHandle { shared }))
     }
 
+    /// A shaper for one direction of a point-to-point link between the
+    /// shaper's hosts `from` and `to` (by index), sharing parameters and
+    /// counters with this one.
+    pub fn direction(&self, from: usize, to: usize, seed: u64) -> Self {
+        let n = self.shared.n();
+        Self {
+            shared: Arc::clone(&self.shared),
+            rng: fastrand::Rng::with_seed(seed),
+            last_due: vec![None; n * n],
+            fixed_slot: Some(from * n + to),
+        }
+    }
+
     /// Decides the fate of `packet`, read at `now`.
     pub fn classify(&mut self, now: Instant, packet: &[u8]) -> Verdict {
-        let n = self.shared.n();
-        let unknown = n * n;
-        let Some((src, dst)) = addresses(packet) else {
-            self.shared.malformed.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Drop;
+        let slot = match self.fixed_slot {
+            Some(slot) => slot,
+            None => {
+                let n = self.shared.n();
+                let Some((src, dst)) = addresses(packet) else {
+                    self.shared.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Verdict::Drop;
+                };
+                let (Some(&f), Some(&t)) =
+                    (self.shared.by_addr.get(&src), self.shared.by_addr.get(&dst))
+                else {
+                    return Verdict::Deliver {
+                        at: now,
+                        slot: n * n,
+                    };
+                };
+                f * n + t
+            }
         };
-        let (Some(&f), Some(&t)) = (self.shared.by_addr.get(&src), self.shared.by_addr.get(&dst))
-        else {
-            return Verdict::Deliver {
-                at: now,
-                slot: unknown,
-            };
-        };
-        let slot = f * n + t;
         let params = {
             let all = self
                 .shared
@@ -365,17 +387,33 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Runs `shaper` on the tun device `tun` (opened with [`open_tun`]).
+    /// Runs `shaper` on the tun device `tun` (opened with [`open_tun`]):
+    /// packets read from it are written back into it.
     pub fn start(tun: File, shaper: Shaper) -> Result<Self> {
+        let output = tun
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the tun descriptor", e))?;
+        Self::start_pipe(tun, output, shaper)
+    }
+
+    /// Runs `shaper` between two tun devices: packets read from `input` are
+    /// written to `output` (one direction of an emulated link).
+    pub fn start_pipe(input: File, output: File, shaper: Shaper) -> Result<Self> {
         let shared = Arc::clone(&shaper.shared);
-        let tun = Arc::new(tun);
+        let input = Arc::new(input);
+        let tun = Arc::new(output);
         let stop = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(Queue::default());
         let reader = {
-            let (tun, stop, queue) = (Arc::clone(&tun), Arc::clone(&stop), Arc::clone(&queue));
+            let (input, out, stop, queue) = (
+                Arc::clone(&input),
+                Arc::clone(&tun),
+                Arc::clone(&stop),
+                Arc::clone(&queue),
+            );
             std::thread::Builder::new()
                 .name("wan-reader".into())
-                .spawn(move || read_loop(&tun, shaper, &stop, &queue))
+                .spawn(move || read_loop(&input, &out, shaper, &stop, &queue))
                 .map_err(|e| Error::io("starting the WAN reader thread", e))?
         };
         let mut emulator = Self {
@@ -421,12 +459,12 @@ fn write_packet(tun: &File, shared: &Shared, slot: usize, packet: &[u8]) {
     }
 }
 
-fn read_loop(tun: &File, mut shaper: Shaper, stop: &AtomicBool, queue: &Queue) {
+fn read_loop(input: &File, tun: &File, mut shaper: Shaper, stop: &AtomicBool, queue: &Queue) {
     let shared = Arc::clone(&shaper.shared);
     let mut buf = vec![0u8; 65536];
     let mut seq = 0u64;
     let mut pfd = libc::pollfd {
-        fd: tun.as_raw_fd(),
+        fd: input.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -436,7 +474,7 @@ fn read_loop(tun: &File, mut shaper: Shaper, stop: &AtomicBool, queue: &Queue) {
         if ready <= 0 {
             continue;
         }
-        let len = match (&*tun).read(&mut buf) {
+        let len = match (&*input).read(&mut buf) {
             Ok(0) => continue,
             Ok(len) => len,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

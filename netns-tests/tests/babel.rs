@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use netns_tests::babel::{babeld, ours, reaches, route_dev, stub};
-use netns_tests::probe::{wait_until, LossProbe};
+use netns_tests::probe::{ping, wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
-use netns_tests::{Error, Net, Result, Topology};
+use netns_tests::{Error, LinkParams, Net, Result, Topology};
 
 /// a-b-d fast (2 ms per hop, direct veths with nothing added), a-c-d with
 /// 0 extra delay too but c's links cost more: we check reachability, that
@@ -254,6 +254,68 @@ fn interop_chain_with_hmac() -> Result<()> {
     )
 }
 
+/// RTT preference through babeld: a(ours)–b(babeld)–c(ours) with 5 ms
+/// links, and a direct a–c link of 60 ms. By hop count the direct link
+/// wins; by RTT the two hops through babeld do. Then the fast path breaks
+/// and traffic takes the slow direct link.
+fn interop_rtt_preference_through_babeld() -> Result<()> {
+    let mut t = Topology::new("brtt");
+    for h in ["a", "b", "c"] {
+        t.host_offline(h);
+    }
+    t.link_emulated("a", "b", LinkParams::delay_ms(5))
+        .link_emulated("b", "c", LinkParams::delay_ms(5))
+        .link_emulated("a", "c", LinkParams::delay_ms(60));
+    let net = Net::build(&t)?;
+    let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    stub(c, "fd00:5c::1")?;
+    let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
+    let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
+    let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
+    let (_, took) = wait_until(
+        "a to route c via b (lower RTT)",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            (route_dev(a, "fd00:5c::1", "fd00:5a::1").as_deref() == Some("to-b")
+                && route_dev(c, "fd00:5a::1", "fd00:5c::1").as_deref() == Some("to-b"))
+            .then_some(())
+        },
+    )?;
+    eprintln!("rtt: a and c route via babeld (2 x 5 ms) rather than direct (60 ms) after {took:?}");
+    let rtt = ping(
+        a,
+        "fd00:5c::1"
+            .parse()
+            .map_err(|_| Error::Measure("addr".into()))?,
+        5,
+        Duration::from_millis(50),
+    )?;
+    check(
+        rtt.received == 5 && rtt.avg.is_some_and(|d| d < Duration::from_millis(40)),
+        format!("RTT a->c {rtt:?}"),
+    )?;
+    net.link("a", "b")?.blackhole("a", "b")?;
+    let (_, took) = wait_until(
+        "a to fall back to the direct link",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || (route_dev(a, "fd00:5c::1", "fd00:5a::1").as_deref() == Some("to-c")).then_some(()),
+    )?;
+    eprintln!("rtt: after breaking a-b, a uses the 60 ms direct link after {took:?}");
+    // The way back depends on babeld noticing the break too.
+    let (_, took) = wait_until(
+        "a to reach c over the slow link",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || reaches(a, "fd00:5c::1").then_some(()),
+    )?;
+    eprintln!("rtt: a reaches c again {took:?} later");
+    Ok(())
+}
+
 fn our_routes(h: &netns_tests::Host) -> Result<String> {
     Ok(String::from_utf8_lossy(
         &h.run("ip", &["-6", "route", "show", "proto", "113"])?
@@ -355,6 +417,10 @@ fn main() -> ExitCode {
         (
             "kernel_routes_cleaned_at_exit_and_start",
             kernel_routes_cleaned_at_exit_and_start,
+        ),
+        (
+            "interop_rtt_preference_through_babeld",
+            interop_rtt_preference_through_babeld,
         ),
     ])
 }

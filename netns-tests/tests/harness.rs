@@ -188,6 +188,51 @@ fn lan_and_direct_links() -> Result<()> {
     )
 }
 
+/// An emulated link has the configured delay, carries link-local
+/// multicast, and can be blackholed live.
+fn emulated_links() -> Result<()> {
+    let mut t = Topology::new("elink");
+    t.host_offline("a").host_offline("b");
+    t.link_emulated("a", "b", LinkParams::delay_ms(15));
+    let net = Net::build(&t)?;
+    let (a, b) = (net.host("a")?, net.host("b")?);
+    let s = ping(
+        a,
+        IpAddr::V6(b.iface("to-a")?.v6.addr()),
+        5,
+        Duration::from_millis(50),
+    )?;
+    check(
+        s.received == 5 && (30.0..=36.0).contains(&ms(s.avg)),
+        format!("RTT over a 15 ms link: {s:?}"),
+    )?;
+    let out = a.run(
+        "ping",
+        &["-6", "-c", "2", "-i", "0.2", "-W", "1", "ff02::1%to-b"],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    check(
+        text.contains("fe80::d1:0:2"),
+        format!("multicast ping did not reach b: {text}"),
+    )?;
+    net.link("a", "b")?.blackhole("a", "b")?;
+    let s = ping(
+        a,
+        IpAddr::V6(b.iface("to-a")?.v6.addr()),
+        5,
+        Duration::from_millis(20),
+    )?;
+    check(s.received == 0, format!("blackholed link: {s:?}"))?;
+    net.link("b", "a")?.heal("a", "b")?;
+    let s = ping(
+        a,
+        IpAddr::V6(b.iface("to-a")?.v6.addr()),
+        3,
+        Duration::from_millis(50),
+    )?;
+    check(s.received == 3, format!("healed link: {s:?}"))
+}
+
 /// Programs run inside the host with their output logged, and die with
 /// their handle; a whole process group goes.
 fn processes_are_logged_and_killed() -> Result<()> {
@@ -394,6 +439,7 @@ fn main() -> ExitCode {
         ("loss_rate_over_500_probes", loss_rate_over_500_probes),
         ("loss_window_of_a_blackhole", loss_window_of_a_blackhole),
         ("lan_and_direct_links", lan_and_direct_links),
+        ("emulated_links", emulated_links),
         (
             "processes_are_logged_and_killed",
             processes_are_logged_and_killed,

@@ -6,5 +6,6 @@
 //! and the shared UDP socket are still to come (issue 5).
 
 pub mod cache;
+pub mod link;
 pub mod policy;
 pub mod setup;

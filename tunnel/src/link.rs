@@ -1,0 +1,409 @@
+//! WireGuard links over boringtun's `noise::Tunn`, and the demultiplexing of
+//! the shared UDP socket, without I/O.
+//!
+//! Each link gets a 24-bit index; boringtun puts `index << 8` in the
+//! receiver field of the packets it expects, so data, responses and cookie
+//! replies find their link by `receiver >> 8`. A handshake initiation
+//! carries no receiver: it is matched by the initiator's static key
+//! (`parse_handshake_anon`), which must be the WireGuard key of a link we
+//! set up (from the peer's certificate). Anything else is dropped and
+//! counted.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::policy::Peer;
+
+/// Room for a WireGuard datagram carrying a packet of up to 65535 bytes.
+pub const BUF: usize = 65_535 + 32;
+
+/// What to do with the result of a link operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send this datagram to the link's endpoint.
+    Network(Vec<u8>),
+    /// Write this IP packet into the link's tun device.
+    Tunnel(Vec<u8>),
+}
+
+/// Why a datagram was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Drop {
+    /// Not a WireGuard message.
+    Malformed,
+    /// No link for its receiver index or initiator key.
+    UnknownLink,
+    /// boringtun refused it (bad MAC, replay, rate limit, ...).
+    Refused,
+}
+
+/// One WireGuard link.
+pub struct Link {
+    /// The peer's node prefix.
+    pub peer: Peer,
+    /// The peer's WireGuard public key (from its certificate).
+    pub peer_key: [u8; 32],
+    /// Where to send (updated to the source of authenticated packets).
+    pub endpoint: Option<SocketAddr>,
+    tunn: Tunn,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn collect(r: TunnResult<'_>, out: &mut Vec<Output>) -> Result<bool, Drop> {
+    match r {
+        TunnResult::Done => Ok(false),
+        TunnResult::Err(_) => Err(Drop::Refused),
+        TunnResult::WriteToNetwork(b) => {
+            out.push(Output::Network(b.to_vec()));
+            Ok(true)
+        }
+        TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
+            out.push(Output::Tunnel(b.to_vec()));
+            Ok(false)
+        }
+    }
+}
+
+impl Link {
+    /// A link to `peer` whose WireGuard key is `peer_key`; `keepalive` in
+    /// seconds keeps NAT mappings open.
+    pub fn new(
+        secret: &[u8; 32],
+        peer: Peer,
+        peer_key: [u8; 32],
+        index: u32,
+        endpoint: Option<SocketAddr>,
+        keepalive: Option<u16>,
+    ) -> Self {
+        let tunn = Tunn::new(
+            StaticSecret::from(*secret),
+            PublicKey::from(peer_key),
+            None,
+            keepalive,
+            index & 0x00ff_ffff,
+            None,
+        );
+        Self {
+            peer,
+            peer_key,
+            endpoint,
+            tunn,
+        }
+    }
+
+    /// Encrypts an IP packet read from the tun device (or queues it while
+    /// the handshake runs, and starts one).
+    pub fn encapsulate(&mut self, packet: &[u8], buf: &mut [u8]) -> Option<Vec<u8>> {
+        match self.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Handles a datagram of this link from `src`.
+    pub fn decapsulate(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+    ) -> Result<Vec<Output>, Drop> {
+        let mut out = Vec::new();
+        let more = collect(
+            self.tunn.decapsulate(Some(src.ip()), datagram, buf),
+            &mut out,
+        )?;
+        // Authenticated: the peer is (now) there.
+        self.endpoint = Some(src);
+        if more {
+            // Flush what was queued during the handshake.
+            while collect(self.tunn.decapsulate(None, &[], buf), &mut out).unwrap_or(false) {}
+        }
+        Ok(out)
+    }
+
+    /// Runs boringtun's timers (handshake retries, rekeys, keepalives).
+    /// Returns a datagram to send, and whether the link is dead.
+    pub fn tick(&mut self, buf: &mut [u8]) -> (Option<Vec<u8>>, bool) {
+        match self.tunn.update_timers(buf) {
+            TunnResult::WriteToNetwork(b) => (Some(b.to_vec()), false),
+            TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                (None, true)
+            }
+            _ => (None, false),
+        }
+    }
+
+    /// Starts a handshake now.
+    pub fn initiate(&mut self, buf: &mut [u8]) -> Option<Vec<u8>> {
+        match self.tunn.format_handshake_initiation(buf, false) {
+            TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Whether a session is established (time since the last handshake).
+    pub fn is_up(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+}
+
+/// All links of a node, by index and by peer key.
+pub struct Links {
+    secret: [u8; 32],
+    public: [u8; 32],
+    by_index: HashMap<u32, Link>,
+    by_key: HashMap<[u8; 32], u32>,
+    next: u32,
+    /// Dropped datagrams by reason.
+    pub dropped: HashMap<Drop, u64>,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("links", &self.by_index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Links {
+    /// Links of a node with this WireGuard secret.
+    pub fn new(secret: [u8; 32]) -> Self {
+        let public = PublicKey::from(&StaticSecret::from(secret)).to_bytes();
+        Self {
+            secret,
+            public,
+            by_index: HashMap::new(),
+            by_key: HashMap::new(),
+            next: 1,
+            dropped: HashMap::new(),
+        }
+    }
+
+    /// Our WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public
+    }
+
+    /// Adds a link; returns its index (replacing a link to the same key).
+    pub fn add(
+        &mut self,
+        peer: Peer,
+        peer_key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        keepalive: Option<u16>,
+    ) -> u32 {
+        if let Some(old) = self.by_key.remove(&peer_key) {
+            self.by_index.remove(&old);
+        }
+        let index = self.next;
+        self.next = (self.next % 0x00ff_ffff) + 1;
+        self.by_index.insert(
+            index,
+            Link::new(&self.secret, peer, peer_key, index, endpoint, keepalive),
+        );
+        self.by_key.insert(peer_key, index);
+        index
+    }
+
+    /// Removes a link.
+    pub fn remove(&mut self, index: u32) -> Option<Link> {
+        let l = self.by_index.remove(&index)?;
+        self.by_key.remove(&l.peer_key);
+        Some(l)
+    }
+
+    /// A link by index.
+    pub fn get_mut(&mut self, index: u32) -> Option<&mut Link> {
+        self.by_index.get_mut(&index)
+    }
+
+    /// Indices of all links.
+    pub fn indices(&self) -> Vec<u32> {
+        self.by_index.keys().copied().collect()
+    }
+
+    fn drop_count(&mut self, d: Drop) -> Drop {
+        *self.dropped.entry(d).or_default() += 1;
+        d
+    }
+
+    /// Finds the link a datagram from the shared socket belongs to.
+    pub fn demux(&mut self, datagram: &[u8]) -> Result<u32, Drop> {
+        let packet =
+            Tunn::parse_incoming_packet(datagram).map_err(|_| self.drop_count(Drop::Malformed))?;
+        let index = match packet {
+            Packet::HandshakeInit(init) => {
+                let secret = StaticSecret::from(self.secret);
+                let public = PublicKey::from(self.public);
+                let half = parse_handshake_anon(&secret, &public, &init)
+                    .map_err(|_| self.drop_count(Drop::Refused))?;
+                match self.by_key.get(&half.peer_static_public) {
+                    Some(i) => *i,
+                    None => return Err(self.drop_count(Drop::UnknownLink)),
+                }
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx >> 8,
+            Packet::PacketCookieReply(p) => p.receiver_idx >> 8,
+            Packet::PacketData(p) => p.receiver_idx >> 8,
+        };
+        if self.by_index.contains_key(&index) {
+            Ok(index)
+        } else {
+            Err(self.drop_count(Drop::UnknownLink))
+        }
+    }
+
+    /// Demultiplexes and decapsulates a datagram from `src`.
+    pub fn receive(
+        &mut self,
+        src: SocketAddr,
+        datagram: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(u32, Vec<Output>), Drop> {
+        let index = self.demux(datagram)?;
+        let link = self.by_index.get_mut(&index).ok_or(Drop::UnknownLink)?;
+        match link.decapsulate(src, datagram, buf) {
+            Ok(out) => Ok((index, out)),
+            Err(d) => Err(self.drop_count(d)),
+        }
+    }
+}
+
+/// Whether `ip` belongs to the underlay (not link-local junk).
+pub fn usable_endpoint(ip: IpAddr) -> bool {
+    !ip.is_unspecified() && !ip.is_multicast()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> [u8; 32] {
+        [b; 32]
+    }
+
+    fn public(secret: [u8; 32]) -> [u8; 32] {
+        PublicKey::from(&StaticSecret::from(secret)).to_bytes()
+    }
+
+    fn peer(i: u16) -> Peer {
+        Peer::new(std::net::Ipv6Addr::new(0xfd00, 0, 0, i, 0, 0, 0, 0), 64).unwrap_or_default()
+    }
+
+    /// A minimal IPv6 packet (header only).
+    fn ip6(payload_tag: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[6] = 59; // no next header
+        p[7] = 64;
+        p[8] = 0xfe;
+        p[9] = 0x80;
+        p[23] = 1;
+        p[24] = 0xfe;
+        p[25] = 0x80;
+        p[39] = payload_tag;
+        p
+    }
+
+    #[test]
+    fn handshake_and_data_through_the_demux() {
+        let (sa, sb) = (key(1), key(2));
+        let mut a = Links::new(sa);
+        let mut b = Links::new(sb);
+        let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
+            "198.18.1.2:326".parse().unwrap_or_else(|_| panic!()),
+            "198.18.2.2:326".parse().unwrap_or_else(|_| panic!()),
+        );
+        let ia = a.add(peer(2), public(sb), Some(addr_b), None);
+        let ib = b.add(peer(1), public(sa), None, None);
+        let mut buf = vec![0u8; BUF];
+        // a sends a packet: queued, a handshake initiation goes out.
+        let init = a
+            .get_mut(ia)
+            .and_then(|l| l.encapsulate(&ip6(7), &mut buf))
+            .unwrap_or_default();
+        assert!(!init.is_empty());
+        // b demuxes the initiation by a's static key and answers.
+        let (idx, out) = b
+            .receive(addr_a, &init, &mut buf)
+            .unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(idx, ib);
+        let resp = match &out[..] {
+            [Output::Network(r)] => r.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            b.get_mut(ib).and_then(|l| l.endpoint),
+            Some(addr_a),
+            "endpoint learned"
+        );
+        // a receives the response: the queued packet goes out encrypted.
+        let (idx, out) = a
+            .receive(addr_b, &resp, &mut buf)
+            .unwrap_or_else(|d| panic!("{d:?}"));
+        assert_eq!(idx, ia);
+        let data: Vec<Vec<u8>> = out
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Network(d) => Some(d),
+                Output::Tunnel(_) => None,
+            })
+            .collect();
+        assert!(!data.is_empty());
+        let mut got = Vec::new();
+        for d in data {
+            let (_, out) = b
+                .receive(addr_a, &d, &mut buf)
+                .unwrap_or_else(|d| panic!("{d:?}"));
+            got.extend(out);
+        }
+        assert!(got.contains(&Output::Tunnel(ip6(7))), "{got:?}");
+        assert!(a.get_mut(ia).is_some_and(|l| l.is_up()));
+    }
+
+    #[test]
+    fn strangers_and_garbage_are_dropped_and_counted() {
+        let (sa, sb, sc) = (key(1), key(2), key(3));
+        let a = Links::new(sa);
+        let mut b = Links::new(sb);
+        let mut c = Links::new(sc);
+        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        let mut buf = vec![0u8; BUF];
+        // b only knows a; c (another key) tries to talk to b.
+        b.add(peer(1), public(sa), None, None);
+        let ic = c.add(peer(2), public(sb), Some(addr), None);
+        let init = c
+            .get_mut(ic)
+            .and_then(|l| l.initiate(&mut buf))
+            .unwrap_or_default();
+        assert_eq!(b.receive(addr, &init, &mut buf), Err(Drop::UnknownLink));
+        for junk in [
+            &b""[..],
+            b"\x04\x00\x00\x00short",
+            &[0xffu8; 200][..],
+            b"R6T1\x01{}",
+        ] {
+            assert!(b.receive(addr, junk, &mut buf).is_err());
+        }
+        // A data packet for an index we do not have.
+        let mut fake = vec![4u8, 0, 0, 0];
+        fake.extend_from_slice(&(77u32 << 8).to_le_bytes());
+        fake.extend_from_slice(&[0u8; 40]);
+        assert_eq!(b.receive(addr, &fake, &mut buf), Err(Drop::UnknownLink));
+        assert!(b.dropped.values().sum::<u64>() >= 5);
+        let _ = a.public_key();
+    }
+}

@@ -7,5 +7,6 @@
 
 pub mod cache;
 pub mod link;
+pub mod plane;
 pub mod policy;
 pub mod setup;

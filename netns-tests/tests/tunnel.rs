@@ -1,0 +1,118 @@
+//! The WireGuard data plane in namespaces: two hosts over the emulated
+//! Internet build a tunnel (boringtun, one tun device each), ping over it,
+//! run Babel over it, and the device disappears when the link is closed.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use netns_tests::babel::{ours, reaches, stub};
+use netns_tests::probe::{parse_ping, wait_until};
+use netns_tests::testing::{check, run_suite};
+use netns_tests::{Error, LinkParams, Net, Result, Topology};
+use re6st_registry::config::{random_bytes, x25519_public};
+use re6st_tunnel::plane::{Event, Plane};
+use re6st_tunnel::policy::Peer;
+
+fn prefix(s: &str) -> Result<Peer> {
+    s.parse().map_err(|_| Error::Measure(format!("prefix {s}")))
+}
+
+fn secret() -> Result<[u8; 32]> {
+    random_bytes::<32>().map_err(|e| Error::Measure(e.to_string()))
+}
+
+/// Starts a data plane in `host` with one link; returns it and its events.
+fn plane_in(
+    host: &netns_tests::Host,
+    secret: [u8; 32],
+    peer: Peer,
+    peer_key: [u8; 32],
+    endpoint: Option<SocketAddr>,
+    name: &'static str,
+    link_local: Ipv6Addr,
+) -> Result<(Plane, mpsc::Receiver<Event>, u32)> {
+    let (tx, rx) = mpsc::channel();
+    let plane = host.in_ns(move || -> std::result::Result<(Plane, u32), String> {
+        let p = Plane::start(
+            "[::]:326".parse().map_err(|_| "addr".to_string())?,
+            secret,
+            tx,
+        )
+        .map_err(|e| e.to_string())?;
+        let i = p
+            .add_link(peer, peer_key, endpoint, name, 1420, link_local)
+            .map_err(|e| e.to_string())?;
+        Ok((p, i))
+    })?;
+    let (p, i) = plane.map_err(Error::Measure)?;
+    Ok((p, rx, i))
+}
+
+fn tunnel_over_the_wan() -> Result<()> {
+    let mut t = Topology::new("wgpair");
+    t.host("a")
+        .host("b")
+        .wan_both("a", "b", LinkParams::delay_ms(10));
+    let net = Net::build(&t)?;
+    let (a, b) = (net.host("a")?, net.host("b")?);
+    let (sa, sb) = (secret()?, secret()?);
+    let (pa, pb) = (prefix("fd5e:0:0:1::/64")?, prefix("fd5e:0:0:2::/64")?);
+    let ll_a = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xa);
+    let ll_b = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb);
+    let b_ep = SocketAddr::new(b.addr(true)?, 326);
+    let (plane_b, _rx_b, _) = plane_in(b, sb, pa, x25519_public(&sa), None, "wg-a", ll_b)?;
+    let (plane_a, rx_a, ia) = plane_in(a, sa, pb, x25519_public(&sb), Some(b_ep), "wg-b", ll_a)?;
+    let dst = "fe80::b%wg-b";
+    let (_, took) = wait_until(
+        "a ping over the tunnel",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            a.output("ping", &["-6", "-c", "1", "-W", "1", dst])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        },
+    )?;
+    eprintln!("tunnel: first ping over WireGuard {took:?} after start");
+    let up = rx_a
+        .recv_timeout(Duration::from_secs(2))
+        .map_err(|_| Error::Measure("no Up event".into()))?;
+    check(up == Event::Up(pb), format!("event {up:?}"))?;
+    let out = a.run("ping", &["-6", "-c", "5", "-i", "0.1", "-q", dst])?;
+    let stats = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+    let avg = stats.avg.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    eprintln!("tunnel: RTT over the tunnel {avg:.2} ms (WAN 2 x 10 ms)");
+    check(
+        stats.received == 5 && (20.0..30.0).contains(&avg),
+        format!("{stats:?}"),
+    )?;
+    // Babel over the tunnel: stubs learned both ways.
+    stub(a, "fd00:5a::1")?;
+    stub(b, "fd00:5b::1")?;
+    let _ra = ours(a, &["wg-b"], "fd00:5a::1", &[])?;
+    let _rb = ours(b, &["wg-a"], "fd00:5b::1", &[])?;
+    let (_, took) = wait_until(
+        "a to reach b's stub through the tunnel",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || reaches(a, "fd00:5b::1").then_some(()),
+    )?;
+    eprintln!("tunnel: Babel over WireGuard routed b's prefix after {took:?}");
+    // Closing the link removes the device.
+    plane_a.remove_link(ia);
+    check(
+        a.output("ip", &["link", "show", "wg-b"])?.status.code() != Some(0),
+        "wg-b still exists",
+    )?;
+    check(
+        plane_b.dropped() == 0,
+        format!("b dropped {} datagrams", plane_b.dropped()),
+    )
+}
+
+fn main() -> ExitCode {
+    run_suite(&[("tunnel_over_the_wan", tunnel_over_the_wan)])
+}

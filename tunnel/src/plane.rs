@@ -1,0 +1,451 @@
+//! The data plane: one shared UDP socket, one tun device per link, and
+//! threads moving packets between them through [`Links`].
+//!
+//! - The receiver thread reads the socket: set-up messages go to the
+//!   caller as [`Event::Setup`]; WireGuard datagrams are demultiplexed and
+//!   decapsulated, their packets written to the link's tun device.
+//! - One reader thread per link reads its tun device, encrypts, sends.
+//! - A timer thread runs boringtun's timers every 100 ms and reports
+//!   links that came up or died.
+//!
+//! Tun devices are created in the calling thread's network namespace, set
+//! to `addr_gen_mode none`, given the MTU, brought up, and given our
+//! link-local address, so Babel runs on them. Closing a link removes its
+//! device. This first version moves one packet per system call; batching
+//! (recvmmsg/sendmmsg, UDP GSO/GRO, tun offloads) is still to do.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::link::{Links, Output, BUF};
+use crate::policy::Peer;
+use crate::setup::is_setup;
+
+/// What the data plane reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A tunnel set-up datagram arrived.
+    Setup {
+        /// From.
+        src: SocketAddr,
+        /// The datagram.
+        bytes: Vec<u8>,
+    },
+    /// A link completed a handshake.
+    Up(Peer),
+    /// A link expired (no handshake for a long time).
+    Down(Peer),
+}
+
+/// Errors of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PlaneError {
+    let what = what.into();
+    move |e| PlaneError::Io(what, e)
+}
+
+/// A link's tun device and the flag that stops its reader.
+struct TunEntry {
+    file: Arc<File>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    socket: UdpSocket,
+    links: Mutex<Links>,
+    tuns: Mutex<HashMap<u32, TunEntry>>,
+    up: Mutex<HashMap<u32, bool>>,
+    stop: AtomicBool,
+    events: Mutex<Sender<Event>>,
+}
+
+/// A running data plane.
+pub struct Plane {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    link_threads: Mutex<HashMap<u32, JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane").finish_non_exhaustive()
+    }
+}
+
+const TICK: Duration = Duration::from_millis(100);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn report(shared: &Shared, e: Event) {
+    let _ = lock(&shared.events).send(e);
+}
+
+impl Plane {
+    /// Binds the shared socket (dual-stack when `bind` is `[::]:PORT`) and
+    /// starts the receiver and timer threads.
+    pub fn start(
+        bind: SocketAddr,
+        secret: [u8; 32],
+        events: Sender<Event>,
+    ) -> Result<Self, PlaneError> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let domain = if bind.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP)).map_err(io("socket"))?;
+        if bind.is_ipv6() {
+            s.set_only_v6(false).map_err(io("dual-stack socket"))?;
+        }
+        // Large buffers: bursts must not overflow them.
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.bind(&bind.into())
+            .map_err(io(format!("binding {bind}")))?;
+        s.set_read_timeout(Some(TICK))
+            .map_err(io("socket timeout"))?;
+        let shared = Arc::new(Shared {
+            socket: s.into(),
+            links: Mutex::new(Links::new(secret)),
+            tuns: Mutex::new(HashMap::new()),
+            up: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            events: Mutex::new(events),
+        });
+        let mut threads = Vec::new();
+        let sh = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("wg-recv".into())
+                .spawn(move || receive_loop(&sh))
+                .map_err(io("starting the receiver"))?,
+        );
+        let sh = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("wg-timers".into())
+                .spawn(move || timer_loop(&sh))
+                .map_err(io("starting the timers"))?,
+        );
+        Ok(Self {
+            shared,
+            threads,
+            link_threads: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> Result<SocketAddr, PlaneError> {
+        self.shared.socket.local_addr().map_err(io("local address"))
+    }
+
+    /// Our WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        lock(&self.shared.links).public_key()
+    }
+
+    /// Sends a datagram (tunnel set-up messages).
+    pub fn send(&self, dst: SocketAddr, bytes: &[u8]) -> Result<(), PlaneError> {
+        self.shared
+            .socket
+            .send_to(bytes, dst)
+            .map(|_| ())
+            .map_err(io(format!("sending to {dst}")))
+    }
+
+    /// Adds a link to `peer` (WireGuard key from its certificate) with a new
+    /// tun device `name`; starts the handshake when `endpoint` is known
+    /// (we initiate), else waits for the peer's. Returns the link index.
+    pub fn add_link(
+        &self,
+        peer: Peer,
+        peer_key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        name: &str,
+        mtu: u32,
+        link_local: Ipv6Addr,
+    ) -> Result<u32, PlaneError> {
+        let tun = Arc::new(create_tun(name, mtu, link_local)?);
+        let index = lock(&self.shared.links).add(peer, peer_key, endpoint, Some(25));
+        let stop = Arc::new(AtomicBool::new(false));
+        lock(&self.shared.tuns).insert(
+            index,
+            TunEntry {
+                file: Arc::clone(&tun),
+                stop: Arc::clone(&stop),
+            },
+        );
+        let sh = Arc::clone(&self.shared);
+        let t = std::thread::Builder::new()
+            .name(format!("wg-tun-{index}"))
+            .spawn(move || tun_loop(&sh, index, &tun, &stop))
+            .map_err(io("starting a tun reader"))?;
+        lock(&self.link_threads).insert(index, t);
+        if let Some(ep) = endpoint {
+            let mut buf = vec![0u8; 256];
+            let init = lock(&self.shared.links)
+                .get_mut(index)
+                .and_then(|l| l.initiate(&mut buf));
+            if let Some(init) = init {
+                let _ = self.shared.socket.send_to(&init, ep);
+            }
+        }
+        Ok(index)
+    }
+
+    /// Closes a link: its tun device disappears.
+    pub fn remove_link(&self, index: u32) {
+        lock(&self.shared.links).remove(index);
+        lock(&self.shared.up).remove(&index);
+        if let Some(entry) = lock(&self.shared.tuns).remove(&index) {
+            entry.stop.store(true, Ordering::SeqCst);
+        }
+        if let Some(t) = lock(&self.link_threads).remove(&index) {
+            let _ = t.join();
+        }
+    }
+
+    /// Datagrams dropped, by reason.
+    pub fn dropped(&self) -> u64 {
+        lock(&self.shared.links).dropped.values().sum()
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let indices: Vec<u32> = lock(&self.shared.tuns).keys().copied().collect();
+        for i in indices {
+            self.remove_link(i);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn receive_loop(sh: &Shared) {
+    let mut data = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF];
+    while !sh.stop.load(Ordering::Relaxed) {
+        let (len, src) = match sh.socket.recv_from(&mut data) {
+            Ok(x) => x,
+            Err(_) => continue,
+        };
+        let datagram = &data[..len];
+        if is_setup(datagram) {
+            report(
+                sh,
+                Event::Setup {
+                    src,
+                    bytes: datagram.to_vec(),
+                },
+            );
+            continue;
+        }
+        let result = lock(&sh.links).receive(src, datagram, &mut buf);
+        let Ok((index, outputs)) = result else {
+            continue;
+        };
+        let tun = lock(&sh.tuns).get(&index).map(|e| Arc::clone(&e.file));
+        for o in outputs {
+            match o {
+                Output::Network(d) => {
+                    let _ = sh.socket.send_to(&d, src);
+                }
+                Output::Tunnel(p) => {
+                    if let Some(t) = &tun {
+                        let _ = (&**t).write(&p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn tun_loop(sh: &Shared, index: u32, tun: &File, stop: &AtomicBool) {
+    let mut packet = vec![0u8; 65_535];
+    let mut buf = vec![0u8; BUF];
+    let mut pfd = libc::pollfd {
+        fd: tun.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !stop.load(Ordering::Relaxed) && !sh.stop.load(Ordering::Relaxed) {
+        // SAFETY: pfd is a valid pollfd for a descriptor we hold open.
+        let ready = unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as i32) };
+        if ready <= 0 {
+            continue;
+        }
+        let len = match (&*tun).read(&mut packet) {
+            Ok(0) => continue,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let (datagram, endpoint) = {
+            let mut links = lock(&sh.links);
+            let Some(l) = links.get_mut(index) else {
+                return;
+            };
+            (l.encapsulate(&packet[..len], &mut buf), l.endpoint)
+        };
+        if let (Some(d), Some(ep)) = (datagram, endpoint) {
+            let _ = sh.socket.send_to(&d, ep);
+        }
+    }
+}
+
+fn timer_loop(sh: &Shared) {
+    let mut buf = vec![0u8; 256];
+    while !sh.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TICK);
+        let mut sends = Vec::new();
+        let mut events = Vec::new();
+        {
+            let mut links = lock(&sh.links);
+            let mut up = lock(&sh.up);
+            for i in links.indices() {
+                let Some(l) = links.get_mut(i) else { continue };
+                let (d, dead) = l.tick(&mut buf);
+                if let (Some(d), Some(ep)) = (d, l.endpoint) {
+                    sends.push((d, ep));
+                }
+                let now_up = l.is_up();
+                let was_up = up.insert(i, now_up).unwrap_or(false);
+                if now_up && !was_up {
+                    events.push(Event::Up(l.peer));
+                }
+                if dead {
+                    events.push(Event::Down(l.peer));
+                }
+            }
+        }
+        for (d, ep) in sends {
+            let _ = sh.socket.send_to(&d, ep);
+        }
+        for e in events {
+            report(sh, e);
+        }
+    }
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+#[repr(C)]
+struct In6IfReq {
+    addr: [u8; 16],
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+fn ioctl_ifreq(
+    fd: libc::c_int,
+    req: libc::c_ulong,
+    name: &str,
+    value: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut r = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        value,
+        _pad: [0; 20],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `r` matches `struct ifreq` (name + an int in the union) in
+    // size and layout; `fd` is an open socket.
+    let rc = unsafe { libc::ioctl(fd, req, &mut r) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r.value)
+    }
+}
+
+/// Creates and configures a tun device in the current network namespace.
+fn create_tun(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<File, PlaneError> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    if name.is_empty()
+        || name.len() >= libc::IFNAMSIZ
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(PlaneError::Io(
+            format!("interface name {name:?}"),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    }
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(io("opening /dev/net/tun"))?;
+    ioctl_ifreq(
+        file.as_raw_fd(),
+        TUNSETIFF,
+        name,
+        (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_int,
+    )
+    .map_err(io(format!("creating {name}")))?;
+    // No kernel-made link-local address: ours is set below.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"), "1");
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(io("control socket"))?;
+    let fd = sock.as_raw_fd();
+    ioctl_ifreq(fd, libc::SIOCSIFMTU, name, mtu as libc::c_int)
+        .map_err(io(format!("MTU of {name}")))?;
+    let flags =
+        ioctl_ifreq(fd, libc::SIOCGIFFLAGS, name, 0).map_err(io(format!("flags of {name}")))?;
+    ioctl_ifreq(
+        fd,
+        libc::SIOCSIFFLAGS,
+        name,
+        flags | libc::IFF_UP | libc::IFF_MULTICAST,
+    )
+    .map_err(io(format!("bringing {name} up")))?;
+    let c = std::ffi::CString::new(name).map_err(|_| {
+        PlaneError::Io(
+            name.into(),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        )
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    let sock6 = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
+        .map_err(io("IPv6 control socket"))?;
+    let mut req = In6IfReq {
+        addr: link_local.octets(),
+        prefixlen: 64,
+        ifindex: ifindex as libc::c_int,
+    };
+    // SAFETY: `req` matches `struct in6_ifreq`; the socket is open.
+    let rc = unsafe { libc::ioctl(sock6.as_raw_fd(), libc::SIOCSIFADDR, &mut req) };
+    if rc < 0 {
+        return Err(PlaneError::Io(
+            format!("address of {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}

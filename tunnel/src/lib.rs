@@ -10,3 +10,4 @@ pub mod link;
 pub mod plane;
 pub mod policy;
 pub mod setup;
+pub mod udp;

@@ -112,6 +112,15 @@ impl Link {
         }
     }
 
+    /// Like [`Link::encapsulate`], writing into `out` (which must have room
+    /// for the packet plus 32 bytes, and at least 148); returns the length.
+    pub fn encapsulate_into(&mut self, packet: &[u8], out: &mut [u8]) -> Option<usize> {
+        match self.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(b) => Some(b.len()),
+            _ => None,
+        }
+    }
+
     /// Handles a datagram of this link from `src`.
     pub fn decapsulate(
         &mut self,

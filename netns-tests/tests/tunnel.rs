@@ -14,6 +14,9 @@ use netns_tests::{Error, LinkParams, Net, Result, Topology};
 use re6st_registry::config::{random_bytes, x25519_public};
 use re6st_tunnel::plane::{Event, Plane};
 use re6st_tunnel::policy::Peer;
+use re6st_tunnel::setup::{
+    check_reply, request, Decision, Identity, Outcome, Reply, Responder, SetupError,
+};
 
 fn prefix(s: &str) -> Result<Peer> {
     s.parse().map_err(|_| Error::Measure(format!("prefix {s}")))
@@ -113,6 +116,146 @@ fn tunnel_over_the_wan() -> Result<()> {
     )
 }
 
+/// A node identity issued by `ca`, with its WireGuard secret.
+fn identity(ca: &re6st_registry::cert::Ca, i: u16) -> Result<(Identity, [u8; 32])> {
+    use re6st_registry::cert::{check_csr, generate_key, make_csr, IssueRequest, NodeCert};
+    let m = |e: re6st_registry::Error| Error::Measure(e.to_string());
+    let wg = secret()?;
+    let key = generate_key().map_err(m)?;
+    let now = re6st_registry::server::now();
+    let pem = ca
+        .issue(&IssueRequest {
+            public_key: check_csr(&make_csr(&key).map_err(m)?).map_err(m)?,
+            prefix: prefix(&format!("fd5e:0:0:{i:x}::/64"))?,
+            wg_key: x25519_public(&wg),
+            serial: u64::from(i),
+            not_before: now - 60,
+            not_after: now + 86_400,
+        })
+        .map_err(m)?;
+    Ok((
+        Identity {
+            cert: NodeCert::from_pem(&pem).map_err(m)?,
+            key,
+        },
+        wg,
+    ))
+}
+
+/// The whole set-up on the tunnel port, over IPv4 underlay: a sends a
+/// signed request through its data plane; b's responder checks it and
+/// accepts; b adds a link for the key in a's certificate and answers; a
+/// checks the answer and adds its link with the key from b's certificate;
+/// the handshake follows and packets flow.
+fn setup_then_handshake_over_ipv4() -> Result<()> {
+    let mut t = Topology::new("wgsetup");
+    t.host("a")
+        .host("b")
+        .wan_both("a", "b", LinkParams::delay_ms(5));
+    let net = Net::build(&t)?;
+    let (a, b) = (net.host("a")?, net.host("b")?);
+    let now = re6st_registry::server::now();
+    let ca = re6st_registry::cert::Ca::generate(prefix("fd5e::/48")?, now - 100, 10)
+        .map_err(|e| Error::Measure(e.to_string()))?;
+    let (id_a, wg_a) = identity(&ca, 1)?;
+    let (id_b, wg_b) = identity(&ca, 2)?;
+    let (pa, pb) = (id_a.cert.prefix, id_b.cert.prefix);
+    let b_ep = SocketAddr::new(b.addr(false)?, 326);
+    let start = |h: &netns_tests::Host, wg: [u8; 32]| -> Result<(Plane, mpsc::Receiver<Event>)> {
+        let (tx, rx) = mpsc::channel();
+        let p = h.in_ns(move || {
+            Plane::start(
+                "0.0.0.0:326"
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 326))),
+                wg,
+                tx,
+            )
+            .map_err(|e| e.to_string())
+        })?;
+        Ok((p.map_err(Error::Measure)?, rx))
+    };
+    let (plane_a, rx_a) = start(a, wg_a)?;
+    let (plane_b, rx_b) = start(b, wg_b)?;
+    let mut responder = Responder::new(ca.cert().clone(), id_b);
+    let (req, nonce) = request(&id_a, pb, now).map_err(|e| Error::Measure(e.to_string()))?;
+    plane_a
+        .send(b_ep, &req)
+        .map_err(|e| Error::Measure(e.to_string()))?;
+    let Ok(Event::Setup { src, bytes }) = rx_b.recv_timeout(Duration::from_secs(3)) else {
+        return Err(Error::Measure("b got no set-up request".into()));
+    };
+    let Outcome::Accepted { peer, reply } =
+        responder.handle(std::time::Instant::now(), now, src.ip(), &bytes, |_| {
+            Decision::Accept
+        })
+    else {
+        return Err(Error::Measure("b did not accept".into()));
+    };
+    check(peer.prefix == pa, "the request names a")?;
+    let (ll_a, ll_b) = (
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xa),
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb),
+    );
+    // b expects a handshake from the key in a's certificate only.
+    let (wg_key_a, pb2) = (peer.wg_key, pa);
+    let ib = b.in_ns({
+        let p = std::sync::Arc::new(plane_b);
+        let p2 = std::sync::Arc::clone(&p);
+        move || {
+            (
+                p2.add_link(pb2, wg_key_a, None, "wg-a", 1420, ll_b)
+                    .map_err(|e| e.to_string()),
+                p,
+            )
+        }
+    })?;
+    let (added_b, plane_b) = ib;
+    added_b.map_err(Error::Measure)?;
+    plane_b
+        .send(src, &reply)
+        .map_err(|e| Error::Measure(e.to_string()))?;
+    let Ok(Event::Setup { bytes, .. }) = rx_a.recv_timeout(Duration::from_secs(3)) else {
+        return Err(Error::Measure("a got no answer".into()));
+    };
+    let cert_b = match check_reply(ca.cert(), &[], pb, &nonce, now, &bytes) {
+        Ok(Reply::Accepted(c)) => c,
+        other => return Err(Error::Measure(format!("answer {other:?}"))),
+    };
+    let plane_a = std::sync::Arc::new(plane_a);
+    let p = std::sync::Arc::clone(&plane_a);
+    a.in_ns(move || {
+        p.add_link(pb, cert_b.wg_key, Some(b_ep), "wg-b", 1420, ll_a)
+            .map_err(|e| e.to_string())
+    })?
+    .map_err(Error::Measure)?;
+    let (_, took) = wait_until(
+        "a ping over the set-up tunnel",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            a.output("ping", &["-6", "-c", "1", "-W", "1", "fe80::b%wg-b"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        },
+    )?;
+    eprintln!("setup: request, accept, handshake and first ping over IPv4 underlay in {took:?}");
+    // A replay of the same request is refused.
+    check(
+        responder.handle(std::time::Instant::now(), now, src.ip(), &req, |_| {
+            Decision::Accept
+        }) == Outcome::Dropped(SetupError::Replay),
+        "replay accepted",
+    )
+}
+
 fn main() -> ExitCode {
-    run_suite(&[("tunnel_over_the_wan", tunnel_over_the_wan)])
+    run_suite(&[
+        ("tunnel_over_the_wan", tunnel_over_the_wan),
+        (
+            "setup_then_handshake_over_ipv4",
+            setup_then_handshake_over_ipv4,
+        ),
+    ])
 }

@@ -1,9 +1,11 @@
 //! WireGuard tunnels for re6st-rs.
 //!
-//! So far: [`policy`], the tunnel-manager policy (sans-IO); [`cache`], the
-//! peer cache; [`setup`], the authenticated set-up messages exchanged
-//! before the WireGuard handshake. The links over boringtun, tun devices
-//! and the shared UDP socket are still to come (issue 5).
+//! - [`policy`]: the tunnel-manager policy (sans-IO).
+//! - [`cache`]: the peer cache (SQLite).
+//! - [`setup`]: the authenticated set-up messages before the handshake.
+//! - [`link`]: boringtun links and the demultiplexing of the shared socket.
+//! - [`plane`]: the data plane (shared UDP socket, tun devices, threads).
+//! - [`udp`]: UDP GSO/GRO helpers.
 
 pub mod cache;
 pub mod link;

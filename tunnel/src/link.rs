@@ -12,7 +12,10 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
+use std::sync::Arc;
+
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -37,9 +40,14 @@ pub enum Drop {
     Malformed,
     /// No link for its receiver index or initiator key.
     UnknownLink,
-    /// boringtun refused it (bad MAC, replay, rate limit, ...).
+    /// boringtun refused it (bad MAC, replay, ...).
     Refused,
+    /// Handshake over the rate limit: answered with a cookie reply.
+    UnderLoad,
 }
+
+/// Handshake messages per second before cookies are required.
+pub const HANDSHAKES_PER_S: u64 = 100;
 
 /// One WireGuard link.
 pub struct Link {
@@ -86,6 +94,7 @@ impl Link {
         index: u32,
         endpoint: Option<SocketAddr>,
         keepalive: Option<u16>,
+        limiter: Option<Arc<RateLimiter>>,
     ) -> Self {
         let tunn = Tunn::new(
             StaticSecret::from(*secret),
@@ -93,7 +102,7 @@ impl Link {
             None,
             keepalive,
             index & 0x00ff_ffff,
-            None,
+            limiter,
         );
         Self {
             peer,
@@ -175,6 +184,7 @@ pub struct Links {
     by_index: HashMap<u32, Link>,
     by_key: HashMap<[u8; 32], u32>,
     next: u32,
+    limiter: Arc<RateLimiter>,
     /// Dropped datagrams by reason.
     pub dropped: HashMap<Drop, u64>,
 }
@@ -197,6 +207,7 @@ impl Links {
             by_index: HashMap::new(),
             by_key: HashMap::new(),
             next: 1,
+            limiter: Arc::new(RateLimiter::new(&PublicKey::from(public), HANDSHAKES_PER_S)),
             dropped: HashMap::new(),
         }
     }
@@ -221,7 +232,15 @@ impl Links {
         self.next = (self.next % 0x00ff_ffff) + 1;
         self.by_index.insert(
             index,
-            Link::new(&self.secret, peer, peer_key, index, endpoint, keepalive),
+            Link::new(
+                &self.secret,
+                peer,
+                peer_key,
+                index,
+                endpoint,
+                keepalive,
+                Some(Arc::clone(&self.limiter)),
+            ),
         );
         self.by_key.insert(peer_key, index);
         index
@@ -275,13 +294,33 @@ impl Links {
         }
     }
 
-    /// Demultiplexes and decapsulates a datagram from `src`.
+    /// Starts a new rate-limiting period (call it every second).
+    pub fn reset_rate(&self) {
+        self.limiter.reset_count();
+    }
+
+    /// Demultiplexes and decapsulates a datagram from `src`. Handshake
+    /// messages first pass the shared rate limiter: their MAC1 (keyed by our
+    /// public key) is checked before any Diffie-Hellman work, and over
+    /// [`HANDSHAKES_PER_S`] the sender must prove its address with a cookie
+    /// (then the answer is a cookie reply, with link index 0).
     pub fn receive(
         &mut self,
         src: SocketAddr,
         datagram: &[u8],
         buf: &mut [u8],
     ) -> Result<(u32, Vec<Output>), Drop> {
+        if matches!(datagram.first(), Some(1 | 2)) {
+            match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let reply = cookie.to_vec();
+                    *self.dropped.entry(Drop::UnderLoad).or_default() += 1;
+                    return Ok((0, vec![Output::Network(reply)]));
+                }
+                Err(_) => return Err(self.drop_count(Drop::Refused)),
+            }
+        }
         let index = self.demux(datagram)?;
         let link = self.by_index.get_mut(&index).ok_or(Drop::UnknownLink)?;
         match link.decapsulate(src, datagram, buf) {
@@ -381,6 +420,34 @@ mod tests {
         }
         assert!(got.contains(&Output::Tunnel(ip6(7))), "{got:?}");
         assert!(a.get_mut(ia).is_some_and(|l| l.is_up()));
+    }
+
+    #[test]
+    fn handshake_floods_get_cookie_replies() {
+        let (sb, sc) = (key(2), key(3));
+        let mut b = Links::new(sb);
+        let mut c = Links::new(sc);
+        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        let mut buf = vec![0u8; BUF];
+        let mut cookies = 0;
+        for _ in 0..(HANDSHAKES_PER_S as usize + 50) {
+            // A new link each time: a flood of fresh initiations.
+            let ic = c.add(peer(2), public(sb), Some(addr), None);
+            let init = c
+                .get_mut(ic)
+                .and_then(|l| l.initiate(&mut buf))
+                .unwrap_or_default();
+            let mut scratch = vec![0u8; BUF];
+            if let Ok((0, out)) = b.receive(addr, &init, &mut scratch) {
+                if let [Output::Network(r)] = &out[..] {
+                    assert_eq!(r[0], 3, "a cookie reply");
+                    cookies += 1;
+                }
+            }
+        }
+        assert!(cookies >= 40, "{cookies} cookie replies under a flood");
+        assert_eq!(b.dropped.get(&Drop::UnderLoad).copied(), Some(cookies));
+        b.reset_rate();
     }
 
     #[test]

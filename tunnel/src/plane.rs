@@ -398,8 +398,13 @@ fn send_batch(sh: &Shared, out: &[u8], sizes: &[usize], dst: &SockAddr) {
 
 fn timer_loop(sh: &Shared) {
     let mut buf = vec![0u8; 256];
+    let mut ticks = 0u32;
     while !sh.stop.load(Ordering::Relaxed) {
         std::thread::sleep(TICK);
+        ticks = ticks.wrapping_add(1);
+        if ticks % 10 == 0 {
+            lock(&sh.links).reset_rate();
+        }
         let mut sends = Vec::new();
         let mut events = Vec::new();
         {

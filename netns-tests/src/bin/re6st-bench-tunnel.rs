@@ -43,6 +43,28 @@ fn receiver_bps(json: &str) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow!("no end.sum_received.bits_per_second"))
 }
 
+/// Resident memory (KiB) of what a system runs: (idle, peak under load).
+type Rss = (u64, u64);
+
+fn status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Sum over `pids` of VmRSS now and VmHWM (peak).
+fn rss(pids: &[String]) -> Rss {
+    (
+        pids.iter().map(|p| status_kib(p, "VmRSS:")).sum(),
+        pids.iter().map(|p| status_kib(p, "VmHWM:")).sum(),
+    )
+}
+
 fn measure(a: &Host, b: &Host, dst: &str, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
     let _server = b.spawn("iperf3", "iperf3", &["-s"])?;
     wait_until(
@@ -84,7 +106,7 @@ fn pair() -> anyhow::Result<Net> {
     Ok(Net::build(&t)?)
 }
 
-fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
+fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
     let (a, b) = (net.host("a")?, net.host("b")?);
     let tag = std::process::id() % 10_000;
     let (ia, ib) = (format!("bt{tag}a"), format!("bt{tag}b"));
@@ -162,12 +184,16 @@ fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
         )?;
         h.run("ip", &["link", "set", i, "mtu", "1420", "up"])?;
     }
-    let r = measure(a, b, "fd00:d9:3::2", cli);
+    let pids: Vec<String> = procs.iter().map(|p| p.pid().to_string()).collect();
+    cleanup::sleep(Duration::from_secs(1))?;
+    let idle = rss(&pids).0;
+    let (rates, rtt) = measure(a, b, "fd00:d9:3::2", cli)?;
+    let peak = rss(&pids).1;
     drop(procs);
-    r
+    Ok((rates, rtt, (idle, peak)))
 }
 
-fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
+fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
     let (a, b) = (net.host("a")?, net.host("b")?);
     let (sa, sb) = (random_bytes::<32>()?, random_bytes::<32>()?);
     let (pa, pb): (ipnet::Ipv6Net, ipnet::Ipv6Net) =
@@ -232,7 +258,12 @@ fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
                 .map(|_| ())
         },
     )?;
-    measure(a, b, "fd00:d9:4::2", cli)
+    // Both ends run in this process: its memory is theirs (plus the bench's).
+    let me = vec!["self".to_string()];
+    cleanup::sleep(Duration::from_secs(1))?;
+    let idle = rss(&me).0;
+    let (rates, rtt) = measure(a, b, "fd00:d9:4::2", cli)?;
+    Ok((rates, rtt, (idle, rss(&me).1)))
 }
 
 fn med(v: &mut [f64]) -> (f64, f64, f64) {
@@ -252,17 +283,19 @@ fn main() -> ExitCode {
             "veth" => {
                 let (a, b) = (net.host("a")?, net.host("b")?);
                 let dst = b.iface("to-a")?.v6.addr().to_string();
-                measure(a, b, &dst, &cli)
+                measure(a, b, &dst, &cli).map(|(r, t)| (r, t, (0, 0)))
             }
             "boringtun" => boringtun(&net, &cli),
             "ours" => ours(&net, &cli),
             other => bail!("unknown system {other:?}"),
         });
         match r {
-            Ok((mut rates, rtt)) => {
+            Ok((mut rates, rtt, mem)) => {
                 let (m, lo, hi) = med(&mut rates);
-                eprintln!("{sys}: {m:.0} Mbit/s ({lo:.0}-{hi:.0}), RTT {rtt:.3} ms");
-                rows.push((sys.clone(), m, lo, hi, rtt));
+                eprintln!(
+                    "{sys}: {m:.0} Mbit/s ({lo:.0}-{hi:.0}), RTT {rtt:.3} ms, RSS {mem:?} KiB"
+                );
+                rows.push((sys.clone(), m, lo, hi, rtt, mem));
             }
             Err(e) => {
                 eprintln!("re6st-bench-tunnel: {sys}: {e:#}");
@@ -275,11 +308,16 @@ fn main() -> ExitCode {
         "iperf3 TCP a -> b, {} x {} s per system, tunnel MTU 1420",
         cli.reps, cli.duration
     );
-    println!("| system | Mbit/s median (min-max) | ping RTT ms avg | ratio to boringtun-cli |");
-    println!("|---|---|---|---|");
-    for (s, m, lo, hi, rtt) in rows {
+    println!("| system | Mbit/s median (min-max) | ping RTT ms avg | ratio to boringtun-cli | RSS KiB idle / peak (both ends) |");
+    println!("|---|---|---|---|---|");
+    for (s, m, lo, hi, rtt, (idle, peak)) in rows {
         let ratio = bt.map_or("-".to_string(), |b| format!("{:.2}", m / b));
-        println!("| {s} | {m:.0} ({lo:.0}-{hi:.0}) | {rtt:.3} | {ratio} |");
+        let mem = if peak == 0 {
+            "-".to_string()
+        } else {
+            format!("{idle} / {peak}")
+        };
+        println!("| {s} | {m:.0} ({lo:.0}-{hi:.0}) | {rtt:.3} | {ratio} | {mem} |");
     }
     ExitCode::SUCCESS
 }

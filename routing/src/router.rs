@@ -580,22 +580,36 @@ impl Router {
             .filter(|r| r.refmetric != INFINITY && now < r.expires)
             .min_by_key(|r| self.route_metric(r, now));
         let Some(r) = best else { return };
-        let (rid, to) = (r.router_id, r.from);
+        let (rid, to, seqno) = (r.router_id, r.from, r.seqno);
+        self.request_newer_seqno(key, rid, to, seqno, now);
+    }
+
+    /// Asks `to` for a seqno newer than our feasibility distance of
+    /// (`rid`, `key`) (or than `seqno` if we have none), and keeps the
+    /// request for resending.
+    fn request_newer_seqno(
+        &mut self,
+        key: RouteKey,
+        rid: [u8; 8],
+        to: NeighbourId,
+        seqno: u16,
+        now: Instant,
+    ) {
         let fd = self
             .sources
             .get(&(rid, key.0, key.1))
-            .map_or(r.seqno, |(s, _)| s);
-        let seqno = fd.wrapping_add(1);
+            .map_or(seqno, |(s, _)| s);
+        let wanted = fd.wrapping_add(1);
         self.requests.insert(
             (key, rid),
             PendingRequest {
-                seqno,
+                seqno: wanted,
                 to,
                 resend_at: now + REQUEST_RESEND,
                 tries: 1,
             },
         );
-        self.send_seqno_request(to, key, rid, seqno, REQUEST_HOPS);
+        self.send_seqno_request(to, key, rid, wanted, REQUEST_HOPS);
     }
 
     /// A neighbour just missed a Hello: for every route we select through
@@ -626,25 +640,10 @@ impl Router {
             else {
                 continue;
             };
-            let (rid, to) = (best.router_id, best.from);
-            if self.requests.contains_key(&(key, rid)) {
-                continue;
+            let (rid, to, seqno) = (best.router_id, best.from, best.seqno);
+            if !self.requests.contains_key(&(key, rid)) {
+                self.request_newer_seqno(key, rid, to, seqno, now);
             }
-            let fd = self
-                .sources
-                .get(&(rid, key.0, key.1))
-                .map_or(best.seqno, |(s, _)| s);
-            let seqno = fd.wrapping_add(1);
-            self.requests.insert(
-                (key, rid),
-                PendingRequest {
-                    seqno,
-                    to,
-                    resend_at: now + REQUEST_RESEND,
-                    tries: 1,
-                },
-            );
-            self.send_seqno_request(to, key, rid, seqno, REQUEST_HOPS);
         }
     }
 

@@ -41,6 +41,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A request body over the size limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// The registry could not be reached or answered garbage (client side).
     #[error("registry request failed: {0}")]
     Transport(String),
@@ -63,7 +66,8 @@ impl Error {
             | Self::Forbidden(m)
             | Self::NotFound(m)
             | Self::Conflict(m)
-            | Self::Exhausted(m) => m.clone(),
+            | Self::Exhausted(m)
+            | Self::TooLarge(m) => m.clone(),
             other => other.to_string(),
         }
     }
@@ -77,6 +81,7 @@ impl Error {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Exhausted(_) => "exhausted",
+            Self::TooLarge(_) => "too_large",
             Self::Corrupt(_) | Self::Db(_) | Self::Cert(_) | Self::Io { .. } => "internal",
             Self::Transport(_) => "transport",
         }

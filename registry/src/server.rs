@@ -8,8 +8,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::body::{to_bytes, Body};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::body::to_bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -85,6 +86,7 @@ fn status_of(e: &Error) -> StatusCode {
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Conflict(_) | Error::Exhausted(_) => StatusCode::CONFLICT,
+        Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -120,21 +122,59 @@ fn error_response(status: StatusCode, error: &str, detail: &str) -> Response {
         .into_response()
 }
 
-async fn read_body(body: Body) -> Result<Vec<u8>, Response> {
-    to_bytes(body, MAX_BODY)
-        .await
-        .map(|b| b.to_vec())
-        .map_err(|_| {
-            error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                &format!("request bodies are limited to {MAX_BODY} bytes"),
-            )
-        })
+/// The request body, at most [`MAX_BODY`] bytes (413 beyond).
+pub struct RawBody(pub Vec<u8>);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        to_bytes(req.into_body(), MAX_BODY)
+            .await
+            .map(|b| Self(b.to_vec()))
+            .map_err(|_| {
+                ApiError(Error::TooLarge(format!(
+                    "request bodies are limited to {MAX_BODY} bytes"
+                )))
+            })
+    }
+}
+
+/// A JSON request body (empty counts as `{}`), with our error format.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&bytes).map(Self)
+    }
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = if bytes.is_empty() { &b"{}"[..] } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| ApiError(Error::Invalid(format!("JSON body: {e}"))))
+}
+
+/// Admin access: a loopback client, or the admin bearer token.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError(Error::Forbidden("peer address unknown".into())))?;
+        check_admin(state, peer, &parts.headers)?;
+        Ok(Self)
+    }
 }
 
 fn path_of(uri: &Uri) -> String {
@@ -210,21 +250,19 @@ async fn get_config(State(st): State<Arc<AppState>>) -> Result<Response, ApiErro
     st.with_store(|s| s.signed_config()).await.map(json)
 }
 
-async fn post_join(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        let req: JoinRequest = parse_json(&bytes)?;
-        let wg = parse_wg_key(&req.wg_key)?;
-        if req.token.len() > 128 {
-            return Err(ApiError(Error::Invalid("token too long".into())));
-        }
-        let issued = st
-            .with_store(move |s| s.join(&req.token, &req.csr, wg, now()))
-            .await?;
-        tracing::info!(prefix = %issued.prefix, serial = issued.serial, "node joined");
-        Ok::<_, ApiError>(json(issued))
-    };
-    run.await.map_err(IntoResponse::into_response)
+async fn post_join(
+    State(st): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<JoinRequest>,
+) -> Result<Response, ApiError> {
+    let wg = parse_wg_key(&req.wg_key)?;
+    if req.token.len() > 128 {
+        return Err(ApiError(Error::Invalid("token too long".into())));
+    }
+    let issued = st
+        .with_store(move |s| s.join(&req.token, &req.csr, wg, now()))
+        .await?;
+    tracing::info!(prefix = %issued.prefix, serial = issued.serial, "node joined");
+    Ok(json(issued))
 }
 
 async fn post_renew(
@@ -232,24 +270,16 @@ async fn post_renew(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        let node = node_auth(&st, &headers, &method, &uri, &bytes, true).await?;
-        let req: RenewRequest = if bytes.is_empty() {
-            RenewRequest::default()
-        } else {
-            parse_json(&bytes)?
-        };
-        let wg = req.wg_key.as_deref().map(parse_wg_key).transpose()?;
-        let issued = st.with_store(move |s| s.renew(&node, wg, now())).await?;
-        if issued.renewed {
-            tracing::info!(prefix = %issued.prefix, serial = issued.serial, "certificate renewed");
-        }
-        Ok::<_, ApiError>(json(issued))
-    };
-    run.await.map_err(IntoResponse::into_response)
+    RawBody(bytes): RawBody,
+) -> Result<Response, ApiError> {
+    let node = node_auth(&st, &headers, &method, &uri, &bytes, true).await?;
+    let req: RenewRequest = parse_json(&bytes)?;
+    let wg = req.wg_key.as_deref().map(parse_wg_key).transpose()?;
+    let issued = st.with_store(move |s| s.renew(&node, wg, now())).await?;
+    if issued.renewed {
+        tracing::info!(prefix = %issued.prefix, serial = issued.serial, "certificate renewed");
+    }
+    Ok(json(issued))
 }
 
 async fn get_hmac_keys(
@@ -269,17 +299,13 @@ async fn post_peer(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        let node = node_auth(&st, &headers, &method, &uri, &bytes, false).await?;
-        let record: SignedPeerRecord = parse_json(&bytes)?;
-        st.with_store(move |s| s.publish_peer(&node, &record, now()))
-            .await?;
-        Ok::<_, ApiError>(StatusCode::NO_CONTENT.into_response())
-    };
-    run.await.map_err(IntoResponse::into_response)
+    RawBody(bytes): RawBody,
+) -> Result<Response, ApiError> {
+    let node = node_auth(&st, &headers, &method, &uri, &bytes, false).await?;
+    let record: SignedPeerRecord = parse_json(&bytes)?;
+    st.with_store(move |s| s.publish_peer(&node, &record, now()))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn get_bootstrap(
@@ -304,126 +330,85 @@ async fn get_bootstrap(
 
 async fn admin_add_token(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        check_admin(&st, peer, &headers)?;
-        let req: TokenRequest = if bytes.is_empty() {
-            TokenRequest::default()
-        } else {
-            parse_json(&bytes)?
-        };
-        let token = st
-            .with_store(move |s| {
-                s.add_token(
-                    req.comment.as_deref(),
-                    req.expires_in_s,
-                    req.prefix_len,
-                    now(),
-                )
-            })
-            .await?;
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(TokenAnswer { token })).into_response())
-    };
-    run.await.map_err(IntoResponse::into_response)
+    _: Admin,
+    JsonBody(req): JsonBody<TokenRequest>,
+) -> Result<Response, ApiError> {
+    let token = st
+        .with_store(move |s| {
+            s.add_token(
+                req.comment.as_deref(),
+                req.expires_in_s,
+                req.prefix_len,
+                now(),
+            )
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(TokenAnswer { token })).into_response())
 }
 
 async fn admin_list_tokens(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> Result<Response, ApiError> {
-    check_admin(&st, peer, &headers)?;
     st.with_store(|s| s.list_tokens()).await.map(json)
 }
 
 async fn admin_delete_token(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _: Admin,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    check_admin(&st, peer, &headers)?;
     st.with_store(move |s| s.delete_token(&token)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn admin_nodes(
-    State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    check_admin(&st, peer, &headers)?;
+async fn admin_nodes(State(st): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     st.with_store(|s| s.list_nodes()).await.map(json)
 }
 
 async fn admin_revoke(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        check_admin(&st, peer, &headers)?;
-        let req: RevokeRequest = parse_json(&bytes)?;
-        let target = match (req.prefix, req.serial) {
-            (Some(p), None) => RevokeTarget::Prefix(
-                p.parse()
-                    .map_err(|_| Error::Invalid(format!("{p:?} is not an IPv6 prefix")))?,
-            ),
-            (None, Some(s)) => RevokeTarget::Serial(s),
-            _ => {
-                return Err(ApiError(Error::Invalid(
-                    "give exactly one of prefix and serial".into(),
-                )))
-            }
-        };
-        let revoked = st.with_store(move |s| s.revoke(&target, now())).await?;
-        tracing::info!(?revoked, "revoked");
-        Ok::<_, ApiError>(json(RevokeAnswer { revoked }))
+    _: Admin,
+    JsonBody(req): JsonBody<RevokeRequest>,
+) -> Result<Response, ApiError> {
+    let target = match (req.prefix, req.serial) {
+        (Some(p), None) => RevokeTarget::Prefix(
+            p.parse()
+                .map_err(|_| Error::Invalid(format!("{p:?} is not an IPv6 prefix")))?,
+        ),
+        (None, Some(s)) => RevokeTarget::Serial(s),
+        _ => {
+            return Err(ApiError(Error::Invalid(
+                "give exactly one of prefix and serial".into(),
+            )))
+        }
     };
-    run.await.map_err(IntoResponse::into_response)
+    let revoked = st.with_store(move |s| s.revoke(&target, now())).await?;
+    tracing::info!(?revoked, "revoked");
+    Ok(json(RevokeAnswer { revoked }))
 }
 
 async fn admin_rotate_hmac(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> Result<Response, ApiError> {
-    check_admin(&st, peer, &headers)?;
     let keys = st.with_store(|s| s.rotate_hmac(now())).await?;
     Ok(json(serde_json::json!({ "hmac_version": keys.version })))
 }
 
-async fn admin_get_config(
-    State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    check_admin(&st, peer, &headers)?;
+async fn admin_get_config(State(st): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     st.with_store(|s| s.config()).await.map(json)
 }
 
 async fn admin_set_config(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Response> {
-    let bytes = read_body(body).await?;
-    let run = async {
-        check_admin(&st, peer, &headers)?;
-        let req: SetParam = parse_json(&bytes)?;
-        let cfg = st
-            .with_store(move |s| s.set_param(&req.key, &req.value, now()))
-            .await?;
-        Ok::<_, ApiError>(json(cfg))
-    };
-    run.await.map_err(IntoResponse::into_response)
+    _: Admin,
+    JsonBody(req): JsonBody<SetParam>,
+) -> Result<Response, ApiError> {
+    let cfg = st
+        .with_store(move |s| s.set_param(&req.key, &req.value, now()))
+        .await?;
+    Ok(json(cfg))
 }
 
 async fn not_found() -> Response {

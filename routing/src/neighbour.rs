@@ -37,7 +37,7 @@ pub struct Neighbour {
     /// Smoothed RTT, and when it was last sampled.
     pub rtt: Option<(Duration, Instant)>,
     /// The RTT the link cost uses: it follows the smoothed RTT only when
-    /// that moves by more than 10% (hysteresis against jitter).
+    /// that moves by more than 15% (hysteresis against jitter).
     pub rtt_used: Option<Duration>,
     /// The timestamp of its last Hello and our clock when it arrived
     /// (echoed in our IHU for its RTT).
@@ -189,7 +189,7 @@ impl Neighbour {
         let moved = match self.rtt_used {
             None => true,
             Some(used) => {
-                let threshold = (used / 10).max(Duration::from_millis(1));
+                let threshold = (used * 3 / 20).max(Duration::from_millis(1));
                 smoothed.abs_diff(used) > threshold
             }
         };

@@ -180,15 +180,27 @@ fn jitter_does_not_make_routes_flap() {
     sim.run_for(Duration::from_secs(30));
     sim.all_reachable().unwrap_or_else(|e| panic!("{e}"));
     let before: u64 = sim.nodes.iter().map(|n| n.fib_changes).sum();
+    let requests_before: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.router.stats().seqno_requests)
+        .sum();
     sim.run_for(Duration::from_secs(120));
     let after: u64 = sim.nodes.iter().map(|n| n.fib_changes).sum();
+    let requests: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.router.stats().seqno_requests)
+        .sum::<u64>()
+        - requests_before;
     let routes = 50 * 49;
     let changes = after - before;
-    eprintln!("jitter ±20%: {changes} next-hop changes over 120 s for {routes} routes");
-    // Bound: fewer than one change per 20 routes over two minutes (measured:
-    // 41 for 2450 with RTT hysteresis; several hundred without it).
+    eprintln!("jitter ±20%: {changes} next-hop changes over 120 s for {routes} routes ({requests} seqno requests)");
+    // Bound: fewer than one change per 10 routes in two minutes. Measured
+    // 41 to 78 over 11 runs (the order of hash maps varies per run); several
+    // hundred without RTT hysteresis.
     assert!(
-        changes * 20 < routes as u64,
+        changes * 10 < routes as u64,
         "{changes} changes for {routes} routes"
     );
     sim.all_reachable().unwrap_or_else(|e| panic!("{e}"));

@@ -74,9 +74,20 @@ pub fn remove_prefix(prefix: &str) -> Result<Vec<String>> {
 }
 
 /// Removes leftover harness namespaces: those whose building process is
-/// gone, or all of them with `all`. Returns the names removed.
+/// gone, or all of them with `all`, and the log directories of such runs
+/// (kept after a failure for reading). Returns the names removed.
 pub fn remove_leftovers(all: bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
+    let logs = std::env::temp_dir().join("re6st-netns");
+    if let Ok(entries) = std::fs::read_dir(&logs) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale = all || owner_pid(&name).is_none_or(|pid| !pid_alive(pid));
+            if name.starts_with(NAME_PREFIX) && stale && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(format!("logs {name}"));
+            }
+        }
+    }
     for ns in netns::list_netns()? {
         if !ns.starts_with(NAME_PREFIX) {
             continue;

@@ -465,8 +465,8 @@ pub async fn housekeeping(state: Arc<AppState>, every: std::time::Duration) {
 mod tests {
     use super::*;
 
-    fn state(token: Option<&str>) -> Result<Arc<AppState>, Error> {
-        // The database is only needed to build the state; the directory goes at once.
+    /// A state over a throw-away database; the directory is removed by the caller.
+    fn state(token: Option<&str>) -> Result<(Arc<AppState>, std::path::PathBuf), Error> {
         let dir = std::env::temp_dir().join(format!(
             "re6st-admin-{}",
             hex::encode(crate::config::random_bytes::<6>()?)
@@ -486,8 +486,7 @@ mod tests {
             },
             now(),
         )?;
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(AppState::new(store, token.map(str::to_string)))
+        Ok((AppState::new(store, token.map(str::to_string)), dir))
     }
 
     #[test]
@@ -514,7 +513,7 @@ mod tests {
                 .map_err(|_| Error::Invalid("h".into()))?,
         );
 
-        let open = state(None)?;
+        let (open, dir1) = state(None)?;
         assert!(check_admin(&open, near, &none).is_ok());
         assert!(matches!(
             check_admin(&open, far, &none),
@@ -525,7 +524,7 @@ mod tests {
             "no token configured"
         );
 
-        let tok = state(Some("0123456789abcdef"))?;
+        let (tok, dir2) = state(Some("0123456789abcdef"))?;
         assert!(check_admin(&tok, far, &good).is_ok());
         assert!(matches!(
             check_admin(&tok, far, &bad),
@@ -533,6 +532,10 @@ mod tests {
         ));
         assert!(check_admin(&tok, near, &none).is_ok());
         assert!(check_admin(&tok, far, &none).is_err());
+        drop((open, tok));
+        for d in [dir1, dir2] {
+            let _ = std::fs::remove_dir_all(d);
+        }
         Ok(())
     }
 }

@@ -315,7 +315,10 @@ mod tests {
         }
         let c = PeerCache::open(&path, 10)?;
         assert_eq!(c.len()?, 1);
-        let _ = std::fs::remove_file(&path);
+        drop(c);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
         Ok(())
     }
 

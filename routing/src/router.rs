@@ -655,24 +655,16 @@ impl Router {
         seqno: u16,
         hops: u8,
     ) {
-        let reserve = self.reserve();
-        let Some(i) = self.ifaces.get(&to.0) else {
-            return;
+        let tlv = Tlv::SeqnoRequest {
+            ae: 0,
+            seqno,
+            hop_count: hops,
+            router_id,
+            prefix: key.0,
+            src_prefix: key.1,
         };
-        let mut w = PacketWriter::new(i.cfg.max_packet);
-        w.push(
-            &Tlv::SeqnoRequest {
-                ae: 0,
-                seqno,
-                hop_count: hops,
-                router_id,
-                prefix: key.0,
-                src_prefix: key.1,
-            },
-            reserve,
-        );
         self.stats.seqno_requests += 1;
-        self.emit(to.0, Destination::Unicast(to.1), w);
+        self.emit_tlvs(to.0, Destination::Unicast(to.1), &[tlv]);
     }
 
     /// RFC 8967 checks of a received packet (true: process it). Answers
@@ -686,8 +678,8 @@ impl Router {
         bytes: &[u8],
         packet: &wire::Packet,
     ) -> bool {
-        let (link_local, max) = match self.ifaces.get(&iface) {
-            Some(i) => (i.cfg.link_local, i.cfg.max_packet),
+        let link_local = match self.ifaces.get(&iface) {
+            Some(i) => i.cfg.link_local,
             None => return false,
         };
         let Some(auth) = self.auth.as_mut() else {
@@ -728,17 +720,12 @@ impl Router {
             }
             _ => None,
         };
-        if answer.is_some() || challenge.is_some() {
-            let reserve = self.reserve();
-            let mut w = PacketWriter::new(max);
-            if let Some(n) = answer {
-                w.push(&Tlv::ChallengeReply(n), reserve);
-            }
-            if let Some(n) = challenge {
-                w.push(&Tlv::ChallengeRequest(n), reserve);
-            }
-            self.emit(iface, Destination::Unicast(src), w);
-        }
+        let tlvs: Vec<Tlv> = answer
+            .map(Tlv::ChallengeReply)
+            .into_iter()
+            .chain(challenge.map(Tlv::ChallengeRequest))
+            .collect();
+        self.emit_tlvs(iface, Destination::Unicast(src), &tlvs);
         verdict == Verdict::Accept
     }
 
@@ -825,7 +812,6 @@ impl Router {
             self.stats.packets_rejected += 1;
             return;
         };
-        let reserve = self.reserve();
         if !self.authenticate(now, iface, src, bytes, &packet) {
             self.stats.packets_rejected += 1;
             return;
@@ -953,9 +939,11 @@ impl Router {
                     );
                 }
                 Tlv::AckReq { opaque, .. } => {
-                    let mut w = PacketWriter::new(256);
-                    w.push(&Tlv::Ack { opaque: *opaque }, reserve);
-                    self.emit(iface, Destination::Unicast(src), w);
+                    self.emit_tlvs(
+                        iface,
+                        Destination::Unicast(src),
+                        &[Tlv::Ack { opaque: *opaque }],
+                    );
                 }
                 _ => {}
             }
@@ -1146,27 +1134,33 @@ impl Router {
         })
     }
 
-    fn send_updates(&mut self, iface: IfaceId, keys: &[RouteKey], now: Instant) {
+    /// Packs `tlvs` into as many packets as needed (each with room for the
+    /// PC and MAC TLVs) and queues them for `dst` on `iface`.
+    fn emit_tlvs(&mut self, iface: IfaceId, dst: Destination, tlvs: &[Tlv]) {
         let reserve = self.reserve();
-        let Some(i) = self.ifaces.get(&iface) else {
+        let Some(max) = self.ifaces.get(&iface).map(|i| i.cfg.max_packet) else {
             return;
         };
-        let max = i.cfg.max_packet;
-        let interval = cs(self.cfg.update_interval);
         let mut w = PacketWriter::new(max);
-        for key in keys {
-            let Some(tlv) = self.update_for(*key, now, interval) else {
-                continue;
-            };
-            if !w.push(&tlv, reserve) {
+        for tlv in tlvs {
+            if !w.push(tlv, reserve) && !w.is_empty() {
                 let full = std::mem::replace(&mut w, PacketWriter::new(max));
-                self.emit(iface, Destination::Multicast, full);
-                w.push(&tlv, reserve);
+                self.emit(iface, dst, full);
+                w.push(tlv, reserve);
             }
         }
         if !w.is_empty() {
-            self.emit(iface, Destination::Multicast, w);
+            self.emit(iface, dst, w);
         }
+    }
+
+    fn send_updates(&mut self, iface: IfaceId, keys: &[RouteKey], now: Instant) {
+        let interval = cs(self.cfg.update_interval);
+        let tlvs: Vec<Tlv> = keys
+            .iter()
+            .filter_map(|key| self.update_for(*key, now, interval))
+            .collect();
+        self.emit_tlvs(iface, Destination::Multicast, &tlvs);
     }
 
     fn all_keys(&self) -> Vec<RouteKey> {
@@ -1177,7 +1171,6 @@ impl Router {
     }
 
     fn send_hello(&mut self, iface: IfaceId, now: Instant) {
-        let reserve = self.reserve();
         let ts = self.micros(now);
         let ihus: Vec<Tlv> = {
             let Some(i) = self.ifaces.get(&iface) else {
@@ -1201,31 +1194,23 @@ impl Router {
             return;
         };
         i.hello_seqno = i.hello_seqno.wrapping_add(1);
-        let mut w = PacketWriter::new(i.cfg.max_packet);
-        w.push(
-            &Tlv::Hello {
-                flags: 0,
-                seqno: i.hello_seqno,
-                interval: cs(i.cfg.hello_interval).max(1),
-                timestamp: i.cfg.rtt.is_some().then_some(ts),
-            },
-            reserve,
-        );
-        for ihu in &ihus {
-            w.push(ihu, reserve);
-        }
+        // The Hello comes first: IHUs with timestamps must share its packet.
+        let mut tlvs = vec![Tlv::Hello {
+            flags: 0,
+            seqno: i.hello_seqno,
+            interval: cs(i.cfg.hello_interval).max(1),
+            timestamp: i.cfg.rtt.is_some().then_some(ts),
+        }];
+        tlvs.extend(ihus);
         if i.startup_request {
             i.startup_request = false;
-            w.push(
-                &Tlv::RouteRequest {
-                    ae: 0,
-                    prefix: None,
-                    src_prefix: None,
-                },
-                reserve,
-            );
+            tlvs.push(Tlv::RouteRequest {
+                ae: 0,
+                prefix: None,
+                src_prefix: None,
+            });
         }
-        self.emit(iface, Destination::Multicast, w);
+        self.emit_tlvs(iface, Destination::Multicast, &tlvs);
     }
 
     /// Runs every timer that is due at `now`.
@@ -1381,46 +1366,37 @@ impl Router {
     /// with a 10 ms interval so neighbours drop us at once; then remove
     /// every installed route.
     pub fn shutdown(&mut self) {
-        let reserve = self.reserve();
         let keys = self.all_keys();
         self.seqno = self.seqno.wrapping_add(1);
+        let retractions: Vec<Tlv> = keys
+            .iter()
+            .map(|key| Tlv::Update {
+                ae: 0,
+                flags: 0,
+                omitted: 0,
+                interval: 0,
+                seqno: self.seqno,
+                metric: INFINITY,
+                prefix: Some(key.0),
+                src_prefix: key.1,
+                router_id: None,
+                next_hop: None,
+            })
+            .collect();
         let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
         for id in ifaces {
             let Some(i) = self.ifaces.get_mut(&id) else {
                 continue;
             };
             i.hello_seqno = i.hello_seqno.wrapping_add(1);
-            let mut w = PacketWriter::new(i.cfg.max_packet);
-            w.push(
-                &Tlv::Hello {
-                    flags: 0,
-                    seqno: i.hello_seqno,
-                    interval: 1,
-                    timestamp: None,
-                },
-                reserve,
-            );
-            let max = i.cfg.max_packet;
-            for key in &keys {
-                let tlv = Tlv::Update {
-                    ae: 0,
-                    flags: 0,
-                    omitted: 0,
-                    interval: 0,
-                    seqno: self.seqno,
-                    metric: INFINITY,
-                    prefix: Some(key.0),
-                    src_prefix: key.1,
-                    router_id: None,
-                    next_hop: None,
-                };
-                if !w.push(&tlv, reserve) {
-                    let full = std::mem::replace(&mut w, PacketWriter::new(max));
-                    self.emit(id, Destination::Multicast, full);
-                    w.push(&tlv, reserve);
-                }
-            }
-            self.emit(id, Destination::Multicast, w);
+            let mut tlvs = vec![Tlv::Hello {
+                flags: 0,
+                seqno: i.hello_seqno,
+                interval: 1,
+                timestamp: None,
+            }];
+            tlvs.extend(retractions.iter().cloned());
+            self.emit_tlvs(id, Destination::Multicast, &tlvs);
         }
         let installed: Vec<RouteKey> = self.installed.keys().copied().collect();
         for key in installed {

@@ -5,7 +5,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use re6st_registry::cert::{check_csr, generate_key, make_csr, Ca, CaCert, IssueRequest, NodeCert};
+use re6st_registry::cert::{Ca, CaCert};
 use re6st_tunnel::setup::{check_reply, Decision, Identity, Responder};
 
 const NOW: i64 = 1_790_000_000;
@@ -14,21 +14,8 @@ fn state() -> &'static Mutex<(Responder, CaCert)> {
     static S: OnceLock<Mutex<(Responder, CaCert)>> = OnceLock::new();
     S.get_or_init(|| {
         let ca = Ca::generate("fd5e::/48".parse().unwrap_or_default(), NOW - 100, 10).unwrap_or_else(|e| panic!("{e}"));
-        let key = generate_key().unwrap_or_else(|e| panic!("{e}"));
-        let pem = ca
-            .issue(&IssueRequest {
-                public_key: check_csr(&make_csr(&key).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}")),
-                prefix: "fd5e:0:0:2::/64".parse().unwrap_or_default(),
-                wg_key: [2; 32],
-                serial: 2,
-                not_before: NOW - 10,
-                not_after: NOW + 86_400,
-            })
+        let me = Identity::issued(&ca, "fd5e:0:0:2::/64".parse().unwrap_or_default(), 2, [2; 32], NOW)
             .unwrap_or_else(|e| panic!("{e}"));
-        let me = Identity {
-            cert: NodeCert::from_pem(&pem).unwrap_or_else(|e| panic!("{e}")),
-            key,
-        };
         Mutex::new((Responder::new(ca.cert().clone(), me), ca.cert().clone()))
     })
 }

@@ -118,28 +118,17 @@ fn tunnel_over_the_wan() -> Result<()> {
 
 /// A node identity issued by `ca`, with its WireGuard secret.
 fn identity(ca: &re6st_registry::cert::Ca, i: u16) -> Result<(Identity, [u8; 32])> {
-    use re6st_registry::cert::{check_csr, generate_key, make_csr, IssueRequest, NodeCert};
-    let m = |e: re6st_registry::Error| Error::Measure(e.to_string());
     let wg = secret()?;
-    let key = generate_key().map_err(m)?;
-    let now = re6st_registry::server::now();
-    let pem = ca
-        .issue(&IssueRequest {
-            public_key: check_csr(&make_csr(&key).map_err(m)?).map_err(m)?,
-            prefix: prefix(&format!("fd5e:0:0:{i:x}::/64"))?,
-            wg_key: x25519_public(&wg),
-            serial: u64::from(i),
-            not_before: now - 60,
-            not_after: now + 86_400,
-        })
-        .map_err(m)?;
-    Ok((
-        Identity {
-            cert: NodeCert::from_pem(&pem).map_err(m)?,
-            key,
-        },
-        wg,
-    ))
+    let prefix = prefix(&format!("fd5e:0:0:{i:x}::/64"))?;
+    let id = Identity::issued(
+        ca,
+        prefix,
+        u64::from(i),
+        x25519_public(&wg),
+        re6st_registry::server::now(),
+    )
+    .map_err(|e| Error::Measure(e.to_string()))?;
+    Ok((id, wg))
 }
 
 /// The whole set-up on the tunnel port, over IPv4 underlay: a sends a

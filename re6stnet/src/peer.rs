@@ -250,7 +250,7 @@ impl PeerProtocol {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use re6st_registry::cert::{check_csr, generate_key, make_csr, Ca, IssueRequest};
+    use re6st_registry::cert::Ca;
     use re6st_registry::config::NetworkConfig;
 
     const NOW: i64 = 1_790_000_000;
@@ -261,22 +261,9 @@ mod tests {
     }
 
     fn node(ca: &Ca, i: u16) -> Identity {
-        let key = generate_key().unwrap_or_else(|e| panic!("{e}"));
-        let pem = ca
-            .issue(&IssueRequest {
-                public_key: check_csr(&make_csr(&key).unwrap_or_else(|e| panic!("{e}")))
-                    .unwrap_or_else(|e| panic!("{e}")),
-                prefix: format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default(),
-                wg_key: [i as u8; 32],
-                serial: u64::from(i),
-                not_before: NOW - 10,
-                not_after: NOW + 86_400,
-            })
-            .unwrap_or_else(|e| panic!("{e}"));
-        Identity {
-            cert: NodeCert::from_pem(&pem).unwrap_or_else(|e| panic!("{e}")),
-            key,
-        }
+        let prefix = format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default();
+        Identity::issued(ca, prefix, u64::from(i), [i as u8; 32], NOW)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn addr(s: &str) -> IpAddr {

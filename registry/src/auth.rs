@@ -187,7 +187,7 @@ impl SignedPeerRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::{check_csr, generate_key, make_csr, Ca, IssueRequest};
+    use crate::cert::{generate_key, Ca};
 
     const NOW: i64 = 1_790_000_000;
 
@@ -235,17 +235,10 @@ mod tests {
             NOW,
             10,
         )?;
-        let key = generate_key()?;
-        let cert = ca.issue(&IssueRequest {
-            public_key: check_csr(&make_csr(&key)?)?,
-            prefix: "fd5e:0:0:1::/64"
-                .parse()
-                .map_err(|_| Error::Invalid("p".into()))?,
-            wg_key: [1; 32],
-            serial: 9,
-            not_before: NOW,
-            not_after: NOW + 86_400,
-        })?;
+        let prefix = "fd5e:0:0:1::/64"
+            .parse()
+            .map_err(|_| Error::Invalid("p".into()))?;
+        let (key, cert) = ca.issue_with_new_key(prefix, [1; 32], 9, NOW, NOW + 86_400)?;
         let rec = PeerRecord {
             cert,
             endpoints: vec!["198.18.1.2:326"

@@ -417,6 +417,28 @@ impl Ca {
         sign(&self.key, msg)
     }
 
+    /// Makes a node key and issues its certificate, for tests, simulations
+    /// and demos (a real node makes its own key and sends a CSR).
+    pub fn issue_with_new_key(
+        &self,
+        prefix: Ipv6Net,
+        wg_key: [u8; 32],
+        serial: u64,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<(KeyPair, String)> {
+        let key = generate_key()?;
+        let pem = self.issue(&IssueRequest {
+            public_key: key.public_key_raw().to_vec(),
+            prefix,
+            wg_key,
+            serial,
+            not_before,
+            not_after,
+        })?;
+        Ok((key, pem))
+    }
+
     /// Issues a node certificate; returns its PEM.
     pub fn issue(&self, req: &IssueRequest) -> Result<String> {
         if req.public_key.len() != 32 {

@@ -239,22 +239,14 @@ impl PeerCache {
 mod tests {
     use super::*;
     use re6st_registry::auth::PeerRecord;
-    use re6st_registry::cert::{check_csr, generate_key, make_csr, Ca, IssueRequest};
+    use re6st_registry::cert::Ca;
 
     const NOW: i64 = 1_790_000_000;
 
     fn record(ca: &Ca, i: u16, endpoints: &[&str], ts: i64) -> SignedPeerRecord {
-        let key = generate_key().unwrap_or_else(|e| panic!("{e}"));
-        let cert = ca
-            .issue(&IssueRequest {
-                public_key: check_csr(&make_csr(&key).unwrap_or_else(|e| panic!("{e}")))
-                    .unwrap_or_else(|e| panic!("{e}")),
-                prefix: format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default(),
-                wg_key: [i as u8; 32],
-                serial: u64::from(i),
-                not_before: NOW - 10,
-                not_after: NOW + 86_400,
-            })
+        let prefix = format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default();
+        let (key, cert) = ca
+            .issue_with_new_key(prefix, [i as u8; 32], u64::from(i), NOW - 10, NOW + 86_400)
             .unwrap_or_else(|e| panic!("{e}"));
         let rec = PeerRecord {
             cert,

@@ -162,6 +162,24 @@ pub struct Identity {
     pub key: rcgen::KeyPair,
 }
 
+impl Identity {
+    /// A fresh identity issued by `ca` for `prefix`, valid for a day from
+    /// `now`: for tests, simulations and demos.
+    pub fn issued(
+        ca: &re6st_registry::cert::Ca,
+        prefix: Ipv6Net,
+        serial: u64,
+        wg_key: [u8; 32],
+        now: i64,
+    ) -> Result<Self, re6st_registry::Error> {
+        let (key, pem) = ca.issue_with_new_key(prefix, wg_key, serial, now - 10, now + 86_400)?;
+        Ok(Self {
+            cert: NodeCert::from_pem(&pem)?,
+            key,
+        })
+    }
+}
+
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
@@ -494,7 +512,7 @@ fn request_nonce(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use re6st_registry::cert::{check_csr, generate_key, make_csr, Ca, IssueRequest};
+    use re6st_registry::cert::{generate_key, Ca};
 
     const NOW: i64 = 1_790_000_000;
 
@@ -504,22 +522,8 @@ mod tests {
     }
 
     fn node(ca: &Ca, i: u16, serial: u64) -> Identity {
-        let key = generate_key().unwrap_or_else(|e| panic!("{e}"));
-        let pem = ca
-            .issue(&IssueRequest {
-                public_key: check_csr(&make_csr(&key).unwrap_or_else(|e| panic!("{e}")))
-                    .unwrap_or_else(|e| panic!("{e}")),
-                prefix: format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default(),
-                wg_key: [i as u8; 32],
-                serial,
-                not_before: NOW - 10,
-                not_after: NOW + 86_400,
-            })
-            .unwrap_or_else(|e| panic!("{e}"));
-        Identity {
-            cert: NodeCert::from_pem(&pem).unwrap_or_else(|e| panic!("{e}")),
-            key,
-        }
+        let prefix = format!("fd5e:0:0:{i:x}::/64").parse().unwrap_or_default();
+        Identity::issued(ca, prefix, serial, [i as u8; 32], NOW).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn src() -> IpAddr {

@@ -10,19 +10,35 @@ use netns_tests::probe::{ping, wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{Error, LinkParams, Net, Result, Topology};
 
+/// A topology of hosts with no Internet uplink (links are added by the caller).
+fn offline(tag: &str, hosts: &[&str]) -> Topology {
+    let mut t = Topology::new(tag);
+    for h in hosts {
+        t.host_offline(h);
+    }
+    t
+}
+
+/// Builds `t` and gives each host the stub `fd00:5H::1/128` on lo, H its
+/// one-letter (hexadecimal) name.
+fn build_with_stubs(t: &Topology) -> Result<Net> {
+    let net = Net::build(t)?;
+    for h in net.hosts() {
+        stub(h, &format!("fd00:5{}::1", h.name()))?;
+    }
+    Ok(net)
+}
+
 /// a-b-d fast (2 ms per hop, direct veths with nothing added), a-c-d with
 /// 0 extra delay too but c's links cost more: we check reachability, that
 /// every node learns every stub, and the reroute after a silent failure.
 fn square_learns_everything_and_reroutes() -> Result<()> {
-    let mut t = Topology::new("bsquare");
-    for h in ["a", "b", "c", "d"] {
-        t.host_offline(h);
-    }
+    let mut t = offline("bsquare", &["a", "b", "c", "d"]);
     t.link("a", "b")
         .link("b", "d")
         .link("a", "c")
         .link("c", "d");
-    let net = Net::build(&t)?;
+    let net = build_with_stubs(&t)?;
     let (a, b, c, d) = (
         net.host("a")?,
         net.host("b")?,
@@ -35,9 +51,6 @@ fn square_learns_everything_and_reroutes() -> Result<()> {
         (c, "fd00:5c::1"),
         (d, "fd00:5d::1"),
     ];
-    for (h, s) in stubs {
-        stub(h, s)?;
-    }
     let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
     let _pb = ours(b, &["to-a", "to-d"], "fd00:5b::1", &[])?;
     let _pc = ours(c, &["to-a", "to-d"], "fd00:5c::1", &[])?;
@@ -99,16 +112,10 @@ fn square_learns_everything_and_reroutes() -> Result<()> {
 /// A chain ours (a) – babeld (b) – ours (c): every stub learned in both
 /// directions, ping over two hops through babeld.
 fn interop_chain_with_babeld() -> Result<()> {
-    let mut t = Topology::new("bchain");
-    for h in ["a", "b", "c"] {
-        t.host_offline(h);
-    }
+    let mut t = offline("bchain", &["a", "b", "c"]);
     t.link("a", "b").link("b", "c");
-    let net = Net::build(&t)?;
+    let net = build_with_stubs(&t)?;
     let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
-    stub(a, "fd00:5a::1")?;
-    stub(b, "fd00:5b::1")?;
-    stub(c, "fd00:5c::1")?;
     let _pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
     let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-b"], "fd00:5c::1", &[])?;
@@ -150,16 +157,10 @@ fn interop_chain_with_babeld() -> Result<()> {
 
 /// A mixed triangle: ours (a, c) and babeld (b), all linked.
 fn interop_mixed_triangle() -> Result<()> {
-    let mut t = Topology::new("btri");
-    for h in ["a", "b", "c"] {
-        t.host_offline(h);
-    }
+    let mut t = offline("btri", &["a", "b", "c"]);
     t.link("a", "b").link("b", "c").link("a", "c");
-    let net = Net::build(&t)?;
+    let net = build_with_stubs(&t)?;
     let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
-    stub(a, "fd00:5a::1")?;
-    stub(b, "fd00:5b::1")?;
-    stub(c, "fd00:5c::1")?;
     let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
     let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
@@ -184,22 +185,15 @@ fn interop_mixed_triangle() -> Result<()> {
 /// The chain with RFC 8967 HMAC-SHA256 on every node: babeld accepts our
 /// MACs (and answers our challenges) and we accept its.
 fn interop_chain_with_hmac() -> Result<()> {
-    let mut t = Topology::new("bhmac");
-    for h in ["a", "b", "c", "x"] {
-        t.host_offline(h);
-    }
-    t.link("a", "b").link("b", "c").link("x", "b");
-    let net = Net::build(&t)?;
-    let (a, b, c, x) = (
+    let mut t = offline("bhmac", &["a", "b", "c", "e"]);
+    t.link("a", "b").link("b", "c").link("e", "b");
+    let net = build_with_stubs(&t)?;
+    let (a, b, c, e) = (
         net.host("a")?,
         net.host("b")?,
         net.host("c")?,
-        net.host("x")?,
+        net.host("e")?,
     );
-    stub(a, "fd00:5a::1")?;
-    stub(b, "fd00:5b::1")?;
-    stub(c, "fd00:5c::1")?;
-    stub(x, "fd00:5e::1")?;
     let hex: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
     let keyfile = net.log_dir().join("hmac.keys");
     std::fs::write(&keyfile, format!("# test key\nhmac-sha256 {hex}\n"))
@@ -210,16 +204,16 @@ fn interop_chain_with_hmac() -> Result<()> {
     let _pb = babeld(
         b,
         &net,
-        &["to-a", "to-c", "to-x"],
+        &["to-a", "to-c", "to-e"],
         "0.3",
         &[&key_stmt, "default key k1"],
     )?;
-    // x has another key: it must learn nothing, and inject nothing.
+    // e has another key: it must learn nothing, and inject nothing.
     let wrong = net.log_dir().join("wrong.keys");
     std::fs::write(&wrong, format!("hmac-sha256 {}\n", "ab".repeat(32)))
         .map_err(|e| Error::io("writing keys", e))?;
-    let _px = ours(
-        x,
+    let _pe = ours(
+        e,
         &["to-b"],
         "fd00:5e::1",
         &["--hmac-key-file", &wrong.to_string_lossy()],
@@ -240,7 +234,7 @@ fn interop_chain_with_hmac() -> Result<()> {
         eprintln!("hmac chain: {} reached {s} after {took:?}", h.name());
     }
     check(
-        !reaches(x, "fd00:5a::1") && !reaches(a, "fd00:5e::1"),
+        !reaches(e, "fd00:5a::1") && !reaches(a, "fd00:5e::1"),
         "a node with another key got routes",
     )?;
     let routes = String::from_utf8_lossy(
@@ -259,18 +253,12 @@ fn interop_chain_with_hmac() -> Result<()> {
 /// wins; by RTT the two hops through babeld do. Then the fast path breaks
 /// and traffic takes the slow direct link.
 fn interop_rtt_preference_through_babeld() -> Result<()> {
-    let mut t = Topology::new("brtt");
-    for h in ["a", "b", "c"] {
-        t.host_offline(h);
-    }
+    let mut t = offline("brtt", &["a", "b", "c"]);
     t.link_emulated("a", "b", LinkParams::delay_ms(5))
         .link_emulated("b", "c", LinkParams::delay_ms(5))
         .link_emulated("a", "c", LinkParams::delay_ms(60));
-    let net = Net::build(&t)?;
+    let net = build_with_stubs(&t)?;
     let (a, b, c) = (net.host("a")?, net.host("b")?, net.host("c")?);
-    stub(a, "fd00:5a::1")?;
-    stub(b, "fd00:5b::1")?;
-    stub(c, "fd00:5c::1")?;
     let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
     let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
@@ -328,13 +316,10 @@ fn our_routes(h: &netns_tests::Host) -> Result<String> {
 /// retracted prefix at once. SIGKILL leaves stale routes, which the next
 /// start removes.
 fn kernel_routes_cleaned_at_exit_and_start() -> Result<()> {
-    let mut t = Topology::new("bclean");
-    t.host_offline("a").host_offline("b");
+    let mut t = offline("bclean", &["a", "b"]);
     t.link("a", "b");
-    let net = Net::build(&t)?;
+    let net = build_with_stubs(&t)?;
     let (a, b) = (net.host("a")?, net.host("b")?);
-    stub(a, "fd00:5a::1")?;
-    stub(b, "fd00:5b::1")?;
     let mut pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
     let mut pb = ours(b, &["to-a"], "fd00:5b::1", &[])?;
     wait_until(

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use netns_tests::babel::{babeld, ours, reaches, route_dev, stub};
+use netns_tests::net::Host;
 use netns_tests::probe::{ping, wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{Error, LinkParams, Net, Result, Topology};
@@ -27,6 +28,20 @@ fn build_with_stubs(t: &Topology) -> Result<Net> {
         stub(h, &format!("fd00:5{}::1", h.name()))?;
     }
     Ok(net)
+}
+
+/// Waits until each `(host, stub)` pair pings, reporting how long each took.
+fn wait_reach(tag: &str, pairs: &[(&Host, &str)], timeout: Duration) -> Result<()> {
+    for (h, s) in pairs {
+        let (_, took) = wait_until(
+            &format!("{} to reach {s}", h.name()),
+            timeout,
+            Duration::from_millis(50),
+            || reaches(h, s).then_some(()),
+        )?;
+        eprintln!("{tag}: {} reached {s} after {took:?}", h.name());
+    }
+    Ok(())
 }
 
 /// a-b-d fast (2 ms per hop, direct veths with nothing added), a-c-d with
@@ -62,16 +77,11 @@ fn square_learns_everything_and_reroutes() -> Result<()> {
         || reaches(a, "fd00:5d::1").then_some(()),
     )?;
     eprintln!("square: a reached d {took:?} after start");
-    for (h, _) in stubs {
-        for (_, s) in stubs {
-            let (_, _) = wait_until(
-                &format!("{} to reach {s}", h.name()),
-                Duration::from_secs(10),
-                Duration::from_millis(50),
-                || reaches(h, s).then_some(()),
-            )?;
-        }
-    }
+    let all: Vec<_> = stubs
+        .iter()
+        .flat_map(|(h, _)| stubs.iter().map(move |(_, s)| (*h, *s)))
+        .collect();
+    wait_reach("square", &all, Duration::from_secs(10))?;
     let dev = route_dev(a, "fd00:5d::1", "fd00:5a::1")
         .ok_or_else(|| Error::Measure("no route a->d".into()))?;
     let (peer, peer_iface) = if dev == "to-b" {
@@ -119,22 +129,18 @@ fn interop_chain_with_babeld() -> Result<()> {
     let _pa = ours(a, &["to-b"], "fd00:5a::1", &[])?;
     let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-b"], "fd00:5c::1", &[])?;
-    for (h, s) in [
-        (a, "fd00:5c::1"),
-        (c, "fd00:5a::1"),
-        (a, "fd00:5b::1"),
-        (c, "fd00:5b::1"),
-        (b, "fd00:5a::1"),
-        (b, "fd00:5c::1"),
-    ] {
-        let (_, took) = wait_until(
-            &format!("{} to reach {s}", h.name()),
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || reaches(h, s).then_some(()),
-        )?;
-        eprintln!("chain: {} reached {s} after {took:?}", h.name());
-    }
+    wait_reach(
+        "chain",
+        &[
+            (a, "fd00:5c::1"),
+            (c, "fd00:5a::1"),
+            (a, "fd00:5b::1"),
+            (c, "fd00:5b::1"),
+            (b, "fd00:5a::1"),
+            (b, "fd00:5c::1"),
+        ],
+        Duration::from_secs(30),
+    )?;
     let babel_routes = String::from_utf8_lossy(
         &b.run("ip", &["-6", "route", "show", "proto", "babel"])?
             .stdout,
@@ -164,21 +170,18 @@ fn interop_mixed_triangle() -> Result<()> {
     let _pa = ours(a, &["to-b", "to-c"], "fd00:5a::1", &[])?;
     let _pb = babeld(b, &net, &["to-a", "to-c"], "0.3", &[])?;
     let _pc = ours(c, &["to-a", "to-b"], "fd00:5c::1", &[])?;
-    for (h, s) in [
-        (a, "fd00:5b::1"),
-        (a, "fd00:5c::1"),
-        (b, "fd00:5a::1"),
-        (b, "fd00:5c::1"),
-        (c, "fd00:5a::1"),
-        (c, "fd00:5b::1"),
-    ] {
-        wait_until(
-            &format!("{} to reach {s}", h.name()),
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || reaches(h, s).then_some(()),
-        )?;
-    }
+    wait_reach(
+        "triangle",
+        &[
+            (a, "fd00:5b::1"),
+            (a, "fd00:5c::1"),
+            (b, "fd00:5a::1"),
+            (b, "fd00:5c::1"),
+            (c, "fd00:5a::1"),
+            (c, "fd00:5b::1"),
+        ],
+        Duration::from_secs(30),
+    )?;
     Ok(())
 }
 
@@ -219,20 +222,16 @@ fn interop_chain_with_hmac() -> Result<()> {
         &["--hmac-key-file", &wrong.to_string_lossy()],
     )?;
     let _pc = ours(c, &["to-b"], "fd00:5c::1", &["--hmac-key-file", &kf])?;
-    for (h, s) in [
-        (a, "fd00:5c::1"),
-        (c, "fd00:5a::1"),
-        (a, "fd00:5b::1"),
-        (b, "fd00:5a::1"),
-    ] {
-        let (_, took) = wait_until(
-            &format!("{} to reach {s} with HMAC", h.name()),
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || reaches(h, s).then_some(()),
-        )?;
-        eprintln!("hmac chain: {} reached {s} after {took:?}", h.name());
-    }
+    wait_reach(
+        "hmac chain",
+        &[
+            (a, "fd00:5c::1"),
+            (c, "fd00:5a::1"),
+            (a, "fd00:5b::1"),
+            (b, "fd00:5a::1"),
+        ],
+        Duration::from_secs(30),
+    )?;
     check(
         !reaches(e, "fd00:5a::1") && !reaches(a, "fd00:5e::1"),
         "a node with another key got routes",

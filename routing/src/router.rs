@@ -382,15 +382,18 @@ impl Router {
     /// Removes an interface with its neighbours and their routes.
     pub fn remove_interface(&mut self, id: IfaceId, now: Instant) {
         self.ifaces.remove(&id);
-        let gone: Vec<NeighbourId> = self
-            .neighbours
+        for n in self.neighbours_on(id) {
+            self.drop_neighbour(n, now);
+        }
+    }
+
+    /// The neighbours heard on interface `id`.
+    fn neighbours_on(&self, id: IfaceId) -> Vec<NeighbourId> {
+        self.neighbours
             .keys()
             .filter(|(i, _)| *i == id)
             .copied()
-            .collect();
-        for n in gone {
-            self.drop_neighbour(n, now);
-        }
+            .collect()
     }
 
     /// Sets an interface's cost multiplier (drain: raise it so traffic moves away).
@@ -398,13 +401,7 @@ impl Router {
         if let Some(i) = self.ifaces.get_mut(&id) {
             i.cfg.cost_multiplier = multiplier.max(1);
         }
-        let nbs: Vec<NeighbourId> = self
-            .neighbours
-            .keys()
-            .filter(|(i, _)| *i == id)
-            .copied()
-            .collect();
-        for n in nbs {
+        for n in self.neighbours_on(id) {
             self.cost_changed(n, now);
         }
     }

@@ -24,6 +24,7 @@
 pub mod babel;
 pub mod cleanup;
 pub mod error;
+pub mod mesh;
 pub mod net;
 pub mod netns;
 pub mod probe;

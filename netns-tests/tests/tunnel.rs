@@ -171,7 +171,7 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
     plane_a
         .send(b_ep, &req)
         .map_err(|e| Error::Measure(e.to_string()))?;
-    let Ok(Event::Setup { src, bytes }) = rx_b.recv_timeout(Duration::from_secs(3)) else {
+    let Ok(Event::Control { src, bytes }) = rx_b.recv_timeout(Duration::from_secs(3)) else {
         return Err(Error::Measure("b got no set-up request".into()));
     };
     let Outcome::Accepted { peer, reply } =
@@ -204,7 +204,7 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
     plane_b
         .send(src, &reply)
         .map_err(|e| Error::Measure(e.to_string()))?;
-    let Ok(Event::Setup { bytes, .. }) = rx_a.recv_timeout(Duration::from_secs(3)) else {
+    let Ok(Event::Control { bytes, .. }) = rx_a.recv_timeout(Duration::from_secs(3)) else {
         return Err(Error::Measure("a got no answer".into()));
     };
     let cert_b = match check_reply(ca.cert(), &[], pb, &nonce, now, &bytes) {

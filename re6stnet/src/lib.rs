@@ -2,5 +2,10 @@
 //! `re6st-conf` tool) and the peer protocol ([`peer`]). The node daemon and
 //! `re6stctl` come with issue 6.
 
+pub mod config;
+pub mod ctl;
+pub mod daemon;
 pub mod enrol;
 pub mod peer;
+pub mod state;
+pub mod system;

@@ -60,8 +60,10 @@ pub enum Body {
     },
     /// Please stop routing through our tunnel: I am retiring it.
     DrainRequest,
-    /// Done: no route of mine uses it any more.
+    /// Done: my side of our tunnel is draining too.
     DrainAck,
+    /// I closed our tunnel: close your end.
+    Close,
     /// Tell me about yourself (topology).
     NodeInfoRequest,
     /// About me.
@@ -284,6 +286,7 @@ mod tests {
             Body::Config { signed },
             Body::DrainRequest,
             Body::DrainAck,
+            Body::Close,
             Body::NodeInfoRequest,
             Body::NodeInfo {
                 version: "0.1.0".into(),

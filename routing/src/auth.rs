@@ -149,6 +149,11 @@ impl Auth {
         }
     }
 
+    /// Replaces the keys (rotation), keeping what we know of neighbours.
+    pub fn set_config(&mut self, cfg: AuthConfig) {
+        self.cfg = cfg;
+    }
+
     /// Bytes a packet needs for PC (with an 8-byte index) and MAC TLVs.
     pub fn overhead(&self) -> usize {
         let mac = match self.cfg.sign.algorithm {

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::AuthConfig;
 use crate::kernel::Kernel;
 use crate::neighbour::IfaceId;
 use crate::router::{Destination, InterfaceConfig, Router, RouterConfig};
@@ -35,6 +36,10 @@ pub enum Command {
     Unexport(IpNet, Option<IpNet>),
     /// Change an interface's cost multiplier (drain).
     SetCostMultiplier(String, u16),
+    /// Change an interface's Hello interval.
+    SetHelloInterval(String, Duration),
+    /// Change the MAC keys (or turn authentication on or off).
+    SetAuth(Option<AuthConfig>),
     /// Report neighbours and routes.
     Status(oneshot::Sender<Status>),
     /// Retract everything, remove our routes, stop.
@@ -258,6 +263,12 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
                             router.set_cost_multiplier(IfaceId(idx), m, now);
                         }
                     }
+                    Some(Command::SetHelloInterval(name, d)) => {
+                        if let Some((&idx, _)) = ifaces.iter().find(|(_, s)| s.name == name) {
+                            router.set_hello_interval(IfaceId(idx), d, now);
+                        }
+                    }
+                    Some(Command::SetAuth(auth)) => router.set_auth(auth),
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(status(&router, &ifaces, &exports, now));
                     }

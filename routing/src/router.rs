@@ -406,6 +406,24 @@ impl Router {
         }
     }
 
+    /// Changes an interface's Hello interval (live: the next Hello comes
+    /// no later than one new interval from now).
+    pub fn set_hello_interval(&mut self, id: IfaceId, interval: Duration, now: Instant) {
+        if let Some(i) = self.ifaces.get_mut(&id) {
+            i.cfg.hello_interval = interval;
+            i.next_hello = i.next_hello.min(now + interval);
+        }
+    }
+
+    /// Changes the MAC keys (rotation) or turns authentication on or off.
+    /// Neighbours' packet counters are kept across a key change.
+    pub fn set_auth(&mut self, auth: Option<AuthConfig>) {
+        match (auth, self.auth.as_mut()) {
+            (Some(cfg), Some(a)) => a.set_config(cfg),
+            (cfg, _) => self.auth = cfg.map(Auth::new),
+        }
+    }
+
     /// Exports a prefix (metric 0, our router-id).
     pub fn export(&mut self, prefix: IpNet, src_prefix: Option<IpNet>, now: Instant) {
         let key = (prefix.trunc(), src_prefix.map(|s| s.trunc()));

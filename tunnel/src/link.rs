@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -169,6 +170,12 @@ impl Link {
             TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
             _ => None,
         }
+    }
+
+    /// Time since the last handshake, bytes sent and received.
+    pub fn stats(&self) -> (Option<Duration>, u64, u64) {
+        let (since, tx, rx, _, _) = self.tunn.stats();
+        (since, tx as u64, rx as u64)
     }
 
     /// Whether a session is established (time since the last handshake).

@@ -1,8 +1,9 @@
 //! The data plane: one shared UDP socket, one tun device per link, and
 //! threads moving packets between them through [`Links`].
 //!
-//! - The receiver thread reads the socket: set-up messages go to the
-//!   caller as [`Event::Setup`]; WireGuard datagrams are demultiplexed and
+//! - The receiver thread reads the socket: control messages (tunnel set-up
+//!   and the node's peer protocol, both starting with `R6`) go to the
+//!   caller as [`Event::Control`]; WireGuard datagrams are demultiplexed and
 //!   decapsulated, their packets written to the link's tun device.
 //! - One reader thread per link reads its tun device, encrypts, sends.
 //! - A timer thread runs boringtun's timers every 100 ms and reports
@@ -29,15 +30,15 @@ use std::time::Duration;
 
 use crate::link::{Links, Output, BUF};
 use crate::policy::Peer;
-use crate::setup::is_setup;
 use crate::udp::{enable_gro, recv_segments, send_segments, MAX_GSO_BYTES, MAX_SEGMENTS};
 use socket2::{SockAddr, Socket};
 
 /// What the data plane reports.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A tunnel set-up datagram arrived.
-    Setup {
+    /// A control datagram arrived (set-up or peer protocol: see
+    /// [`is_control`]).
+    Control {
         /// From.
         src: SocketAddr,
         /// The datagram.
@@ -75,6 +76,30 @@ struct Shared {
     up: Mutex<HashMap<u32, bool>>,
     stop: AtomicBool,
     events: Mutex<Sender<Event>>,
+}
+
+/// Whether a datagram is a control message rather than WireGuard: set-up
+/// (`R6T1`) and peer protocol (`R6P1`) messages start with `R6`, WireGuard
+/// messages with a type byte 1..=4 followed by three zero bytes.
+pub fn is_control(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"R6")
+}
+
+/// What a link reports (`wg show`-like).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkStats {
+    /// The link index.
+    pub index: u32,
+    /// The peer's prefix.
+    pub peer: Peer,
+    /// Where its datagrams go now.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last completed handshake (None: never).
+    pub since_handshake: Option<Duration>,
+    /// Bytes sent (WireGuard payload).
+    pub tx_bytes: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
 }
 
 /// A running data plane.
@@ -238,9 +263,43 @@ impl Plane {
         }
     }
 
-    /// Datagrams dropped, by reason.
+    /// Datagrams dropped (all reasons).
     pub fn dropped(&self) -> u64 {
         lock(&self.shared.links).dropped.values().sum()
+    }
+
+    /// Datagrams dropped, by reason.
+    pub fn dropped_by_reason(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = lock(&self.shared.links)
+            .dropped
+            .iter()
+            .map(|(d, n)| (format!("{d:?}").to_lowercase(), *n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Statistics of every link.
+    pub fn links(&self) -> Vec<LinkStats> {
+        let mut links = lock(&self.shared.links);
+        let mut v: Vec<LinkStats> = links
+            .indices()
+            .into_iter()
+            .filter_map(|i| {
+                let l = links.get_mut(i)?;
+                let (since, tx, rx) = l.stats();
+                Some(LinkStats {
+                    index: i,
+                    peer: l.peer,
+                    endpoint: l.endpoint,
+                    since_handshake: since,
+                    tx_bytes: tx,
+                    rx_bytes: rx,
+                })
+            })
+            .collect();
+        v.sort_by_key(|l| l.index);
+        v
     }
 }
 
@@ -270,10 +329,10 @@ fn receive_loop(sh: &Shared) {
         {
             let mut links = lock(&sh.links);
             for datagram in data[..len].chunks(size) {
-                if is_setup(datagram) {
+                if is_control(datagram) {
                     report(
                         sh,
-                        Event::Setup {
+                        Event::Control {
                             src,
                             bytes: datagram.to_vec(),
                         },

@@ -132,6 +132,12 @@ fn unframe(bytes: &[u8]) -> Result<(u8, &[u8]), SetupError> {
     }
 }
 
+/// Whether a datagram is a set-up request (the responder's business), not
+/// a reply to one of ours.
+pub fn is_request(bytes: &[u8]) -> bool {
+    bytes.len() > MAGIC.len() && bytes.starts_with(MAGIC) && bytes[MAGIC.len()] == KIND_REQUEST
+}
+
 /// Whether a datagram is a set-up message (not WireGuard).
 pub fn is_setup(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC)

@@ -1,0 +1,376 @@
+//! A whole re6st-rs network in namespaces: a registry host and nodes, each
+//! enrolled with `re6st-conf` and running `re6stnet`, with helpers to read
+//! their control API and to check overlay reachability. Used by the
+//! end-to-end tests, the demo and the mesh benchmark.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::net::{Host, Net};
+use crate::probe::wait_until;
+use crate::process::Process;
+use crate::topology::Topology;
+
+/// Registry port in tests.
+pub const REGISTRY_PORT: u16 = 8080;
+
+/// One node of the mesh.
+#[derive(Debug)]
+pub struct Node {
+    /// Host name.
+    pub name: String,
+    /// Its configuration directory (keys, certificate, re6stnet.toml).
+    pub dir: PathBuf,
+    /// Its control socket (reachable from the test: unix sockets are files).
+    pub ctl: PathBuf,
+    /// Its prefix.
+    pub prefix: String,
+    /// Its overlay address.
+    pub address: Ipv6Addr,
+    /// The running daemon.
+    pub process: Option<Process>,
+    /// Extra flags of its daemon.
+    pub flags: Vec<String>,
+}
+
+/// A registry and nodes in a built network.
+#[derive(Debug)]
+pub struct Mesh {
+    /// Nodes, in the order given.
+    pub nodes: Vec<Node>,
+    /// The registry's database (for admin commands from the test).
+    pub db: PathBuf,
+    /// The registry URL as nodes use it.
+    pub url: String,
+    registry: Option<Process>,
+    registry_host: String,
+    // Last: the network goes after the processes.
+    /// The network.
+    pub net: Net,
+}
+
+fn out_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run_bin(bin: &str, args: &[&str]) -> Result<String> {
+    let path = crate::binary(bin)?;
+    let o = std::process::Command::new(&path)
+        .args(args)
+        .output()
+        .map_err(|e| Error::io(format!("running {bin}"), e))?;
+    if !o.status.success() {
+        return Err(Error::Measure(format!(
+            "{bin} {}: {}",
+            args.join(" "),
+            out_text(&o).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+impl Mesh {
+    /// Builds `topology`, starts a registry for `network` on
+    /// `registry_host`, sets the given network parameters, enrols `nodes`
+    /// and starts them (all at once) with `flags`.
+    pub fn start(
+        topology: &Topology,
+        registry_host: &str,
+        nodes: &[&str],
+        params: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Self> {
+        let net = Net::build(topology)?;
+        let base = net.log_dir().to_path_buf();
+        let db = base.join("registry.db");
+        let dbs = db.to_string_lossy().into_owned();
+        run_bin(
+            "re6st-registry",
+            &["--db", &dbs, "init", "--network", "fd5e:5e::/48"],
+        )?;
+        for (k, v) in params {
+            run_bin("re6st-registry", &["--db", &dbs, "config", "set", k, v])?;
+        }
+        let reg = net.host(registry_host)?;
+        let reg_addr = reg.addr(false)?;
+        let url = format!("http://{reg_addr}:{REGISTRY_PORT}");
+        let bin = crate::binary("re6st-registry")?;
+        let listen = format!("{reg_addr}:{REGISTRY_PORT}");
+        let registry = reg.spawn(
+            "registry",
+            &bin.to_string_lossy(),
+            &["--db", &dbs, "serve", "--listen", &listen],
+        )?;
+        let mut mesh = Self {
+            nodes: Vec::new(),
+            db,
+            url,
+            registry: Some(registry),
+            registry_host: registry_host.to_string(),
+            net,
+        };
+        mesh.wait_registry()?;
+        for name in nodes {
+            mesh.enrol(name, flags)?;
+        }
+        for i in 0..mesh.nodes.len() {
+            mesh.start_node(i)?;
+        }
+        Ok(mesh)
+    }
+
+    fn wait_registry(&self) -> Result<()> {
+        let reg = self.net.host(&self.registry_host)?;
+        let url = format!("{}/v1/ca", self.url);
+        let probe = format!(
+            "exec 3<>/dev/tcp/{}/{REGISTRY_PORT} && printf 'GET /v1/ca HTTP/1.0\\r\\n\\r\\n' >&3 && head -c 12 <&3",
+            reg.addr(false)?
+        );
+        wait_until(
+            &format!("the registry at {url}"),
+            Duration::from_secs(20),
+            Duration::from_millis(100),
+            || {
+                reg.output("bash", &["-c", &probe])
+                    .ok()
+                    .filter(|o| String::from_utf8_lossy(&o.stdout).contains("200"))
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Admin command on the registry's database.
+    pub fn registry_cmd(&self, args: &[&str]) -> Result<String> {
+        let db = self.db.to_string_lossy().into_owned();
+        let mut all = vec!["--db", db.as_str()];
+        all.extend_from_slice(args);
+        run_bin("re6st-registry", &all)
+    }
+
+    /// Stops the registry (the mesh must keep working).
+    pub fn stop_registry(&mut self) -> Result<()> {
+        if let Some(mut p) = self.registry.take() {
+            p.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Enrols `name` with a fresh token.
+    fn enrol(&mut self, name: &str, flags: &[&str]) -> Result<()> {
+        let token = self
+            .registry_cmd(&["token", "add", "--comment", name])?
+            .trim()
+            .to_string();
+        let dir = self.net.log_dir().join(name);
+        let host = self.net.host(name)?;
+        let conf = crate::binary("re6st-conf")?;
+        let o = host.output(
+            &conf.to_string_lossy(),
+            &[
+                "--registry",
+                &self.url,
+                "--token",
+                &token,
+                "--dir",
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        if !o.status.success() {
+            return Err(Error::Measure(format!(
+                "re6st-conf in {name}: {}",
+                out_text(&o).trim()
+            )));
+        }
+        let cert = std::fs::read_to_string(dir.join("node.crt"))
+            .map_err(|e| Error::io(format!("{name}'s certificate"), e))?;
+        let ca = std::fs::read_to_string(dir.join("ca.crt"))
+            .map_err(|e| Error::io(format!("{name}'s CA"), e))?;
+        let c = re6st_registry::cert::CaCert::from_pem(&ca)
+            .and_then(|ca| ca.verify_node(&cert, None))
+            .map_err(|e| Error::Measure(format!("{name}'s certificate: {e}")))?;
+        self.nodes.push(Node {
+            name: name.to_string(),
+            ctl: dir.join("ctl.sock"),
+            dir,
+            prefix: c.prefix.to_string(),
+            address: c.address,
+            process: None,
+            flags: flags.iter().map(ToString::to_string).collect(),
+        });
+        Ok(())
+    }
+
+    /// Index of a node by name.
+    pub fn index(&self, name: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| Error::NoSuch {
+                kind: "node",
+                name: name.to_string(),
+            })
+    }
+
+    /// The host of node `i`.
+    pub fn host(&self, i: usize) -> Result<&Host> {
+        self.net.host(&self.nodes[i].name)
+    }
+
+    /// Starts (or restarts) node `i`'s daemon.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let bin = crate::binary("re6stnet")?;
+        let n = &self.nodes[i];
+        let dir = n.dir.to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            format!("{dir}/re6stnet.toml"),
+            "--state-dir".into(),
+            format!("{dir}/state"),
+            "--ctl-socket".into(),
+            n.ctl.to_string_lossy().into_owned(),
+        ];
+        args.extend(n.flags.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = self
+            .net
+            .host(&n.name)?
+            .spawn("re6stnet", &bin.to_string_lossy(), &args)?;
+        self.nodes[i].process = Some(p);
+        Ok(())
+    }
+
+    /// Stops node `i` cleanly (SIGTERM); returns whether it exited with 0.
+    pub fn stop_node(&mut self, i: usize) -> Result<bool> {
+        match self.nodes[i].process.take() {
+            Some(mut p) => Ok(p.stop()?.success()),
+            None => Ok(true),
+        }
+    }
+
+    /// Kills node `i` (SIGKILL: a crash).
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        if let Some(mut p) = self.nodes[i].process.take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// GET `path` of node `i`'s control API, as JSON.
+    pub fn ctl(&self, i: usize, path: &str) -> Result<Value> {
+        let body = re6stnet::ctl::fetch(&self.nodes[i].ctl, path)
+            .map_err(|e| Error::Measure(format!("{}: {e:#}", self.nodes[i].name)))?;
+        serde_json::from_str(&body)
+            .map_err(|e| Error::Measure(format!("{}{path}: {e}", self.nodes[i].name)))
+    }
+
+    /// Selected routes of node `i` (destination prefixes).
+    pub fn routes(&self, i: usize) -> Vec<String> {
+        self.ctl(i, "/routes")
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter(|r| r["selected"] == Value::Bool(true))
+                        .filter_map(|r| r["prefix"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether node `i` has a selected route to every other running node.
+    pub fn routes_all(&self, i: usize) -> bool {
+        let have = self.routes(i);
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, n)| *j != i && n.process.is_some())
+            .all(|(_, n)| have.contains(&n.prefix))
+    }
+
+    /// One ping from node `i` to node `j`'s overlay address, sourced from
+    /// `i`'s overlay address.
+    pub fn ping(&self, i: usize, j: usize, wait_s: u32) -> bool {
+        let Ok(h) = self.host(i) else { return false };
+        let src = self.nodes[i].address.to_string();
+        let dst = self.nodes[j].address.to_string();
+        h.output(
+            "ping",
+            &[
+                "-6",
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                &wait_s.to_string(),
+                "-I",
+                &src,
+                &dst,
+            ],
+        )
+        .is_ok_and(|o| o.status.success())
+    }
+
+    /// Pairs (i, j) of running nodes where i cannot ping j.
+    pub fn unreachable_pairs(&self) -> Vec<(usize, usize)> {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].process.is_some())
+            .collect();
+        let mut bad = Vec::new();
+        for &i in &running {
+            for &j in &running {
+                if i != j && !self.ping(i, j, 2) {
+                    bad.push((i, j));
+                }
+            }
+        }
+        bad
+    }
+
+    /// Waits until every running node routes to every other one, then
+    /// until every pair pings; returns how long it took.
+    pub fn wait_full_reachability(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        wait_until(
+            "routes between every pair of nodes",
+            timeout,
+            Duration::from_millis(200),
+            || {
+                (0..self.nodes.len())
+                    .filter(|i| self.nodes[*i].process.is_some())
+                    .all(|i| self.routes_all(i))
+                    .then_some(())
+            },
+        )?;
+        let left = timeout.saturating_sub(start.elapsed());
+        wait_until(
+            "pings between every pair of nodes",
+            left.max(Duration::from_secs(5)),
+            Duration::from_millis(200),
+            || self.unreachable_pairs().is_empty().then_some(()),
+        )?;
+        Ok(start.elapsed())
+    }
+
+    /// The overlay address of node `i`.
+    pub fn address(&self, i: usize) -> IpAddr {
+        IpAddr::V6(self.nodes[i].address)
+    }
+
+    /// The log of node `i`'s daemon.
+    pub fn log(&self, i: usize) -> String {
+        let path: &Path = &self
+            .net
+            .log_dir()
+            .join(format!("{}-re6stnet.log", self.nodes[i].name));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+}

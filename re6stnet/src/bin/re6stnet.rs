@@ -1,0 +1,158 @@
+//! `re6stnet`: the node daemon. Keeps WireGuard tunnels to a changing set of
+//! peers, runs Babel over them, installs the lowest-latency routes, and
+//! serves its status to `re6stctl`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+
+use clap::Parser;
+use re6stnet::config::{self, FileConfig, DEFAULT_CONFIG};
+use re6stnet::ctl::{self, Snapshot};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "The re6st-rs node daemon: tunnels, Babel routing and the peer protocol",
+    long_about = "The re6st-rs node daemon. Reads its settings from --config \
+(default /etc/re6stnet/re6stnet.toml when it exists); every setting of the file \
+is also a flag, and flags win. Enrol the node first with re6st-conf.\n\n\
+Keeps `client_count` outgoing WireGuard tunnels (network configuration) to \
+random peers, accepts incoming ones up to `max_clients`, runs Babel on each \
+(Hello every hello_interval_ms, 300 ms by default, so a silent path failure \
+moves traffic within about a second), and installs routes in the kernel with \
+protocol 113. Keeps running from its cache when the registry is down. SIGINT or \
+SIGTERM: clean shutdown (peers told, routes, interfaces and the node address \
+removed)."
+)]
+struct Cli {
+    /// TOML file with the settings below (keys as the flag names, with `_`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory with ca.crt, node.crt, node.key and wg.key [default: /etc/re6stnet].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Registry URL (needed to join, bootstrap and renew; not to keep running).
+    #[arg(long)]
+    registry: Option<String>,
+    /// PEM file of a private CA for the registry's HTTPS certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// UDP port of the tunnels and the peer protocol [default: 326].
+    #[arg(long)]
+    port: Option<u16>,
+    /// LAN interface on which to find other nodes directly (repeatable).
+    #[arg(long)]
+    interface: Vec<String>,
+    /// Underlay endpoint (IP:PORT) to announce (repeatable) [default: the
+    /// host's global addresses with --port].
+    #[arg(long)]
+    endpoint: Vec<SocketAddr>,
+    /// Control socket for re6stctl [default: /run/re6stnet/ctl.sock].
+    #[arg(long)]
+    ctl_socket: Option<PathBuf>,
+    /// Also serve Prometheus /metrics on this TCP address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Peer cache and cached network configuration [default: /var/lib/re6stnet].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Kernel routing table for overlay routes [default: 254, main].
+    #[arg(long)]
+    table: Option<u32>,
+    /// Seconds between network-configuration checks with the registry [default: 60].
+    #[arg(long)]
+    config_refresh: Option<u64>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
+    let file = match &cli.config {
+        Some(p) => config::read_file(p)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            config::read_file(std::path::Path::new(DEFAULT_CONFIG))?
+        }
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        dir: cli.dir,
+        registry: cli.registry,
+        tls_ca: cli.tls_ca,
+        port: cli.port,
+        interface: Some(cli.interface),
+        endpoint: Some(cli.endpoint),
+        ctl_socket: cli.ctl_socket,
+        metrics: cli.metrics,
+        state_dir: cli.state_dir,
+        table: cli.table,
+        config_refresh: cli.config_refresh,
+        log_json: cli.log_json.then_some(true),
+    };
+    config::merge(flags, file)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match settings(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("re6stnet: configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("re6stnet: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let snapshot = Arc::new(RwLock::new(Snapshot::default()));
+        ctl::serve(&cfg.ctl_socket, cfg.metrics, Arc::clone(&snapshot)).await?;
+        let socket = cfg.ctl_socket.clone();
+        let out = re6stnet::daemon::run(cfg, snapshot, shutdown_signal()).await;
+        let _ = std::fs::remove_file(socket);
+        out
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("re6stnet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! What the node changes in the host: its overlay address, forwarding, and
+//! finding the underlay addresses it announces.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use anyhow::Context;
+use futures_util::TryStreamExt;
+use ipnet::Ipv6Net;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::Handle;
+
+/// The node address (`prefix::1`) on the loopback device, the node prefix
+/// routed locally through it.
+#[derive(Debug)]
+pub struct NodeAddress {
+    handle: Handle,
+    lo: u32,
+    addr: Ipv6Addr,
+    prefix_len: u8,
+}
+
+fn address_of(m: &AddressMessage) -> Option<Ipv6Addr> {
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(IpAddr::V6(a)) => Some(*a),
+        _ => None,
+    })
+}
+
+impl NodeAddress {
+    /// Removes addresses of `network` left on `lo` by a previous run, then
+    /// adds `prefix::1/len`.
+    pub async fn install(prefix: Ipv6Net, network: Ipv6Net) -> anyhow::Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+        tokio::spawn(conn);
+        let lo = re6st_routing::driver::ifindex_of("lo")?;
+        let mut stale = Vec::new();
+        let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
+        while let Some(m) = addrs.try_next().await.context("listing addresses")? {
+            if address_of(&m).is_some_and(|a| network.contains(&a)) {
+                stale.push(m);
+            }
+        }
+        for m in stale {
+            tracing::info!(address = ?address_of(&m), "removing a stale node address");
+            let _ = handle.address().del(m).execute().await;
+        }
+        let addr = re6st_registry::cert::overlay_address(prefix);
+        handle
+            .address()
+            .add(lo, IpAddr::V6(addr), prefix.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding {addr}/{} to lo", prefix.prefix_len()))?;
+        Ok(Self {
+            handle,
+            lo,
+            addr,
+            prefix_len: prefix.prefix_len(),
+        })
+    }
+
+    /// The address.
+    pub fn addr(&self) -> Ipv6Addr {
+        self.addr
+    }
+
+    /// Removes the address (clean shutdown).
+    pub async fn remove(self) -> anyhow::Result<()> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.lo)
+            .set_address_filter(IpAddr::V6(self.addr))
+            .set_prefix_length_filter(self.prefix_len)
+            .execute();
+        while let Some(m) = addrs.try_next().await? {
+            self.handle.address().del(m).execute().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns on IPv6 forwarding (a node relays for others).
+pub fn enable_forwarding() -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        .context("enabling IPv6 forwarding")
+}
+
+/// Whether an underlay address is worth announcing.
+fn announceable(ip: IpAddr, overlay: Ipv6Net) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || a.is_multicast())
+        }
+        IpAddr::V6(a) => {
+            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            !(a.is_loopback()
+                || link_local
+                || a.is_unspecified()
+                || a.is_multicast()
+                || overlay.contains(&a))
+        }
+    }
+}
+
+/// The host's global addresses (except the overlay's and those of our
+/// tunnel devices) with `port`: what the peer record announces.
+pub fn detect_endpoints(port: u16, overlay: Ipv6Net) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if name.starts_with("re6st") || name == "lo" {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it declares.
+        let ip = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Some(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()))
+                }
+                libc::AF_INET6 => {
+                    let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    Some(IpAddr::from(sa.sin6_addr.s6_addr))
+                }
+                _ => None,
+            }
+        };
+        if let Some(ip) = ip.filter(|ip| announceable(*ip, overlay)) {
+            let ep = SocketAddr::new(ip, port);
+            if !out.contains(&ep) {
+                out.push(ep);
+            }
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_global_non_overlay_addresses_are_announced() {
+        let overlay: Ipv6Net = "fd5e::/48".parse().unwrap_or_default();
+        let yes = ["198.18.0.2", "fd00::2", "2001:db8::1"];
+        let no = [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "fd5e:0:0:1::1",
+            "ff02::1",
+        ];
+        for a in yes {
+            assert!(
+                announceable(
+                    a.parse().unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                    overlay
+                ),
+                "{a}"
+            );
+        }
+        for a in no {
+            assert!(
+                !announceable(
+                    a.parse().unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                    overlay
+                ),
+                "{a}"
+            );
+        }
+    }
+}

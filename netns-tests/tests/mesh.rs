@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use netns_tests::mesh::Mesh;
+use netns_tests::probe::{wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
-use netns_tests::{LinkParams, Result, Topology};
+use netns_tests::{cleanup, LinkParams, Result, Topology};
 
 fn names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("n{i}")).collect()
@@ -59,6 +60,276 @@ fn four_nodes_reach_each_other() -> Result<()> {
     Ok(())
 }
 
+/// Number of tunnels node `i` reports (any state).
+fn tunnel_peers(m: &Mesh, i: usize) -> Vec<String> {
+    m.ctl(i, "/tunnels")
+        .ok()
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|t| t["peer"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Twelve nodes, a random latency matrix (5..60 ms one way), 10% of the
+/// direct paths blackholed: every pair reachable within 20 s of start.
+fn twelve_nodes_around_broken_paths() -> Result<()> {
+    let n = names(12);
+    let mut t = topology("mesh12", 12, 20);
+    let mut rng = fastrand::Rng::with_seed(12);
+    let mut broken = Vec::new();
+    for i in 0..n.len() {
+        for j in i + 1..n.len() {
+            let mut p = LinkParams::delay_ms(rng.u64(5..=60));
+            if rng.f64() < 0.10 {
+                p = p.with_blackhole(true);
+                broken.push((n[i].clone(), n[j].clone()));
+            }
+            t.wan_both(&n[i], &n[j], p);
+        }
+    }
+    eprintln!("blackholed direct paths: {broken:?}");
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    let took = m.wait_full_reachability(Duration::from_secs(20))?;
+    eprintln!(
+        "12 nodes, {} broken paths: full reachability after {took:?}",
+        broken.len()
+    );
+    Ok(())
+}
+
+/// Three nodes, the direct path n1-n2 in use; it breaks silently (the WAN
+/// drops everything between them): traffic moves through n3.
+fn silent_failure_of_a_path_in_use() -> Result<()> {
+    let n = names(3);
+    let mut t = topology("silent", 3, 15);
+    t.wan_both("n1", "n2", LinkParams::delay_ms(5));
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    // Wait for the direct tunnel to carry the route.
+    wait_until(
+        "n1 routing to n2 over their direct tunnel",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let v = m.ctl(0, "/tunnels").ok()?;
+            v.as_array()?
+                .iter()
+                .any(|t| t["peer"] == m.nodes[1].prefix.as_str() && t["routes"].as_u64() >= Some(1))
+                .then_some(())
+        },
+    )?;
+    let probe = LossProbe::start(
+        m.host(0)?,
+        m.host(1)?,
+        m.address(1),
+        Duration::from_millis(10),
+    )?;
+    cleanup::sleep(Duration::from_secs(2))?;
+    m.net.wan()?.blackhole("n1", "n2")?;
+    cleanup::sleep(Duration::from_secs(8))?;
+    let r = probe.stop(Duration::from_millis(500));
+    eprintln!(
+        "silent failure: loss window {:?} ({} of {} probes lost)",
+        r.longest_gap, r.lost, r.sent
+    );
+    check(
+        r.longest_gap < Duration::from_secs(5),
+        format!("loss window {:?} over 5 s", r.longest_gap),
+    )?;
+    check(m.ping(0, 1, 2), "n1 reaches n2 after the failure")
+}
+
+/// The registry stops: the mesh keeps routing; a node restarted meanwhile
+/// rejoins from its peer cache.
+fn registry_down_mesh_keeps_routing() -> Result<()> {
+    let n = names(4);
+    let t = topology("regdown", 4, 10);
+    let mut m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    m.stop_registry()?;
+    cleanup::sleep(Duration::from_secs(3))?;
+    let bad = m.unreachable_pairs();
+    check(
+        bad.is_empty(),
+        format!("unreachable with the registry down: {bad:?}"),
+    )?;
+    check(m.stop_node(3)?, "clean stop")?;
+    m.start_node(3)?;
+    let took = m.wait_full_reachability(Duration::from_secs(30))?;
+    eprintln!("restart with the registry down: full reachability after {took:?}");
+    Ok(())
+}
+
+/// A revoked node loses all its tunnels within one configuration refresh
+/// and cannot build new ones.
+fn revoked_node_is_cut_off() -> Result<()> {
+    let n = names(4);
+    let t = topology("revoke", 4, 10);
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &["--config-refresh", "5"])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let victim = m.nodes[3].prefix.clone();
+    m.registry_cmd(&["revoke", &victim])?;
+    let (_, took) = wait_until(
+        "no tunnel to the revoked node",
+        Duration::from_secs(12),
+        Duration::from_millis(200),
+        || {
+            (0..3)
+                .all(|i| !tunnel_peers(&m, i).contains(&victim))
+                .then_some(())
+        },
+    )?;
+    eprintln!("revoked node cut off after {took:?}");
+    cleanup::sleep(Duration::from_secs(10))?;
+    for i in 0..3 {
+        check(
+            !tunnel_peers(&m, i).contains(&victim),
+            format!("{} rebuilt a tunnel to the revoked node", m.nodes[i].name),
+        )?;
+        check(!m.ping(i, 3, 1), "the revoked node is unreachable")?;
+    }
+    let up = m
+        .ctl(3, "/tunnels")?
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|t| t["up"] == true).count());
+    check(
+        up == 0,
+        format!("the revoked node still has {up} tunnels up"),
+    )
+}
+
+/// Three HMAC rotation steps while traffic flows: no loss window over 1 s.
+fn hmac_rotation_keeps_reachability() -> Result<()> {
+    let n = names(4);
+    let t = topology("hmac", 4, 10);
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &["--config-refresh", "5"])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let probe = LossProbe::start(
+        m.host(0)?,
+        m.host(2)?,
+        m.address(2),
+        Duration::from_millis(10),
+    )?;
+    let mut version = 0;
+    for _ in 0..3 {
+        m.registry_cmd(&["hmac", "rotate"])?;
+        let (v, _) = wait_until(
+            "every node on the new Babel keys",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || {
+                let vs: Vec<u64> = (0..4)
+                    .filter_map(|i| m.ctl(i, "/status").ok()?["node"]["hmac_version"].as_u64())
+                    .collect();
+                (vs.len() == 4 && vs.iter().all(|v| *v == vs[0] && *v > version)).then(|| vs[0])
+            },
+        )?;
+        version = v;
+        cleanup::sleep(Duration::from_secs(2))?;
+    }
+    let r = probe.stop(Duration::from_millis(500));
+    eprintln!(
+        "HMAC rotation x3: longest gap {:?}, lost {}/{}",
+        r.longest_gap, r.lost, r.sent
+    );
+    check(
+        r.longest_gap < Duration::from_secs(1),
+        format!("loss window {:?}", r.longest_gap),
+    )?;
+    let bad = m.unreachable_pairs();
+    check(
+        bad.is_empty(),
+        format!("unreachable after rotation: {bad:?}"),
+    )
+}
+
+/// Tunnels rotate every 10 s (graceful drain): traffic never stops for 1 s.
+fn tunnel_rotation_without_loss() -> Result<()> {
+    let n = names(5);
+    let t = topology("rotate", 5, 10);
+    let m = Mesh::start(
+        &t,
+        "reg",
+        &refs(&n),
+        &[("tunnel_refresh_s", "10"), ("client_count", "2")],
+        &[],
+    )?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let probe = LossProbe::start(
+        m.host(0)?,
+        m.host(4)?,
+        m.address(4),
+        Duration::from_millis(10),
+    )?;
+    cleanup::sleep(Duration::from_secs(35))?;
+    let r = probe.stop(Duration::from_millis(500));
+    let drains: u64 = (0..5)
+        .filter_map(|i| {
+            let text = re6stnet::ctl::fetch(&m.nodes[i].ctl, "/metrics").ok()?;
+            text.lines()
+                .find(|l| l.starts_with("re6st_peer_messages_sent_total{kind=\"drain_request\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| v as u64)
+        })
+        .sum();
+    eprintln!(
+        "rotation: {drains} drains in 35 s, longest gap {:?}, lost {}/{}",
+        r.longest_gap, r.lost, r.sent
+    );
+    check(drains >= 2, format!("only {drains} tunnel rotations"))?;
+    check(
+        r.longest_gap < Duration::from_secs(1),
+        format!("loss window {:?}", r.longest_gap),
+    )
+}
+
+/// Three nodes on one LAN segment (Babel on it too): they ping each other;
+/// one restarted, all recover.
+fn lan_nodes_recover_from_a_restart() -> Result<()> {
+    let n = names(3);
+    let mut t = topology("lan3", 3, 10);
+    t.lan("office", &refs(&n));
+    let mut m = Mesh::start(&t, "reg", &refs(&n), &[], &["--interface", "lan0"])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    m.stop_node(1)?;
+    m.start_node(1)?;
+    let took = m.wait_full_reachability(Duration::from_secs(30))?;
+    eprintln!("LAN restart: full reachability again after {took:?}");
+    // Killed (a crash): the restarted daemon removes what was left.
+    m.kill_node(2)?;
+    m.start_node(2)?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    run_suite(&[("four_nodes_reach_each_other", four_nodes_reach_each_other)])
+    run_suite(&[
+        ("four_nodes_reach_each_other", four_nodes_reach_each_other),
+        (
+            "twelve_nodes_around_broken_paths",
+            twelve_nodes_around_broken_paths,
+        ),
+        (
+            "silent_failure_of_a_path_in_use",
+            silent_failure_of_a_path_in_use,
+        ),
+        (
+            "registry_down_mesh_keeps_routing",
+            registry_down_mesh_keeps_routing,
+        ),
+        ("revoked_node_is_cut_off", revoked_node_is_cut_off),
+        (
+            "hmac_rotation_keeps_reachability",
+            hmac_rotation_keeps_reachability,
+        ),
+        ("tunnel_rotation_without_loss", tunnel_rotation_without_loss),
+        (
+            "lan_nodes_recover_from_a_restart",
+            lan_nodes_recover_from_a_restart,
+        ),
+    ])
 }

@@ -135,6 +135,8 @@ fn policy_config(c: &NetworkConfig) -> PolicyConfig {
         client_count: c.client_count as usize,
         max_clients: c.max_clients as usize,
         tunnel_refresh: Duration::from_secs(u64::from(c.tunnel_refresh_s.max(1))),
+        // Nodes of a new network start together: ask the registry again soon.
+        backoff_base: Duration::from_secs(2),
         ..PolicyConfig::default()
     }
 }
@@ -719,14 +721,7 @@ impl Node {
         self.pending.remove(&p);
         match reply {
             Reply::Accepted(cert) => self.add_tunnel(p, &cert, Some(src), true).await,
-            Reply::Busy(others) => {
-                for o in others {
-                    if o != self.prefix && self.network.contains(&o) {
-                        self.view.routed.insert(o);
-                    }
-                }
-                self.failed(p, "busy").await;
-            }
+            Reply::Busy(_) => self.failed(p, "busy").await,
             Reply::Refused(reason) => {
                 tracing::warn!(peer = %p, %reason, "tunnel refused");
                 if reason.contains("revoked") {
@@ -848,9 +843,13 @@ impl Node {
         self.policy.set_config(policy_config(&self.netconf), now);
         self.responder.set_crl(self.netconf.crl.clone());
         self.peers.set_crl(self.netconf.crl.clone());
-        if self.netconf.crl.contains(&self.files.cert.serial) {
-            tracing::error!("this node is revoked: it will not open tunnels");
+        if self.netconf.crl.contains(&self.files.cert.serial) && !self.revoked {
+            tracing::error!("this node is revoked: closing its tunnels; it will not open new ones");
             self.revoked = true;
+            for p in self.tunnel_peers() {
+                self.send_peer(p, &Body::Close);
+                self.lost(p, "we_are_revoked").await;
+            }
         }
         let revoked: Vec<Peer> = self
             .tunnels

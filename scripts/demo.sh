@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job: the live demo on this machine (as root). Extra arguments go to
-# re6st-demo (try --help, --nodes N, --keep).
+# The main job: a live re6st-rs mesh on this machine (as root): a registry and
+# re6stnet nodes in network namespaces. Extra arguments go to re6st-demo (try
+# --help, --nodes N, --keep; `./scripts/demo.sh cleanup` after a crash).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-exec cargo run --release --quiet -p netns-tests --bin re6st-demo -- "$@"
+# The demo runs the registry, re6st-conf and re6stnet binaries: build them all.
+cargo build --release --quiet --workspace --bins
+exec ./target/release/re6st-demo "$@"

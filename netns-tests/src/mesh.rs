@@ -360,6 +360,35 @@ impl Mesh {
         Ok(start.elapsed())
     }
 
+    /// The chain of nodes traffic from `i` to `j` takes now, read hop by
+    /// hop from each node's selected route and the tunnel it goes through
+    /// (None: no route somewhere, or a loop).
+    pub fn path(&self, i: usize, j: usize) -> Option<Vec<usize>> {
+        let mut path = vec![i];
+        let mut at = i;
+        while at != j {
+            if path.len() > self.nodes.len() {
+                return None;
+            }
+            let routes = self.ctl(at, "/routes").ok()?;
+            let iface = routes.as_array()?.iter().find(|r| {
+                r["selected"] == Value::Bool(true) && r["prefix"] == self.nodes[j].prefix.as_str()
+            })?["interface"]
+                .as_str()?
+                .to_string();
+            let tunnels = self.ctl(at, "/tunnels").ok()?;
+            let peer = tunnels
+                .as_array()?
+                .iter()
+                .find(|t| t["interface"] == iface.as_str())?["peer"]
+                .as_str()?
+                .to_string();
+            at = self.nodes.iter().position(|n| n.prefix == peer)?;
+            path.push(at);
+        }
+        Some(path)
+    }
+
     /// The overlay address of node `i`.
     pub fn address(&self, i: usize) -> IpAddr {
         IpAddr::V6(self.nodes[i].address)

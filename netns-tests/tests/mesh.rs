@@ -40,6 +40,25 @@ fn four_nodes_reach_each_other() -> Result<()> {
         status["node"]["prefix"] == m.nodes[0].prefix.as_str(),
         format!("status: {status}"),
     )?;
+    // Garbage and unsigned peer-protocol messages are dropped and counted.
+    let to = format!("/dev/udp/{}/326", m.nodes[0].address);
+    for payload in ["R6P1{\\\"bad", "R6P1{}", "R6T1xx"] {
+        m.host(1)?.run(
+            "bash",
+            &["-c", &format!("printf '%s' \"{payload}\" > {to}")],
+        )?;
+    }
+    let (_, _) = wait_until(
+        "the garbage counted",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || {
+            let text = re6stnet::ctl::fetch(&m.nodes[0].ctl, "/metrics").ok()?;
+            text.contains("re6st_rejected_packets_total{reason=\"peer_malformed\"} 2")
+                .then_some(())
+        },
+    )?;
+    check(m.ping(1, 0, 2), "still reachable after garbage")?;
     check(m.stop_node(0)?, "clean stop exits 0")?;
     let host = m.host(0)?;
     let routes = host.run("ip", &["-6", "route", "show", "proto", "113"])?;

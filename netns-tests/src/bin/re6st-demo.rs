@@ -1,29 +1,37 @@
-//! `re6st-demo`: the harness demo (until the node daemon exists).
+//! `re6st-demo`: a live re6st-rs mesh on this machine.
 //!
-//! Builds N hosts joined by the emulated Internet with a random latency
-//! matrix, prints the RTT matrix it measures next to the configured one,
-//! breaks one path and shows it unreachable, then heals it. `--keep` leaves
-//! the network up for exploring until Ctrl-C. Ctrl-C at any time tears
-//! everything down.
+//! A registry and N nodes (default 8) in network namespaces over an
+//! emulated Internet with a random latency matrix and some direct paths
+//! blackholed. Each node is enrolled with `re6st-conf` and runs `re6stnet`.
+//! The demo shows the mesh forming, the reachability matrix over the
+//! overlay, the path chosen for a sample pair against the broken or slower
+//! direct path, then silently breaks a path in use and prints the loss
+//! window. `--keep` leaves it running for `re6stctl`; Ctrl-C at any time
+//! tears everything down.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use netns_tests::mesh::Mesh;
 use netns_tests::probe::{ping, LossProbe};
-use netns_tests::{cleanup, Error, LinkParams, Net, Topology};
+use netns_tests::{cleanup, Error, LinkParams, Topology};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "re6st-rs demo: hosts in network namespaces over an emulated, faulty Internet", long_about = None)]
+#[command(
+    version,
+    about = "re6st-rs demo: a registry and re6stnet nodes in network namespaces over an emulated, faulty Internet",
+    long_about = None
+)]
 struct Cli {
-    /// Number of hosts (2 to 26).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(2..=26))]
+    /// Number of nodes (2 to 60).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(2..=60))]
     nodes: u8,
-    /// Leave the network running after the demo, until Ctrl-C.
+    /// Leave the mesh running after the demo, until Ctrl-C.
     #[arg(long)]
     keep: bool,
-    /// Seed of the random latency matrix (default: random).
+    /// Seed of the random latency matrix and broken paths (default: random).
     #[arg(long)]
     seed: Option<u64>,
     /// Shortest one-way delay between two hosts, in milliseconds.
@@ -32,6 +40,9 @@ struct Cli {
     /// Longest one-way delay between two hosts, in milliseconds.
     #[arg(long, default_value_t = 60)]
     max_delay_ms: u64,
+    /// Share of direct node-to-node paths that are broken (blackholed), 0 to 0.5.
+    #[arg(long, default_value_t = 0.15)]
+    broken: f64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,6 +92,12 @@ fn host_name(i: usize) -> String {
     format!("n{}", i + 1)
 }
 
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    })
+}
+
 fn run_demo(cli: &Cli) -> anyhow::Result<()> {
     if cli.min_delay_ms > cli.max_delay_ms {
         bail!(
@@ -89,6 +106,9 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
             cli.max_delay_ms
         );
     }
+    if !(0.0..=0.5).contains(&cli.broken) {
+        bail!("--broken must be between 0 and 0.5");
+    }
     cleanup::install_interrupt_handler()?;
     let n = usize::from(cli.nodes);
     let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
@@ -96,82 +116,223 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
     let names: Vec<String> = (0..n).map(host_name).collect();
 
     let mut delay = vec![vec![0u64; n]; n];
+    let mut broken = vec![vec![false; n]; n];
     let mut topo = Topology::new("demo");
+    topo.host("reg");
     for name in &names {
         topo.host(name);
     }
+    topo.default_wan(LinkParams::delay_ms(10));
     for i in 0..n {
         for j in i + 1..n {
             let d = rng.u64(cli.min_delay_ms..=cli.max_delay_ms);
+            let b = rng.f64() < cli.broken;
             delay[i][j] = d;
             delay[j][i] = d;
-            topo.wan_both(&names[i], &names[j], LinkParams::delay_ms(d));
+            broken[i][j] = b;
+            broken[j][i] = b;
+            topo.wan_both(
+                &names[i],
+                &names[j],
+                LinkParams::delay_ms(d).with_blackhole(b),
+            );
         }
     }
-
-    println!("re6st-demo: {n} hosts over an emulated Internet (seed {seed})");
-    println!("building namespaces and the WAN emulator...");
-    let net = Net::build(&topo)?;
-    for h in net.hosts() {
+    let nbroken = (0..n)
+        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .filter(|&(i, j)| broken[i][j])
+        .count();
+    println!(
+        "re6st-demo: a registry and {n} re6stnet nodes over an emulated Internet (seed {seed})"
+    );
+    println!(
+        "  one-way delays {}..{} ms between nodes; {nbroken} of {} direct paths broken (blackholed)",
+        cli.min_delay_ms,
+        cli.max_delay_ms,
+        n * (n - 1) / 2
+    );
+    println!("building namespaces, starting the registry, enrolling the nodes (re6st-conf)...");
+    let t0 = Instant::now();
+    let names_ref: Vec<&str> = names.iter().map(String::as_str).collect();
+    let m = Mesh::start(&topo, "reg", &names_ref, &[], &[])?;
+    println!("  registry {}  (database {})", m.url, m.db.display());
+    for (i, node) in m.nodes.iter().enumerate() {
+        let h = m.host(i)?;
         println!(
-            "  {:<4} netns {:<28} {} {}",
-            h.name(),
+            "  {:<4} netns {:<26} underlay {:<14} prefix {:<22} joined",
+            node.name,
             h.ns(),
-            h.addr(false)?,
-            h.addr(true)?
+            h.addr(false)?.to_string(),
+            node.prefix
         );
     }
 
-    println!("\nmeasuring the RTT of every pair (ping, 5 x 50 ms)...");
-    let measured = measure_matrix(&net, &names)?;
-    print_matrices(&names, &delay, &measured);
-
-    let (a, b) = (&names[0], &names[1]);
-    let (ha, hb) = (net.host(a)?, net.host(b)?);
-    let dst = hb.addr(false)?;
-    println!("\nbreaking the direct path {a} <-> {b} (blackhole, both directions)...");
-    let probe = LossProbe::start(ha, hb, dst, Duration::from_millis(10))?;
-    cleanup::sleep(Duration::from_millis(300))?;
-    net.wan()?.blackhole(a, b)?;
-    let s = ping(ha, dst, 5, Duration::from_millis(100))?;
+    println!("\nre6stnet started on every node; the mesh forms (tunnels, Babel routes):");
+    let started = Instant::now();
+    let want = n * (n - 1);
+    let mut last = usize::MAX;
+    loop {
+        cleanup::check_interrupt()?;
+        let routes: usize = (0..n)
+            .map(|i| {
+                let have = m.routes(i);
+                m.nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, o)| *j != i && have.contains(&o.prefix))
+                    .count()
+            })
+            .sum();
+        let tunnels: usize = (0..n)
+            .map(|i| {
+                m.ctl(i, "/status")
+                    .ok()
+                    .and_then(|v| v["tunnels_up"].as_u64())
+                    .unwrap_or(0) as usize
+            })
+            .sum::<usize>()
+            / 2;
+        if routes != last {
+            println!(
+                "  {:>5.1} s  tunnels up {tunnels:>3}   routes learned {routes:>4}/{want}",
+                started.elapsed().as_secs_f64()
+            );
+            last = routes;
+        }
+        if routes == want {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "the mesh did not converge in 120 s (logs in {})",
+                m.net.log_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
     println!(
-        "  ping {a} -> {b}: {}/{} replies{}",
-        s.received,
-        s.sent,
-        if s.received == 0 {
-            "  => unreachable"
+        "  every node routes to every other one {:.1} s after start ({:.1} s including set-up)",
+        started.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // RTT estimates need a few Hellos to settle before the matrix is fair.
+    cleanup::sleep(Duration::from_secs(3))?;
+    println!("\nreachability over the overlay (ping RTT in ms between node addresses; x = broken direct path underneath):");
+    let rtt = overlay_matrix(&m, n)?;
+    let width = 7;
+    let header: String = names.iter().map(|h| format!("{h:>width$}")).collect();
+    println!("{:<5}{header}", "");
+    let mut unreachable = 0;
+    for i in 0..n {
+        let row: String = (0..n)
+            .map(|j| {
+                if i == j {
+                    return format!("{:>width$}", "-");
+                }
+                let mark = if broken[i][j] { "x" } else { "" };
+                match rtt[i][j] {
+                    Some(v) => format!("{:>width$}", format!("{v:.0}{mark}")),
+                    None => {
+                        unreachable += 1;
+                        format!("{:>width$}", "LOST")
+                    }
+                }
+            })
+            .collect();
+        println!("{:<5}{row}", names[i]);
+    }
+    println!(
+        "  {} of {} pairs reachable",
+        n * (n - 1) - unreachable,
+        n * (n - 1)
+    );
+
+    // The sample pair: a broken direct path if any, else the pair whose
+    // overlay path is the best improvement over the direct one.
+    let pairs: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
+        .collect();
+    let (a, b) = pairs
+        .iter()
+        .copied()
+        .find(|&(i, j)| broken[i][j] && rtt[i][j].is_some())
+        .or_else(|| {
+            pairs.iter().copied().max_by(|&(i, j), &(k, l)| {
+                let gain =
+                    |i: usize, j: usize| 2.0 * delay[i][j] as f64 - rtt[i][j].unwrap_or(f64::MAX);
+                gain(i, j).total_cmp(&gain(k, l))
+            })
+        })
+        .context("no pair")?;
+    let show_path = |p: &Option<Vec<usize>>| {
+        p.as_ref().map_or("(no route)".to_string(), |p| {
+            p.iter()
+                .map(|i| names[*i].as_str())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        })
+    };
+    let path = m.path(a, b);
+    let (ha, hb) = (m.host(a)?, m.host(b)?);
+    let over = ping(ha, m.address(b), 5, Duration::from_millis(100))?;
+    let direct = ping(ha, hb.addr(false)?, 3, Duration::from_millis(100))?;
+    println!("\nsample pair {} -> {}:", names[a], names[b]);
+    println!(
+        "  direct Internet path: {}",
+        if direct.received == 0 {
+            "BROKEN (no reply)".to_string()
         } else {
-            ""
+            format!("RTT {}", ms(direct.avg))
         }
     );
-    let c = net.wan()?.counters(a, b)?;
-    println!("  emulator {a}->{b}: {} packets blackholed", c.blackholed);
-    println!("healing {a} <-> {b}...");
-    net.wan()?.heal(a, b)?;
-    let s = ping(ha, dst, 5, Duration::from_millis(100))?;
     println!(
-        "  ping {a} -> {b}: {}/{} replies, avg RTT {} (configured {} ms)",
-        s.received,
-        s.sent,
-        fmt_ms(s.avg),
-        2 * delay[0][1]
+        "  overlay path chosen:  {}   RTT {}",
+        show_path(&path),
+        ms(over.avg)
     );
-    cleanup::sleep(Duration::from_millis(300))?;
-    let r = probe.stop(Duration::from_millis(300));
+
+    // Break a path in use, silently: the first hop of the sample path.
+    let Some(p) = path.filter(|p| p.len() >= 2) else {
+        bail!("no path to break");
+    };
+    let (x, y) = (p[0], p[1]);
     println!(
-        "  10 ms probe over the whole break: {} sent, {} lost, longest gap {:.0} ms",
+        "\nbreaking the Internet path {} <-> {} silently (the emulator drops everything; no link goes down)...",
+        names[x], names[y]
+    );
+    let probe = LossProbe::start(ha, hb, m.address(b), Duration::from_millis(10))?;
+    cleanup::sleep(Duration::from_secs(1))?;
+    m.net.wan()?.blackhole(&names[x], &names[y])?;
+    cleanup::sleep(Duration::from_secs(6))?;
+    let r = probe.stop(Duration::from_millis(500));
+    let after = ping(ha, m.address(b), 5, Duration::from_millis(100))?;
+    println!(
+        "  10 ms probe {} -> {}: {} sent, {} lost; loss window {:.0} ms",
+        names[a],
+        names[b],
         r.sent,
         r.lost,
         r.longest_gap.as_secs_f64() * 1000.0
     );
-    if s.received == 0 {
-        bail!("{a} -> {b} did not recover after heal");
-    }
+    println!(
+        "  new path: {}   RTT {}",
+        show_path(&m.path(a, b)),
+        ms(after.avg)
+    );
 
     if cli.keep {
-        println!("\nthe network stays up; explore it, e.g.:");
-        println!("  ip netns exec {} ping {}", ha.ns(), dst);
-        println!("  ip netns exec {} bash", ha.ns());
+        println!("\nthe mesh stays up; explore it, e.g.:");
+        let re6stctl = netns_tests::binary("re6stctl")?;
+        for what in ["status", "tunnels", "neighbours", "routes"] {
+            println!(
+                "  {} --socket {} {what}",
+                re6stctl.display(),
+                m.nodes[a].ctl.display()
+            );
+        }
+        println!("  ip netns exec {} ping {}", ha.ns(), m.address(b));
+        println!("  logs: {}", m.net.log_dir().display());
         println!("press Ctrl-C to tear it down.");
         loop {
             cleanup::sleep(Duration::from_secs(3600))?;
@@ -181,22 +342,21 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure_matrix(net: &Net, names: &[String]) -> anyhow::Result<Vec<Vec<Option<f64>>>> {
-    let n = names.len();
+/// RTT between every pair of nodes over the overlay (3 pings each, a few
+/// pairs at a time).
+fn overlay_matrix(m: &Mesh, n: usize) -> anyhow::Result<Vec<Vec<Option<f64>>>> {
     let mut out = vec![vec![None; n]; n];
     let pairs: Vec<(usize, usize)> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
+        .flat_map(|i| (0..n).filter(move |j| *j != i).map(move |j| (i, j)))
         .collect();
-    // A few pings at a time: enough to be quick, few enough not to load the machine.
-    for chunk in pairs.chunks(4) {
+    for chunk in pairs.chunks(8) {
         cleanup::check_interrupt()?;
         let results = std::thread::scope(|s| {
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|&(i, j)| {
                     s.spawn(move || -> anyhow::Result<Option<f64>> {
-                        let dst = net.host(&names[j])?.addr(false)?;
-                        let st = ping(net.host(&names[i])?, dst, 5, Duration::from_millis(50))?;
+                        let st = ping(m.host(i)?, m.address(j), 3, Duration::from_millis(50))?;
                         Ok(st.avg.map(|d| d.as_secs_f64() * 1000.0))
                     })
                 })
@@ -209,49 +369,9 @@ fn measure_matrix(net: &Net, names: &[String]) -> anyhow::Result<Vec<Vec<Option<
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         })?;
-        for (&(i, j), rtt) in chunk.iter().zip(results) {
-            out[i][j] = rtt;
-            out[j][i] = rtt;
+        for (&(i, j), v) in chunk.iter().zip(results) {
+            out[i][j] = v;
         }
     }
     Ok(out)
-}
-
-fn fmt_ms(d: Option<Duration>) -> String {
-    d.map_or("-".into(), |d| {
-        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-    })
-}
-
-fn print_matrices(names: &[String], delay: &[Vec<u64>], measured: &[Vec<Option<f64>>]) {
-    let n = names.len();
-    let width = 7;
-    let header: String = names.iter().map(|h| format!("{h:>width$}")).collect();
-    let left = 5 + width * n;
-    println!("\n{:<left$}   | measured RTT (ms)", "configured RTT (ms)");
-    println!("{:<5}{header}   | {:<5}{header}", "", "");
-    let mut worst: f64 = 0.0;
-    for i in 0..n {
-        let conf: String = (0..n)
-            .map(|j| {
-                if i == j {
-                    format!("{:>width$}", "-")
-                } else {
-                    format!("{:>width$}", 2 * delay[i][j])
-                }
-            })
-            .collect();
-        let meas: String = (0..n)
-            .map(|j| match (i == j, measured[i][j]) {
-                (true, _) => format!("{:>width$}", "-"),
-                (false, Some(v)) => {
-                    worst = worst.max((v - 2.0 * delay[i][j] as f64).abs());
-                    format!("{v:>width$.1}")
-                }
-                (false, None) => format!("{:>width$}", "lost"),
-            })
-            .collect();
-        println!("{:<5}{conf}   | {:<5}{meas}", names[i], names[i]);
-    }
-    println!("largest difference between measured and configured RTT: {worst:.2} ms");
 }

@@ -319,26 +319,41 @@ impl Mesh {
         .is_ok_and(|o| o.status.success())
     }
 
-    /// Pairs (i, j) of running nodes where i cannot ping j.
+    /// Pairs (i, j) of running nodes where i cannot ping j (eight pings
+    /// at a time).
     pub fn unreachable_pairs(&self) -> Vec<(usize, usize)> {
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].process.is_some())
             .collect();
+        let pairs: Vec<(usize, usize)> = running
+            .iter()
+            .flat_map(|&i| {
+                running
+                    .iter()
+                    .filter(move |&&j| j != i)
+                    .map(move |&j| (i, j))
+            })
+            .collect();
         let mut bad = Vec::new();
-        for &i in &running {
-            for &j in &running {
-                if i != j && !self.ping(i, j, 2) {
-                    bad.push((i, j));
+        for chunk in pairs.chunks(8) {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|&(i, j)| s.spawn(move || (i, j, self.ping(i, j, 2))))
+                    .collect();
+                for h in handles {
+                    if let Ok((i, j, false)) = h.join() {
+                        bad.push((i, j));
+                    }
                 }
-            }
+            });
         }
         bad
     }
 
-    /// Waits until every running node routes to every other one, then
-    /// until every pair pings; returns how long it took.
-    pub fn wait_full_reachability(&self, timeout: Duration) -> Result<Duration> {
-        let start = Instant::now();
+    /// Waits until every running node has a selected route to every other
+    /// one; returns how long it took.
+    pub fn wait_routes(&self, timeout: Duration) -> Result<Duration> {
         wait_until(
             "routes between every pair of nodes",
             timeout,
@@ -349,7 +364,15 @@ impl Mesh {
                     .all(|i| self.routes_all(i))
                     .then_some(())
             },
-        )?;
+        )
+        .map(|(_, d)| d)
+    }
+
+    /// Waits until every running node routes to every other one, then
+    /// until every pair pings; returns how long it took.
+    pub fn wait_full_reachability(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        self.wait_routes(timeout)?;
         let left = timeout.saturating_sub(start.elapsed());
         wait_until(
             "pings between every pair of nodes",

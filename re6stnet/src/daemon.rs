@@ -689,7 +689,11 @@ impl Node {
         });
         match outcome {
             Outcome::Accepted { peer, reply } => {
+                // Both ends were opening: the policy drops our attempt
+                // (Close), which must not close the tunnel being accepted.
+                actions.retain(|a| *a != Action::Close(peer.prefix));
                 self.pending.remove(&peer.prefix);
+                self.asking.remove(&peer.prefix);
                 self.add_tunnel(peer.prefix, &peer, None, false).await;
                 let _ = self.plane.send(src, &reply);
             }
@@ -759,20 +763,20 @@ impl Node {
             }
             Body::Endpoints { record } => {
                 let t = unix();
-                if let Err(e) = self
-                    .cache
-                    .insert(&record, &self.files.ca, &self.netconf.crl, t)
-                {
-                    tracing::debug!(peer = %from, error = %e, "peer record refused");
-                }
+                let eps = match record.verify(&self.files.ca, t, &self.netconf.crl) {
+                    Ok((rec, c)) if c.prefix == from => {
+                        let _ = self
+                            .cache
+                            .insert(&record, &self.files.ca, &self.netconf.crl, t);
+                        rec.endpoints
+                    }
+                    Ok(_) => Vec::new(),
+                    Err(e) => {
+                        tracing::debug!(peer = %from, error = %e, "peer record refused");
+                        Vec::new()
+                    }
+                };
                 if self.asking.remove(&from).is_some() {
-                    let eps = self
-                        .cache
-                        .candidates(t)
-                        .ok()
-                        .and_then(|c| c.into_iter().find(|c| c.prefix == from))
-                        .map(|c| c.endpoints)
-                        .unwrap_or_default();
                     if eps.is_empty() {
                         self.failed(from, "no_endpoint").await;
                     } else {

@@ -236,7 +236,7 @@ impl Plane {
         let sh = Arc::clone(&self.shared);
         let t = std::thread::Builder::new()
             .name(format!("wg-tun-{index}"))
-            .spawn(move || tun_loop(&sh, index, &tun, &stop))
+            .spawn(move || tun_loop(&sh, index, &tun, &stop, mtu as usize))
             .map_err(io("starting a tun reader"))?;
         lock(&self.link_threads).insert(index, t);
         if let Some(ep) = endpoint {
@@ -362,13 +362,16 @@ fn receive_loop(sh: &Shared) {
 
 /// Packets read from a tun device per batch.
 const BATCH: usize = 44;
-/// Room per encrypted packet in the batch buffer.
-const SLOT: usize = 1500 + 64;
+/// Room for WireGuard's header, tag and padding around a packet.
+const OVERHEAD: usize = 96;
 
-fn tun_loop(sh: &Shared, index: u32, tun: &File, stop: &AtomicBool) {
-    let mut packets: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 65_535]).collect();
+fn tun_loop(sh: &Shared, index: u32, tun: &File, stop: &AtomicBool, mtu: usize) {
+    // Without IFF_VNET_HDR a tun read returns at most one MTU-sized packet:
+    // buffers of that size keep the per-tunnel memory small.
+    let slot = mtu.clamp(1280, 65_535) + OVERHEAD;
+    let mut packets: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; slot]).collect();
     let mut lens = [0usize; BATCH];
-    let mut out = vec![0u8; BATCH * SLOT + 65_535];
+    let mut out = vec![0u8; BATCH * slot];
     let mut sizes: Vec<usize> = Vec::with_capacity(BATCH);
     let mut pfd = libc::pollfd {
         fd: tun.as_raw_fd(),

@@ -8,7 +8,7 @@ bash scripts/deps.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^(passed|failed|ignored);?$/) { n[$(i)] += $(i-1) }

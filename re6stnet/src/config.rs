@@ -176,6 +176,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let f = parse(include_str!("../../dist/re6stnet.toml"));
+        assert!(matches!(&f, Ok(f) if f.port == Some(326)), "{f:?}");
+        let c = f.and_then(|f| merge(FileConfig::default(), f));
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let file = parse("port = 1000\ninterface = [\"eth1\"]\n").unwrap_or_default();
         let flags = FileConfig {

@@ -88,14 +88,25 @@ impl Mesh {
         params: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Self> {
+        Self::start_with_init(topology, registry_host, nodes, &[], params, flags)
+    }
+
+    /// [`Mesh::start`] with more `re6st-registry init` flags.
+    pub fn start_with_init(
+        topology: &Topology,
+        registry_host: &str,
+        nodes: &[&str],
+        init: &[&str],
+        params: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Self> {
         let net = Net::build(topology)?;
         let base = net.log_dir().to_path_buf();
         let db = base.join("registry.db");
         let dbs = db.to_string_lossy().into_owned();
-        run_bin(
-            "re6st-registry",
-            &["--db", &dbs, "init", "--network", "fd5e:5e::/48"],
-        )?;
+        let mut args = vec!["--db", &dbs, "init", "--network", "fd5e:5e::/48"];
+        args.extend_from_slice(init);
+        run_bin("re6st-registry", &args)?;
         for (k, v) in params {
             run_bin("re6st-registry", &["--db", &dbs, "config", "set", k, v])?;
         }
@@ -288,6 +299,21 @@ impl Mesh {
 
     /// Whether node `i` has a selected route to every other running node.
     pub fn routes_all(&self, i: usize) -> bool {
+        let others = self
+            .nodes
+            .iter()
+            .filter(|n| n.process.is_some())
+            .count()
+            .saturating_sub(1);
+        // The status is small: read the full route table only when the count is there.
+        let count = self
+            .ctl(i, "/status")
+            .ok()
+            .and_then(|v| v["routes"].as_u64())
+            .unwrap_or(0);
+        if (count as usize) < others {
+            return false;
+        }
         let have = self.routes(i);
         self.nodes
             .iter()
@@ -415,6 +441,20 @@ impl Mesh {
     /// The overlay address of node `i`.
     pub fn address(&self, i: usize) -> IpAddr {
         IpAddr::V6(self.nodes[i].address)
+    }
+
+    /// The serial of node `i`'s certificate on disk.
+    pub fn serial(&self, i: usize) -> Result<u64> {
+        let dir = &self.nodes[i].dir;
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map_err(|e| Error::io(format!("reading {}", dir.join(f).display()), e))
+        };
+        let (ca, cert) = (read("ca.crt")?, read("node.crt")?);
+        re6st_registry::cert::CaCert::from_pem(&ca)
+            .and_then(|ca| ca.verify_node(&cert, None))
+            .map(|c| c.serial)
+            .map_err(|e| Error::Measure(format!("{}'s certificate: {e}", self.nodes[i].name)))
     }
 
     /// The log of node `i`'s daemon.

@@ -325,6 +325,28 @@ fn lan_nodes_recover_from_a_restart() -> Result<()> {
     Ok(())
 }
 
+/// Certificates valid 20 days are inside the 30-day renewal window: each
+/// node renews its certificate at start, keeps its prefix and stays
+/// reachable.
+fn certificates_are_renewed_before_expiry() -> Result<()> {
+    let n = names(2);
+    let t = topology("renew", 2, 10);
+    let m = Mesh::start_with_init(&t, "reg", &refs(&n), &["--validity-days", "20"], &[], &[])?;
+    let enrolled = [m.serial(0)?, m.serial(1)?];
+    wait_until(
+        "both nodes renewed",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            (0..2)
+                .all(|i| m.serial(i).is_ok_and(|s| s != enrolled[i]))
+                .then_some(())
+        },
+    )?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),

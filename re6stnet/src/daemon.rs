@@ -36,6 +36,8 @@ use crate::system::{self, NodeAddress};
 
 /// How often the node looks at routing and its tunnels.
 const TICK: Duration = Duration::from_millis(250);
+/// Routing is read every this many ticks.
+const STATUS_EVERY: u32 = 4;
 /// An outgoing tunnel whose handshake has not completed by then failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An incoming tunnel the initiator never completed is forgotten.
@@ -128,6 +130,7 @@ struct Node {
     metrics: Metrics,
     revoked: bool,
     started: Instant,
+    ticks: u32,
 }
 
 fn policy_config(c: &NetworkConfig) -> PolicyConfig {
@@ -316,6 +319,7 @@ pub async fn run(
         metrics: Metrics::default(),
         revoked: false,
         started: now,
+        ticks: 0,
         netconf,
         files,
     };
@@ -331,9 +335,10 @@ pub async fn run(
             Some(e) = events_rx.recv() => node.on_event(e).await,
             Some(r) = tasks_rx.recv() => node.on_task(r).await,
             _ = tick.tick() => {
-                node.on_tick().await;
-                if let Ok(mut s) = snapshot.write() {
-                    *s = node.snapshot();
+                if node.on_tick().await {
+                    if let Ok(mut s) = snapshot.write() {
+                        *s = node.snapshot();
+                    }
                 }
             }
             () = &mut shutdown => break,
@@ -992,13 +997,20 @@ impl Node {
         }
     }
 
-    async fn on_tick(&mut self) {
+    /// The periodic step; returns whether routing was read (then the
+    /// control API's snapshot is refreshed too).
+    async fn on_tick(&mut self) -> bool {
         let now = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        if self.routing.send(Command::Status(tx)).await.is_ok() {
-            self.status = rx.await.ok();
+        self.ticks = self.ticks.wrapping_add(1);
+        // Timeouts every tick; routing (a copy of every route) once a second.
+        let full = self.ticks % STATUS_EVERY == 1;
+        if full {
+            let (tx, rx) = oneshot::channel();
+            if self.routing.send(Command::Status(tx)).await.is_ok() {
+                self.status = rx.await.ok();
+            }
+            self.update_view();
         }
-        self.update_view();
         if now >= self.next_record {
             self.next_record = now + RECORD_REFRESH;
             self.refresh_record();
@@ -1013,6 +1025,39 @@ impl Node {
                 self.renew();
             }
         }
+        if full {
+            self.check_tunnels(now).await;
+        }
+        let expired: Vec<Peer> = self
+            .asking
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.asking.remove(&p);
+            self.failed(p, "no_endpoints_answer").await;
+        }
+        let expired: Vec<Peer> = self
+            .pending
+            .iter()
+            .filter(|(_, s)| now >= s.deadline)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.pending.remove(&p);
+            self.failed(p, "no_setup_answer").await;
+        }
+        if !self.revoked {
+            let actions = self.policy.tick(now, &self.view);
+            self.act(actions).await;
+        }
+        full
+    }
+
+    /// Tunnels whose handshake never completed, or whose Babel neighbour
+    /// has been silent too long, are failed or lost.
+    async fn check_tunnels(&mut self, now: Instant) {
         // Tunnels: handshake done, Babel neighbour heard.
         let heard: BTreeSet<String> = self
             .status
@@ -1049,30 +1094,6 @@ impl Node {
         }
         for (p, why) in dead {
             self.lost(p, why).await;
-        }
-        let expired: Vec<Peer> = self
-            .asking
-            .iter()
-            .filter(|(_, d)| now >= **d)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in expired {
-            self.asking.remove(&p);
-            self.failed(p, "no_endpoints_answer").await;
-        }
-        let expired: Vec<Peer> = self
-            .pending
-            .iter()
-            .filter(|(_, s)| now >= s.deadline)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in expired {
-            self.pending.remove(&p);
-            self.failed(p, "no_setup_answer").await;
-        }
-        if !self.revoked {
-            let actions = self.policy.tick(now, &self.view);
-            self.act(actions).await;
         }
     }
 

@@ -206,8 +206,7 @@ fn main() -> ExitCode {
         }
     };
     if matches!(cli.what, What::Metrics) {
-        print!("{body}");
-        return ExitCode::SUCCESS;
+        return out(&body);
     }
     let v: Value = match serde_json::from_str(&body) {
         Ok(v) => v,
@@ -217,9 +216,24 @@ fn main() -> ExitCode {
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        ))
     } else {
-        println!("{}", render(cli.what, &v));
+        out(&format!("{}\n", render(cli.what, &v)))
     }
-    ExitCode::SUCCESS
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn out(text: &str) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("re6stctl: writing the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

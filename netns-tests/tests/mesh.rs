@@ -372,5 +372,9 @@ fn main() -> ExitCode {
             "lan_nodes_recover_from_a_restart",
             lan_nodes_recover_from_a_restart,
         ),
+        (
+            "certificates_are_renewed_before_expiry",
+            certificates_are_renewed_before_expiry,
+        ),
     ])
 }

@@ -290,6 +290,19 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Selected-route changes.",
         plain(switches as f64),
     );
+    let (babel_in, babel_out) = s
+        .routing
+        .as_ref()
+        .map_or((0, 0), |r| (r.packets_in, r.packets_out));
+    one(
+        "babel_packets_total",
+        "counter",
+        "Babel packets by direction.",
+        vec![
+            ("{direction=\"in\"}".into(), babel_in as f64),
+            ("{direction=\"out\"}".into(), babel_out as f64),
+        ],
+    );
     let mut rejected = labelled("reason", &m.rejected);
     rejected.push(("{reason=\"babel\"}".into(), babel_rejected as f64));
     one(

@@ -15,6 +15,57 @@ use crate::probe::wait_until;
 use crate::process::Process;
 use crate::topology::Topology;
 
+/// A random Internet between nodes `n1..nN` (and a registry host `reg`
+/// 10 ms from everyone): what the demo, the mesh benchmark and the tests
+/// build.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    /// Node names, `n1..nN`.
+    pub names: Vec<String>,
+    /// One-way delay between two nodes, ms.
+    pub delay: Vec<Vec<u64>>,
+    /// Whether the direct path between two nodes is blackholed.
+    pub broken: Vec<Vec<bool>>,
+}
+
+/// A topology of `n` nodes and `reg` with one-way delays drawn in `delay_ms`
+/// and a share `broken` of the node-to-node paths blackholed (seeded).
+pub fn random_topology(
+    tag: &str,
+    n: usize,
+    seed: u64,
+    delay_ms: std::ops::RangeInclusive<u64>,
+    broken: f64,
+) -> (Topology, Matrix) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let mut m = Matrix {
+        delay: vec![vec![0; n]; n],
+        broken: vec![vec![false; n]; n],
+        names,
+    };
+    let mut t = Topology::new(tag);
+    t.host("reg");
+    for name in &m.names {
+        t.host(name);
+    }
+    t.default_wan(crate::LinkParams::delay_ms(10));
+    for i in 0..n {
+        for j in i + 1..n {
+            let d = rng.u64(delay_ms.clone());
+            let b = rng.f64() < broken;
+            (m.delay[i][j], m.delay[j][i]) = (d, d);
+            (m.broken[i][j], m.broken[j][i]) = (b, b);
+            t.wan_both(
+                &m.names[i],
+                &m.names[j],
+                crate::LinkParams::delay_ms(d).with_blackhole(b),
+            );
+        }
+    }
+    (t, m)
+}
+
 /// Registry port in tests.
 pub const REGISTRY_PORT: u16 = 8080;
 

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use netns_tests::mesh::Mesh;
+use netns_tests::mesh::{random_topology, Mesh};
 use netns_tests::probe::{wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{cleanup, LinkParams, Result, Topology};
@@ -96,20 +96,13 @@ fn tunnel_peers(m: &Mesh, i: usize) -> Vec<String> {
 /// Twelve nodes, a random latency matrix (5..60 ms one way), 10% of the
 /// direct paths blackholed: every pair reachable within 20 s of start.
 fn twelve_nodes_around_broken_paths() -> Result<()> {
-    let n = names(12);
-    let mut t = topology("mesh12", 12, 20);
-    let mut rng = fastrand::Rng::with_seed(12);
-    let mut broken = Vec::new();
-    for i in 0..n.len() {
-        for j in i + 1..n.len() {
-            let mut p = LinkParams::delay_ms(rng.u64(5..=60));
-            if rng.f64() < 0.10 {
-                p = p.with_blackhole(true);
-                broken.push((n[i].clone(), n[j].clone()));
-            }
-            t.wan_both(&n[i], &n[j], p);
-        }
-    }
+    let (t, matrix) = random_topology("mesh12", 12, 12, 5..=60, 0.10);
+    let n = matrix.names.clone();
+    let broken: Vec<(&str, &str)> = (0..12)
+        .flat_map(|i| (i + 1..12).map(move |j| (i, j)))
+        .filter(|&(i, j)| matrix.broken[i][j])
+        .map(|(i, j)| (n[i].as_str(), n[j].as_str()))
+        .collect();
     eprintln!("blackholed direct paths: {broken:?}");
     let m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
     let took = m.wait_full_reachability(Duration::from_secs(20))?;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use netns_tests::babel::rss_kib;
-use netns_tests::mesh::Mesh;
+use netns_tests::cleanup;
+use netns_tests::mesh::{random_topology, Matrix, Mesh};
 use netns_tests::probe::{ping, LossProbe};
-use netns_tests::{cleanup, LinkParams, Topology};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,30 +93,14 @@ fn best_rtt(delay: &[Vec<u64>], broken: &[Vec<bool>]) -> Vec<Vec<f64>> {
 
 fn run(cli: &Cli, n: usize) -> anyhow::Result<()> {
     let mut rng = fastrand::Rng::with_seed(cli.seed ^ n as u64);
-    let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
-    let mut delay = vec![vec![0u64; n]; n];
-    let mut broken = vec![vec![false; n]; n];
-    let mut t = Topology::new("bmesh");
-    t.host("reg");
-    for name in &names {
-        t.host(name);
-    }
-    t.default_wan(LinkParams::delay_ms(10));
-    for i in 0..n {
-        for j in i + 1..n {
-            let d = rng.u64(5..=60);
-            let b = rng.f64() < cli.broken;
-            delay[i][j] = d;
-            delay[j][i] = d;
-            broken[i][j] = b;
-            broken[j][i] = b;
-            t.wan_both(
-                &names[i],
-                &names[j],
-                LinkParams::delay_ms(d).with_blackhole(b),
-            );
-        }
-    }
+    let (
+        t,
+        Matrix {
+            names,
+            delay,
+            broken,
+        },
+    ) = random_topology("bmesh", n, rng.u64(..), 5..=60, cli.broken);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let t0 = Instant::now();
     let params: Vec<(&str, &str)> = cli

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use netns_tests::mesh::Mesh;
+use netns_tests::mesh::{random_topology, Matrix, Mesh};
 use netns_tests::probe::{ping, LossProbe};
-use netns_tests::{cleanup, Error, LinkParams, Topology};
+use netns_tests::{cleanup, Error};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,10 +88,6 @@ fn run_cleanup(all: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn host_name(i: usize) -> String {
-    format!("n{}", i + 1)
-}
-
 fn ms(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| {
         format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -112,32 +108,20 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
     cleanup::install_interrupt_handler()?;
     let n = usize::from(cli.nodes);
     let seed = cli.seed.unwrap_or_else(|| fastrand::u64(..));
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let names: Vec<String> = (0..n).map(host_name).collect();
-
-    let mut delay = vec![vec![0u64; n]; n];
-    let mut broken = vec![vec![false; n]; n];
-    let mut topo = Topology::new("demo");
-    topo.host("reg");
-    for name in &names {
-        topo.host(name);
-    }
-    topo.default_wan(LinkParams::delay_ms(10));
-    for i in 0..n {
-        for j in i + 1..n {
-            let d = rng.u64(cli.min_delay_ms..=cli.max_delay_ms);
-            let b = rng.f64() < cli.broken;
-            delay[i][j] = d;
-            delay[j][i] = d;
-            broken[i][j] = b;
-            broken[j][i] = b;
-            topo.wan_both(
-                &names[i],
-                &names[j],
-                LinkParams::delay_ms(d).with_blackhole(b),
-            );
-        }
-    }
+    let (
+        topo,
+        Matrix {
+            names,
+            delay,
+            broken,
+        },
+    ) = random_topology(
+        "demo",
+        n,
+        seed,
+        cli.min_delay_ms..=cli.max_delay_ms,
+        cli.broken,
+    );
     let nbroken = (0..n)
         .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
         .filter(|&(i, j)| broken[i][j])

@@ -1,1 +1,5 @@
-//! SlapOS-like master, node agent, service descriptors and request CLI. Filled by issue 7; empty until then.
+//! SlapOS-like orchestration over the overlay (issue 7, in progress): so
+//! far the service descriptors; the master, the agent and `re6st-orch` come
+//! next.
+
+pub mod descriptor;

@@ -1,0 +1,728 @@
+//! The master's state in SQLite: nodes, the catalogue of descriptors,
+//! instances (what was requested, where it runs, its status and connection
+//! parameters) and the status history. Time is passed in.
+//!
+//! A request is idempotent: the same name and software again returns the
+//! instance as it is; new parameters update it (its generation goes up, and
+//! the agent redeploys it). Everything is checked before anything is
+//! written, in one transaction: an unknown software, a bad parameter or an
+//! unknown node leaves no trace.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ipnet::Ipv6Net;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::descriptor::{Descriptor, DescriptorError};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request is wrong (4xx).
+    #[error("{0}")]
+    Invalid(String),
+    /// Something named does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// Stored data does not parse.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+impl From<DescriptorError> for StoreError {
+    fn from(e: DescriptorError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+/// Where to place a new instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The least-loaded node (fewest instances; then by name).
+    Auto,
+    /// This node.
+    Node(String),
+    /// The node with the lowest route metric to this prefix (as the nodes
+    /// reported their routing).
+    Near(Ipv6Net),
+}
+
+/// An instance as the master knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Its name (unique).
+    pub name: String,
+    /// The software (descriptor name).
+    pub software: String,
+    /// Resolved parameters.
+    pub params: BTreeMap<String, String>,
+    /// The node it runs on.
+    pub node: String,
+    /// "started" or "destroyed" (what is wanted).
+    pub state: String,
+    /// What the agent reported: "pending", "starting", "ready", "failing", "stopped".
+    pub status: String,
+    /// Connection parameters the agent published.
+    pub connection: BTreeMap<String, String>,
+    /// Bumped at every change of parameters.
+    pub generation: i64,
+    /// Last change (unix seconds).
+    pub updated_at: i64,
+}
+
+/// A node as the master knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Name.
+    pub name: String,
+    /// Its overlay prefix.
+    pub prefix: String,
+    /// Last time its agent called (unix seconds).
+    pub last_seen: i64,
+    /// Instances placed on it (not destroyed).
+    pub instances: i64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS node(
+    name TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL UNIQUE,
+    registered_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    routes TEXT NOT NULL DEFAULT '{}'
+) STRICT;
+CREATE TABLE IF NOT EXISTS catalog(
+    software TEXT PRIMARY KEY,
+    descriptor TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS instance(
+    name TEXT PRIMARY KEY,
+    software TEXT NOT NULL,
+    params TEXT NOT NULL,
+    node TEXT NOT NULL REFERENCES node(name),
+    state TEXT NOT NULL,
+    status TEXT NOT NULL,
+    connection TEXT NOT NULL DEFAULT '{}',
+    generation INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS history(
+    instance TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL
+) STRICT;
+";
+
+fn json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn unjson<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Names of instances and nodes: what a shell and a URL path take safely.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !s.starts_with('.')
+}
+
+/// The master's database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+);
+
+fn instance_of(r: Row) -> Result<Instance, StoreError> {
+    Ok(Instance {
+        name: r.0,
+        software: r.1,
+        params: unjson(&r.2)?,
+        node: r.3,
+        state: r.4,
+        status: r.5,
+        connection: unjson(&r.6)?,
+        generation: r.7,
+        updated_at: r.8,
+    })
+}
+
+const INSTANCE_COLUMNS: &str =
+    "name, software, params, node, state, status, connection, generation, updated_at";
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+impl Store {
+    /// Opens (creating) the database.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Adds or replaces a descriptor in the catalogue (checked first).
+    pub fn add_software(&mut self, text: &str) -> Result<String, StoreError> {
+        let d = Descriptor::parse(text)?;
+        self.conn.execute(
+            "INSERT INTO catalog(software, descriptor) VALUES (?1, ?2)
+             ON CONFLICT(software) DO UPDATE SET descriptor = ?2",
+            params![d.name, text],
+        )?;
+        Ok(d.name)
+    }
+
+    /// A descriptor of the catalogue.
+    pub fn software(&self, name: &str) -> Result<Descriptor, StoreError> {
+        let text: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT descriptor FROM catalog WHERE software = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let text = text.ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "unknown software {name:?}; the catalogue has: {}",
+                self.catalog().unwrap_or_default().join(", ")
+            ))
+        })?;
+        Descriptor::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Names in the catalogue.
+    pub fn catalog(&self) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT software FROM catalog ORDER BY software")?;
+        let v = st
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(v)
+    }
+
+    /// Registers a node (or refreshes it; a node keeps its name and prefix).
+    pub fn register_node(
+        &mut self,
+        name: &str,
+        prefix: Ipv6Net,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::Invalid(format!("bad node name {name:?}")));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let owner: Option<String> = tx
+            .query_row(
+                "SELECT name FROM node WHERE prefix = ?1",
+                params![prefix.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if owner.as_deref().is_some_and(|o| o != name) {
+            return Err(StoreError::Invalid(format!(
+                "prefix {prefix} belongs to another node"
+            )));
+        }
+        let old: Option<String> = tx
+            .query_row(
+                "SELECT prefix FROM node WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if old.as_deref().is_some_and(|o| o != prefix.to_string()) {
+            return Err(StoreError::Invalid(format!(
+                "node {name} is registered with another prefix"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO node(name, prefix, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT(name) DO UPDATE SET last_seen = ?3",
+            params![name, prefix.to_string(), now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The node that owns `prefix` (how an agent's certificate maps to it).
+    pub fn node_by_prefix(&self, prefix: Ipv6Net) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name FROM node WHERE prefix = ?1",
+                params![prefix.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// A node's view of routing: route metric per destination prefix.
+    pub fn set_routes(
+        &mut self,
+        node: &str,
+        routes: &BTreeMap<String, u16>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let n = self.conn.execute(
+            "UPDATE node SET routes = ?1, last_seen = ?2 WHERE name = ?3",
+            params![json(routes)?, now, node],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no node {node:?}")));
+        }
+        Ok(())
+    }
+
+    /// Registered nodes.
+    pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT n.name, n.prefix, n.last_seen,
+                    (SELECT COUNT(*) FROM instance i WHERE i.node = n.name AND i.state = 'started')
+             FROM node n ORDER BY n.name",
+        )?;
+        let v = st
+            .query_map([], |r| {
+                Ok(Node {
+                    name: r.get(0)?,
+                    prefix: r.get(1)?,
+                    last_seen: r.get(2)?,
+                    instances: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+
+    fn place(&self, placement: &Placement) -> Result<String, StoreError> {
+        let nodes = self.nodes()?;
+        match placement {
+            Placement::Node(n) => nodes
+                .iter()
+                .find(|x| x.name == *n)
+                .map(|x| x.name.clone())
+                .ok_or_else(|| StoreError::NotFound(format!("no node {n:?}"))),
+            Placement::Auto => nodes
+                .iter()
+                .min_by_key(|n| (n.instances, n.name.clone()))
+                .map(|n| n.name.clone())
+                .ok_or_else(|| StoreError::Invalid("no node is registered".into())),
+            Placement::Near(prefix) => {
+                let mut best: Option<(u32, String)> = None;
+                let mut st = self.conn.prepare("SELECT name, prefix, routes FROM node")?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (name, own, routes) in rows {
+                    let own: Option<Ipv6Net> = own.parse().ok();
+                    // A node inside the prefix is at distance 0.
+                    let metric = if own.is_some_and(|o| prefix.contains(&o.network())) {
+                        Some(0)
+                    } else {
+                        let routes: BTreeMap<String, u16> = unjson(&routes)?;
+                        routes
+                            .iter()
+                            .filter(|(p, _)| {
+                                p.parse::<Ipv6Net>().is_ok_and(|p| {
+                                    p.contains(&prefix.network()) || prefix.contains(&p.network())
+                                })
+                            })
+                            .map(|(_, m)| u32::from(*m))
+                            .min()
+                    };
+                    if let Some(m) = metric.filter(|m| *m < 0xFFFF) {
+                        if best.as_ref().is_none_or(|(b, bn)| (m, &name) < (*b, bn)) {
+                            best = Some((m, name));
+                        }
+                    }
+                }
+                best.map(|(_, n)| n)
+                    .ok_or_else(|| StoreError::NotFound(format!("no node has a route to {prefix}")))
+            }
+        }
+    }
+
+    /// Requests an instance (idempotent; see the module documentation).
+    pub fn request(
+        &mut self,
+        name: &str,
+        software: &str,
+        given: &BTreeMap<String, String>,
+        placement: &Placement,
+        now: i64,
+    ) -> Result<Instance, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::Invalid(format!(
+                "bad instance name {name:?}: letters, digits, '-', '_', '.'"
+            )));
+        }
+        let d = self.software(software)?;
+        let resolved = d.resolve(given)?;
+        if let Some(cur) = self.instance(name)? {
+            if cur.software != software {
+                return Err(StoreError::Invalid(format!(
+                    "{name} is an instance of {}, not {software}",
+                    cur.software
+                )));
+            }
+            if cur.state == "started" && cur.params == resolved {
+                return Ok(cur);
+            }
+            if let Placement::Node(n) = placement {
+                if *n != cur.node {
+                    return Err(StoreError::Invalid(format!(
+                        "{name} runs on {}; moving instances is not supported",
+                        cur.node
+                    )));
+                }
+            }
+            self.conn.execute(
+                "UPDATE instance SET params = ?1, state = 'started', status = 'pending',
+                    generation = generation + 1, updated_at = ?2 WHERE name = ?3",
+                params![json(&resolved)?, now, name],
+            )?;
+            self.log(name, now, "pending", "parameters changed")?;
+        } else {
+            let node = self.place(placement)?;
+            self.conn.execute(
+                "INSERT INTO instance(name, software, params, node, state, status, generation, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5)",
+                params![name, software, json(&resolved)?, node, now],
+            )?;
+            self.log(name, now, "pending", &format!("requested on {node}"))?;
+        }
+        self.instance(name)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
+    }
+
+    fn log(&self, instance: &str, at: i64, status: &str, detail: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
+            params![instance, at, status, detail],
+        )?;
+        Ok(())
+    }
+
+    /// An instance by name.
+    pub fn instance(&self, name: &str) -> Result<Option<Instance>, StoreError> {
+        let r = self
+            .conn
+            .query_row(
+                &format!("SELECT {INSTANCE_COLUMNS} FROM instance WHERE name = ?1"),
+                params![name],
+                read_row,
+            )
+            .optional()?;
+        r.map(instance_of).transpose()
+    }
+
+    /// Every instance (or those of one node), by name.
+    pub fn instances(&self, node: Option<&str>) -> Result<Vec<Instance>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instance WHERE ?1 IS NULL OR node = ?1 ORDER BY name"
+        ))?;
+        let rows = st
+            .query_map(params![node], read_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(instance_of).collect()
+    }
+
+    /// Asks for an instance to be destroyed (its agent stops it, then
+    /// reports "stopped" and the instance is forgotten).
+    pub fn destroy(&mut self, name: &str, now: i64) -> Result<Instance, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE instance SET state = 'destroyed', updated_at = ?1 WHERE name = ?2",
+            params![now, name],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("no instance {name:?}")));
+        }
+        self.log(name, now, "destroying", "destroy requested")?;
+        self.instance(name)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
+    }
+
+    /// An agent's report on one of its instances. Reports from another node
+    /// are refused; "stopped" for a destroyed instance removes it.
+    pub fn report(
+        &mut self,
+        node: &str,
+        name: &str,
+        generation: i64,
+        status: &str,
+        connection: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if !["starting", "ready", "failing", "stopped"].contains(&status) {
+            return Err(StoreError::Invalid(format!("unknown status {status:?}")));
+        }
+        let cur = self
+            .instance(name)?
+            .ok_or_else(|| StoreError::NotFound(format!("no instance {name:?}")))?;
+        if cur.node != node {
+            return Err(StoreError::Invalid(format!("{name} is not on {node}")));
+        }
+        if generation != cur.generation {
+            // A report about parameters that were since changed: ignore it.
+            return Ok(());
+        }
+        if cur.state == "destroyed" && status == "stopped" {
+            self.conn
+                .execute("DELETE FROM instance WHERE name = ?1", params![name])?;
+            self.log(name, now, "destroyed", "stopped by its agent")?;
+            return Ok(());
+        }
+        if cur.status != status || cur.connection != *connection {
+            self.conn.execute(
+                "UPDATE instance SET status = ?1, connection = ?2, updated_at = ?3 WHERE name = ?4",
+                params![status, json(connection)?, now, name],
+            )?;
+            self.log(name, now, status, "reported by the agent")?;
+        }
+        Ok(())
+    }
+
+    /// The status history of an instance, oldest first: (at, status, detail).
+    pub fn history(&self, name: &str) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT at, status, detail FROM history WHERE instance = ?1 ORDER BY rowid")?;
+        let v = st
+            .query_map(params![name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HTTP: &str = r#"
+name = "http-static"
+command = ["re6st-orch", "serve-static", "--listen", "[{address}]:{port}"]
+[parameters.port]
+type = "port"
+default = 8080
+[connection]
+url = "http://[{address}]:{port}/"
+"#;
+
+    struct Db(std::path::PathBuf, Store);
+
+    impl Drop for Db {
+        fn drop(&mut self) {
+            for ext in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{ext}", self.0.display()));
+            }
+        }
+    }
+
+    fn db(tag: &str) -> Db {
+        let path = std::env::temp_dir().join(format!("orch-{}-{tag}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        s.add_software(HTTP).unwrap_or_else(|e| panic!("{e}"));
+        for (i, n) in ["n1", "n2", "n3"].iter().enumerate() {
+            let p: Ipv6Net = format!("fd5e:5e:0:{}::/64", i + 1)
+                .parse()
+                .unwrap_or_default();
+            s.register_node(n, p, 100).unwrap_or_else(|e| panic!("{e}"));
+        }
+        Db(path, s)
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn requests_are_idempotent_and_parameters_update() {
+        let mut d = db("idem");
+        let s = &mut d.1;
+        let a = s.request("web", "http-static", &kv(&[]), &Placement::Auto, 1);
+        let Ok(a) = a else { panic!("{a:?}") };
+        assert_eq!(
+            (a.node.as_str(), a.generation, a.params["port"].as_str()),
+            ("n1", 1, "8080")
+        );
+        let again = s.request("web", "http-static", &kv(&[]), &Placement::Auto, 2);
+        assert_eq!(again.as_ref().ok(), Some(&a), "same request, same answer");
+        let b = s.request(
+            "web",
+            "http-static",
+            &kv(&[("port", "81")]),
+            &Placement::Auto,
+            3,
+        );
+        assert!(
+            matches!(&b, Ok(b) if b.generation == 2 && b.node == "n1" && b.status == "pending")
+        );
+        // Least loaded next.
+        let c = s.request("web2", "http-static", &kv(&[]), &Placement::Auto, 4);
+        assert!(matches!(&c, Ok(c) if c.node == "n2"), "{c:?}");
+    }
+
+    #[test]
+    fn bad_requests_leave_nothing() {
+        let mut d = db("bad");
+        let s = &mut d.1;
+        let cases = [
+            s.request("x", "mariadb", &kv(&[]), &Placement::Auto, 1)
+                .err(),
+            s.request(
+                "x",
+                "http-static",
+                &kv(&[("port", "http")]),
+                &Placement::Auto,
+                1,
+            )
+            .err(),
+            s.request(
+                "x",
+                "http-static",
+                &kv(&[("colour", "red")]),
+                &Placement::Auto,
+                1,
+            )
+            .err(),
+            s.request(
+                "x",
+                "http-static",
+                &kv(&[]),
+                &Placement::Node("n9".into()),
+                1,
+            )
+            .err(),
+            s.request("../x", "http-static", &kv(&[]), &Placement::Auto, 1)
+                .err(),
+        ];
+        let texts: Vec<String> = cases.iter().map(|e| format!("{e:?}")).collect();
+        for (e, want) in texts.iter().zip([
+            "unknown software",
+            "not a port",
+            "unknown",
+            "no node",
+            "bad instance name",
+        ]) {
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!(s.instances(None).map(|v| v.len()).ok(), Some(0));
+    }
+
+    #[test]
+    fn near_places_by_reported_route_metric() {
+        let mut d = db("near");
+        let s = &mut d.1;
+        let target: Ipv6Net = "fd5e:5e:0:9::/64".parse().unwrap_or_default();
+        let r =
+            |m: u16| -> BTreeMap<String, u16> { [(target.to_string(), m)].into_iter().collect() };
+        let _ = s.set_routes("n1", &r(900), 5);
+        let _ = s.set_routes("n2", &r(200), 5);
+        let _ = s.set_routes("n3", &r(0xFFFF), 5);
+        let i = s.request("db", "http-static", &kv(&[]), &Placement::Near(target), 6);
+        assert!(matches!(&i, Ok(i) if i.node == "n2"), "{i:?}");
+        let own: Ipv6Net = "fd5e:5e:0:3::/64".parse().unwrap_or_default();
+        let j = s.request("db2", "http-static", &kv(&[]), &Placement::Near(own), 6);
+        assert!(
+            matches!(&j, Ok(j) if j.node == "n3"),
+            "a node inside the prefix: {j:?}"
+        );
+        let none: Ipv6Net = "fd5e:5e:0:77::/64".parse().unwrap_or_default();
+        assert!(s
+            .request("db3", "http-static", &kv(&[]), &Placement::Near(none), 6)
+            .is_err());
+    }
+
+    #[test]
+    fn reports_destroy_and_persistence() {
+        let mut d = db("report");
+        let path = d.0.clone();
+        let s = &mut d.1;
+        let _ = s.request(
+            "web",
+            "http-static",
+            &kv(&[]),
+            &Placement::Node("n2".into()),
+            1,
+        );
+        let url = kv(&[("url", "http://[fd5e:5e:0:2::1]:8080/")]);
+        assert!(
+            s.report("n1", "web", 1, "ready", &url, 2).is_err(),
+            "wrong node"
+        );
+        assert!(s.report("n2", "web", 1, "bogus", &url, 2).is_err());
+        assert!(s.report("n2", "web", 1, "ready", &url, 2).is_ok());
+        let reopened = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let w = reopened.instance("web").ok().flatten();
+        assert!(
+            matches!(&w, Some(w) if w.status == "ready" && w.connection == url),
+            "{w:?}"
+        );
+        // A stale generation's report is ignored.
+        let _ = s.request(
+            "web",
+            "http-static",
+            &kv(&[("port", "81")]),
+            &Placement::Auto,
+            3,
+        );
+        let _ = s.report("n2", "web", 1, "failing", &url, 4);
+        assert_eq!(
+            s.instance("web").ok().flatten().map(|w| w.status),
+            Some("pending".into())
+        );
+        let _ = s.destroy("web", 5);
+        let _ = s.report("n2", "web", 2, "stopped", &BTreeMap::new(), 6);
+        assert_eq!(s.instance("web").ok().flatten(), None);
+        let h = s.history("web").unwrap_or_default();
+        assert_eq!(h.last().map(|x| x.1.as_str()), Some("destroyed"), "{h:?}");
+    }
+}

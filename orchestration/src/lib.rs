@@ -3,4 +3,5 @@
 //! the agent and `re6st-orch` come next.
 
 pub mod descriptor;
+pub mod master;
 pub mod store;

@@ -207,8 +207,8 @@ impl Store {
         Ok(d.name)
     }
 
-    /// A descriptor of the catalogue.
-    pub fn software(&self, name: &str) -> Result<Descriptor, StoreError> {
+    /// A descriptor of the catalogue, as text.
+    pub fn software_text(&self, name: &str) -> Result<String, StoreError> {
         let text: Option<String> = self
             .conn
             .query_row(
@@ -217,12 +217,17 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        let text = text.ok_or_else(|| {
+        text.ok_or_else(|| {
             StoreError::NotFound(format!(
                 "unknown software {name:?}; the catalogue has: {}",
                 self.catalog().unwrap_or_default().join(", ")
             ))
-        })?;
+        })
+    }
+
+    /// A descriptor of the catalogue.
+    pub fn software(&self, name: &str) -> Result<Descriptor, StoreError> {
+        let text = self.software_text(name)?;
         Descriptor::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 

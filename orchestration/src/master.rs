@@ -1,0 +1,435 @@
+//! The master's HTTP API (axum). Agents and node requesters authenticate
+//! with their node certificate: the `X-Re6st-Cert` header (base64 PEM) and
+//! a request signature (`Authorization: Re6st ...`, as for the registry),
+//! from a source address inside the certificate's prefix, so they can only
+//! talk to the master over the overlay. Operators may use a bearer token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ipnet::Ipv6Net;
+use re6st_registry::auth::RequestAuth;
+use re6st_registry::cert::{CaCert, NodeCert};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Instance, Placement, Store, StoreError};
+
+/// Largest accepted body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Header carrying the caller's certificate (base64 of its PEM).
+pub const CERT_HEADER: &str = "x-re6st-cert";
+
+/// The master's shared state.
+pub struct Master {
+    store: Mutex<Store>,
+    ca: CaCert,
+    crl: Box<dyn Fn() -> Vec<u64> + Send + Sync>,
+    admin_token: Option<String>,
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master").finish_non_exhaustive()
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// An error answer: `{error, detail}` with a status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.0 {
+            StatusCode::UNAUTHORIZED => "unauthenticated",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::BAD_REQUEST => "invalid",
+            _ => "internal",
+        };
+        (
+            self.0,
+            Json(serde_json::json!({"error": kind, "detail": self.1})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let code = match e {
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn unauth(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, why.into())
+}
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A node, by its certificate.
+    Node(NodeCert),
+    /// The operator (bearer token).
+    Admin,
+}
+
+impl Master {
+    /// A master over `store`, trusting `ca`; `crl` gives the revoked serials
+    /// now (from the network configuration the node daemon keeps).
+    pub fn new(
+        store: Store,
+        ca: CaCert,
+        crl: Box<dyn Fn() -> Vec<u64> + Send + Sync>,
+        admin_token: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store: Mutex::new(store),
+            ca,
+            crl,
+            admin_token,
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks the caller: a node certificate with a valid signature from
+    /// inside its prefix, or the admin token.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        method: &Method,
+        uri: &Uri,
+        body: &[u8],
+        src: IpAddr,
+    ) -> Result<Caller, ApiError> {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauth("no Authorization header"))?;
+        if let Some(token) = auth.strip_prefix("Bearer ") {
+            return match &self.admin_token {
+                Some(t) if constant_eq(t.as_bytes(), token.trim().as_bytes()) => Ok(Caller::Admin),
+                _ => Err(unauth("bad admin token")),
+            };
+        }
+        let ra = RequestAuth::parse(auth).map_err(|e| unauth(e.to_string()))?;
+        let pem = headers
+            .get(CERT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| B64.decode(v).ok())
+            .and_then(|v| String::from_utf8(v).ok())
+            .ok_or_else(|| unauth(format!("no {CERT_HEADER} header")))?;
+        let t = now();
+        let cert = self
+            .ca
+            .verify_node(&pem, Some(t))
+            .map_err(|e| unauth(format!("certificate: {e}")))?;
+        if cert.serial != ra.serial {
+            return Err(unauth("signature serial is not the certificate's"));
+        }
+        if (self.crl)().contains(&cert.serial) {
+            return Err(ApiError(StatusCode::FORBIDDEN, "revoked certificate".into()));
+        }
+        let inside = match src {
+            IpAddr::V6(a) => cert.prefix.contains(&a),
+            IpAddr::V4(_) => false,
+        };
+        if !inside {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("{src} is not inside {}: nodes talk to the master over the overlay", cert.prefix),
+            ));
+        }
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        ra.verify(&cert.public_key, method.as_str(), path, body, t)
+            .map_err(|e| unauth(e.to_string()))?;
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.retain(|_, at| (t - *at).abs() <= 2 * re6st_registry::auth::MAX_SKEW_S);
+        if seen.insert(ra.nonce.clone(), t).is_some() {
+            return Err(unauth("replayed request"));
+        }
+        Ok(Caller::Node(cert))
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+type Shared = Arc<Master>;
+
+struct Call {
+    caller: Caller,
+    body: Bytes,
+}
+
+fn call(
+    m: &Master,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: Bytes,
+    src: SocketAddr,
+) -> Result<Call, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "body too large".into()));
+    }
+    let ip = match src.ip() {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        v4 => v4,
+    };
+    let caller = m.authenticate(headers, method, uri, &body, ip)?;
+    Ok(Call { caller, body })
+}
+
+fn parse<T: for<'a> Deserialize<'a>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+}
+
+fn node_of(m: &Master, c: &Caller) -> Result<(String, Ipv6Net), ApiError> {
+    match c {
+        Caller::Node(cert) => {
+            let name = m
+                .store()
+                .node_by_prefix(cert.prefix)?
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no node registered for {}", cert.prefix)))?;
+            Ok((name, cert.prefix))
+        }
+        Caller::Admin => Err(ApiError(StatusCode::FORBIDDEN, "agents only".into())),
+    }
+}
+
+/// An agent's greeting: its name and its routing (metric per prefix).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// The node's name.
+    pub name: String,
+    /// Route metric per destination prefix.
+    #[serde(default)]
+    pub routes: BTreeMap<String, u16>,
+}
+
+/// What an agent must run: the instances with their descriptors.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The instance.
+    pub instance: Instance,
+    /// Its software's descriptor (TOML text).
+    pub descriptor: String,
+}
+
+/// An agent's report on an instance.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Instance name.
+    pub name: String,
+    /// The generation the report is about.
+    pub generation: i64,
+    /// starting, ready, failing, stopped.
+    pub status: String,
+    /// Connection parameters.
+    #[serde(default)]
+    pub connection: BTreeMap<String, String>,
+}
+
+/// A request for an instance.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestBody {
+    /// Instance name.
+    pub name: String,
+    /// Software.
+    pub software: String,
+    /// Parameters.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// On this node.
+    pub node: Option<String>,
+    /// Near this prefix.
+    pub near: Option<String>,
+}
+
+async fn hello(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let c = call(&m, &headers, &method, &uri, body, src)?;
+    let Caller::Node(cert) = &c.caller else {
+        return Err(ApiError(StatusCode::FORBIDDEN, "agents only".into()));
+    };
+    let h: Hello = parse(&c.body)?;
+    let t = now();
+    let mut s = m.store();
+    s.register_node(&h.name, cert.prefix, t)?;
+    s.set_routes(&h.name, &h.routes, t)?;
+    Ok(Json(serde_json::json!({"node": h.name})).into_response())
+}
+
+async fn assignments(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let c = call(&m, &headers, &method, &uri, body, src)?;
+    let (node, _) = node_of(&m, &c.caller)?;
+    let s = m.store();
+    let mut out = Vec::new();
+    for i in s.instances(Some(&node))? {
+        let d = s.software_text(&i.software)?;
+        out.push(Assignment {
+            instance: i,
+            descriptor: d,
+        });
+    }
+    Ok(Json(out).into_response())
+}
+
+async fn report(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let c = call(&m, &headers, &method, &uri, body, src)?;
+    let (node, _) = node_of(&m, &c.caller)?;
+    let r: Report = parse(&c.body)?;
+    m.store()
+        .report(&node, &r.name, r.generation, &r.status, &r.connection, now())?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn request(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let c = call(&m, &headers, &method, &uri, body, src)?;
+    let r: RequestBody = parse(&c.body)?;
+    let placement = match (r.node, r.near) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "give --node or --near, not both".into()))
+        }
+        (Some(n), None) => Placement::Node(n),
+        (None, Some(p)) => Placement::Near(p.parse().map_err(|_| {
+            ApiError(StatusCode::BAD_REQUEST, format!("--near {p:?} is not an IPv6 prefix"))
+        })?),
+        (None, None) => Placement::Auto,
+    };
+    let i = m
+        .store()
+        .request(&r.name, &r.software, &r.params, &placement, now())?;
+    Ok(Json(i).into_response())
+}
+
+async fn list(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    call(&m, &headers, &method, &uri, body, src)?;
+    Ok(Json(m.store().instances(None)?).into_response())
+}
+
+async fn nodes(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    call(&m, &headers, &method, &uri, body, src)?;
+    Ok(Json(m.store().nodes()?).into_response())
+}
+
+async fn show(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    UrlPath(name): UrlPath<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    call(&m, &headers, &method, &uri, body, src)?;
+    let s = m.store();
+    let i = s
+        .instance(&name)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no instance {name:?}")))?;
+    let history: Vec<serde_json::Value> = s
+        .history(&name)?
+        .into_iter()
+        .map(|(at, status, detail)| serde_json::json!({"at": at, "status": status, "detail": detail}))
+        .collect();
+    Ok(Json(serde_json::json!({"instance": i, "history": history})).into_response())
+}
+
+async fn destroy(
+    State(m): State<Shared>,
+    ConnectInfo(src): ConnectInfo<SocketAddr>,
+    UrlPath(name): UrlPath<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    call(&m, &headers, &method, &uri, body, src)?;
+    Ok(Json(m.store().destroy(&name, now())?).into_response())
+}
+
+/// The API.
+pub fn router(m: Shared) -> Router {
+    Router::new()
+        .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
+        .route("/v1/agent/hello", post(hello))
+        .route("/v1/agent/instances", get(assignments))
+        .route("/v1/agent/report", post(report))
+        .route("/v1/request", post(request))
+        .route("/v1/instances", get(list))
+        .route("/v1/instances/{name}", get(show).delete(destroy))
+        .route("/v1/nodes", get(nodes))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(m)
+}

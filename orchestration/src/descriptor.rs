@@ -111,6 +111,10 @@ pub struct Descriptor {
     pub description: Option<String>,
     /// Program and arguments (placeholders allowed).
     pub command: Vec<String>,
+    /// Run once in a new instance directory before the first start (e.g.
+    /// initialise a database); it must exit 0.
+    #[serde(default)]
+    pub prepare: Vec<String>,
     /// Environment of the process (placeholders allowed).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -280,6 +284,7 @@ impl Descriptor {
         let templates = self
             .command
             .iter()
+            .chain(self.prepare.iter())
             .chain(self.env.values())
             .chain(self.connection.values())
             .chain(self.promises.iter().filter_map(|p| p.http.as_ref()))
@@ -424,6 +429,21 @@ url = "http://[{address}]:{port}/"
                 .map(|v| v["port"].clone()),
             Ok("81".to_string())
         );
+    }
+
+    #[test]
+    fn the_shipped_catalogue_is_valid() {
+        for text in [
+            include_str!("../catalog/http-static.toml"),
+            include_str!("../catalog/kv.toml"),
+            include_str!("../catalog/re6st-registry.toml"),
+        ] {
+            assert!(
+                Descriptor::parse(text).is_ok(),
+                "{:?}",
+                Descriptor::parse(text)
+            );
+        }
     }
 
     proptest::proptest! {

@@ -152,7 +152,10 @@ impl Master {
             return Err(unauth("signature serial is not the certificate's"));
         }
         if (self.crl)().contains(&cert.serial) {
-            return Err(ApiError(StatusCode::FORBIDDEN, "revoked certificate".into()));
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "revoked certificate".into(),
+            ));
         }
         let inside = match src {
             IpAddr::V6(a) => cert.prefix.contains(&a),
@@ -161,7 +164,10 @@ impl Master {
         if !inside {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
-                format!("{src} is not inside {}: nodes talk to the master over the overlay", cert.prefix),
+                format!(
+                    "{src} is not inside {}: nodes talk to the master over the overlay",
+                    cert.prefix
+                ),
             ));
         }
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -214,10 +220,12 @@ fn parse<T: for<'a> Deserialize<'a>>(body: &[u8]) -> Result<T, ApiError> {
 fn node_of(m: &Master, c: &Caller) -> Result<(String, Ipv6Net), ApiError> {
     match c {
         Caller::Node(cert) => {
-            let name = m
-                .store()
-                .node_by_prefix(cert.prefix)?
-                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no node registered for {}", cert.prefix)))?;
+            let name = m.store().node_by_prefix(cert.prefix)?.ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no node registered for {}", cert.prefix),
+                )
+            })?;
             Ok((name, cert.prefix))
         }
         Caller::Admin => Err(ApiError(StatusCode::FORBIDDEN, "agents only".into())),
@@ -329,8 +337,14 @@ async fn report(
     let c = call(&m, &headers, &method, &uri, body, src)?;
     let (node, _) = node_of(&m, &c.caller)?;
     let r: Report = parse(&c.body)?;
-    m.store()
-        .report(&node, &r.name, r.generation, &r.status, &r.connection, now())?;
+    m.store().report(
+        &node,
+        &r.name,
+        r.generation,
+        &r.status,
+        &r.connection,
+        now(),
+    )?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -346,11 +360,17 @@ async fn request(
     let r: RequestBody = parse(&c.body)?;
     let placement = match (r.node, r.near) {
         (Some(_), Some(_)) => {
-            return Err(ApiError(StatusCode::BAD_REQUEST, "give --node or --near, not both".into()))
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give --node or --near, not both".into(),
+            ))
         }
         (Some(n), None) => Placement::Node(n),
         (None, Some(p)) => Placement::Near(p.parse().map_err(|_| {
-            ApiError(StatusCode::BAD_REQUEST, format!("--near {p:?} is not an IPv6 prefix"))
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("--near {p:?} is not an IPv6 prefix"),
+            )
         })?),
         (None, None) => Placement::Auto,
     };
@@ -422,7 +442,10 @@ async fn destroy(
 /// The API.
 pub fn router(m: Shared) -> Router {
     Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({"ok": true})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
         .route("/v1/agent/hello", post(hello))
         .route("/v1/agent/instances", get(assignments))
         .route("/v1/agent/report", post(report))

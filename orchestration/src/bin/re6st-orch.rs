@@ -1,0 +1,547 @@
+//! `re6st-orch`: orchestration over the overlay. `master` keeps who asked
+//! for what; `agent` runs it on each node; `request`, `list`, `show`,
+//! `destroy` and `node add` are for operators; `serve-static` and `kv` are
+//! two small services the shipped descriptors run.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use re6st_orchestration::client::{Credentials, MasterClient};
+use re6st_orchestration::master::{self, Master, RequestBody};
+use re6st_orchestration::store::Store;
+use re6st_registry::cert::CaCert;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "re6st-rs orchestration: a master that records requests, agents that deploy them, all over the overlay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+struct Who {
+    /// The master's URL (http://[overlay address]:port).
+    #[arg(long, default_value = "http://[::1]:7080")]
+    master: String,
+    /// Node identity (re6st-conf directory) to sign requests with.
+    #[arg(long, default_value = "/etc/re6stnet")]
+    dir: PathBuf,
+    /// Use the operator token in this file instead of the node identity.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the master (state in SQLite; listens only on an overlay address).
+    Master {
+        /// Address and port, e.g. [fd5e:5e:0:1::1]:7080 (must be an overlay address).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// SQLite database.
+        #[arg(long, default_value = "/var/lib/re6st-orch/master.db")]
+        db: PathBuf,
+        /// Directory of service descriptors (*.toml), loaded at start.
+        #[arg(long)]
+        catalog: Option<PathBuf>,
+        /// This node's re6st-conf directory (the CA that signs callers).
+        #[arg(long, default_value = "/etc/re6stnet")]
+        dir: PathBuf,
+        /// The network configuration re6stnet keeps (its CRL is enforced).
+        #[arg(long, default_value = "/var/lib/re6stnet/network.json")]
+        network_config: PathBuf,
+        /// File with a bearer token for operators.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// Accept a --listen address outside the overlay.
+        #[arg(long)]
+        allow_underlay: bool,
+    },
+    /// Run the agent of this node.
+    Agent {
+        /// The master's URL (http://[overlay address]:port).
+        #[arg(long)]
+        master: String,
+        /// This node's name at the master.
+        #[arg(long)]
+        name: String,
+        /// This node's re6st-conf directory.
+        #[arg(long, default_value = "/etc/re6stnet")]
+        dir: PathBuf,
+        /// Where instance directories go.
+        #[arg(long, default_value = "/var/lib/re6st-orch/instances")]
+        state: PathBuf,
+        /// re6stnet's control socket (routing for --near placement).
+        #[arg(long, default_value = "/run/re6stnet/ctl.sock")]
+        ctl_socket: PathBuf,
+        /// Loop period in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        period_ms: u64,
+    },
+    /// Request an instance (idempotent): prints its state and connection parameters.
+    Request {
+        /// Software (descriptor name).
+        software: String,
+        /// Instance name.
+        name: String,
+        /// Parameter KEY=VALUE (repeatable).
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Place it on this node.
+        #[arg(long, conflicts_with = "near")]
+        node: Option<String>,
+        /// Place it on the node closest (route metric) to this prefix.
+        #[arg(long)]
+        near: Option<String>,
+        /// Wait until it is ready.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait, seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// List instances.
+    List {
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Show an instance and its status history.
+    Show {
+        /// Instance name.
+        name: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Destroy an instance.
+    Destroy {
+        /// Instance name.
+        name: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Nodes: `node add NAME` gets a join token and prints how to enrol the node.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Serve a directory over HTTP (a shipped service).
+    ServeStatic {
+        /// Address and port.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory to serve.
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// A small key-value store over HTTP: GET/PUT /KEY (a shipped service).
+    Kv {
+        /// Address and port.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// JSON file holding the data.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Get a join token for NAME from the registry and print the enrolment commands.
+    Add {
+        /// The new node's name.
+        name: String,
+        /// Registry URL.
+        #[arg(long)]
+        registry: String,
+        /// The registry's admin token file (not needed on the registry's host).
+        #[arg(long)]
+        registry_token_file: Option<PathBuf>,
+        /// The master URL to put in the printed agent command.
+        #[arg(long, default_value = "http://[MASTER]:7080")]
+        master: String,
+    },
+}
+
+fn client(who: &Who) -> anyhow::Result<MasterClient> {
+    let creds = match &who.admin_token_file {
+        Some(f) => Credentials::Admin(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => Credentials::from_dir(&who.dir)?,
+    };
+    MasterClient::new(&who.master, creds)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn print_instance(i: &re6st_orchestration::store::Instance) {
+    println!(
+        "{} ({} on {}): {} [{}]",
+        i.name, i.software, i.node, i.status, i.state
+    );
+    for (k, v) in &i.connection {
+        println!("  {k} = {v}");
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Master {
+            listen,
+            db,
+            catalog,
+            dir,
+            network_config,
+            admin_token_file,
+            allow_underlay,
+        } => {
+            let ca = CaCert::from_pem(
+                &std::fs::read_to_string(dir.join("ca.crt"))
+                    .with_context(|| format!("reading {}", dir.join("ca.crt").display()))?,
+            )?;
+            let overlay = match listen.ip() {
+                IpAddr::V6(a) => ca.network().contains(&a),
+                IpAddr::V4(_) => false,
+            };
+            if !overlay && !allow_underlay {
+                bail!(
+                    "--listen {listen} is not an overlay address (inside {}); the master must only be reachable over the overlay (--allow-underlay to override)",
+                    ca.network()
+                );
+            }
+            if let Some(parent) = db.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let mut store = Store::open(&db)?;
+            if let Some(c) = &catalog {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(c)
+                    .with_context(|| format!("reading {}", c.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                    .collect();
+                files.sort();
+                for f in files {
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    let name = store
+                        .add_software(&text)
+                        .with_context(|| format!("descriptor {}", f.display()))?;
+                    tracing::info!(software = %name, "catalogue");
+                }
+            }
+            let admin = admin_token_file
+                .map(|f| {
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))
+                        .map(|t| t.trim().to_string())
+                })
+                .transpose()?;
+            let ca2 = ca.clone();
+            let crl = Box::new(move || {
+                std::fs::read_to_string(&network_config)
+                    .ok()
+                    .and_then(|t| {
+                        serde_json::from_str::<re6st_registry::config::SignedConfig>(&t).ok()
+                    })
+                    .and_then(|s| s.verify(&ca2).ok())
+                    .map(|c| c.crl)
+                    .unwrap_or_default()
+            });
+            let m = Master::new(store, ca, crl, admin);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            tracing::info!(%listen, "master listening");
+            axum::serve(
+                listener,
+                master::router(m).into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")?;
+            Ok(())
+        }
+        Cmd::Agent {
+            master,
+            name,
+            dir,
+            state,
+            ctl_socket,
+            period_ms,
+        } => {
+            let ca = CaCert::from_pem(&std::fs::read_to_string(dir.join("ca.crt"))?)?;
+            let cert = ca.verify_node(&std::fs::read_to_string(dir.join("node.crt"))?, None)?;
+            let client = MasterClient::new(&master, Credentials::from_dir(&dir)?)?;
+            let cfg = re6st_orchestration::agent::AgentConfig {
+                name,
+                base_dir: state,
+                address: cert.address,
+                ctl_socket: Some(ctl_socket),
+                period: Duration::from_millis(period_ms.max(100)),
+            };
+            re6st_orchestration::agent::run(cfg, client, shutdown_signal()).await
+        }
+        Cmd::Request {
+            software,
+            name,
+            params,
+            node,
+            near,
+            wait,
+            timeout,
+            who,
+        } => {
+            let c = client(&who)?;
+            let mut map = BTreeMap::new();
+            for p in params {
+                let (k, v) = p
+                    .split_once('=')
+                    .with_context(|| format!("--param {p:?}: expected KEY=VALUE"))?;
+                map.insert(k.to_string(), v.to_string());
+            }
+            let body = RequestBody {
+                name: name.clone(),
+                software,
+                params: map,
+                node,
+                near,
+            };
+            let mut i = c.request(&body).await?;
+            let start = Instant::now();
+            while wait && i.status != "ready" {
+                if start.elapsed() > Duration::from_secs(timeout) {
+                    print_instance(&i);
+                    bail!("{name} is not ready after {timeout} s");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                i = c.request(&body).await?;
+            }
+            print_instance(&i);
+            Ok(())
+        }
+        Cmd::List { who } => {
+            for i in client(&who)?.list().await? {
+                print_instance(&i);
+            }
+            Ok(())
+        }
+        Cmd::Show { name, who } => {
+            let v = client(&who)?.show(&name).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Destroy { name, who } => {
+            let i = client(&who)?.destroy(&name).await?;
+            println!("{}: destroy requested on {}", i.name, i.node);
+            Ok(())
+        }
+        Cmd::Node {
+            cmd:
+                NodeCmd::Add {
+                    name,
+                    registry,
+                    registry_token_file,
+                    master,
+                },
+        } => node_add(&name, &registry, registry_token_file.as_deref(), &master).await,
+        Cmd::ServeStatic { listen, root } => serve_static(listen, root).await,
+        Cmd::Kv { listen, data } => kv(listen, data).await,
+    }
+}
+
+async fn node_add(
+    name: &str,
+    registry: &str,
+    token_file: Option<&Path>,
+    master: &str,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let base = registry.trim_end_matches('/');
+    let ca: serde_json::Value = http
+        .get(format!("{base}/v1/ca"))
+        .send()
+        .await
+        .with_context(|| format!("reaching the registry at {base}"))?
+        .json()
+        .await?;
+    let mut req = http
+        .post(format!("{base}/v1/admin/tokens"))
+        .json(&serde_json::json!({"comment": name}));
+    if let Some(f) = token_file {
+        let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        req = req.header("authorization", format!("Bearer {}", t.trim()));
+    }
+    let resp = req.send().await.context("asking for a token")?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "the registry refused: {} ({status})",
+            v["detail"].as_str().unwrap_or("?")
+        );
+    }
+    let token = v["token"].as_str().context("no token in the answer")?;
+    let fp = ca["fingerprint"].as_str().unwrap_or("");
+    println!("# on the new node {name}, as root:");
+    println!(
+        "re6st-conf --registry {base} --token {token} --ca-fingerprint {fp} --dir /etc/re6stnet"
+    );
+    println!("re6stnet --config /etc/re6stnet/re6stnet.toml &");
+    println!("re6st-orch agent --master {master} --name {name}");
+    Ok(())
+}
+
+async fn serve_static(listen: SocketAddr, root: PathBuf) -> anyhow::Result<()> {
+    use axum::extract::Path as UrlPath;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let root = Arc::new(root);
+    let get_file = move |path: Option<UrlPath<String>>| {
+        let root = Arc::clone(&root);
+        async move {
+            let rel = path.map(|UrlPath(p)| p).unwrap_or_default();
+            if rel.split('/').any(|c| c == ".." || c.starts_with('.')) {
+                return (StatusCode::NOT_FOUND, Vec::new()).into_response();
+            }
+            let p = root.join(&rel);
+            if p.is_dir() {
+                let mut names: Vec<String> = std::fs::read_dir(&p)
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                return (StatusCode::OK, names.join("\n").into_bytes()).into_response();
+            }
+            match std::fs::read(&p) {
+                Ok(b) => (StatusCode::OK, b).into_response(),
+                Err(_) => (StatusCode::NOT_FOUND, Vec::new()).into_response(),
+            }
+        }
+    };
+    let g2 = get_file.clone();
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(move || g2(None)))
+        .route(
+            "/{*path}",
+            axum::routing::get(move |p: UrlPath<String>| get_file(Some(p))),
+        );
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    axum::serve(l, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")
+}
+
+async fn kv(listen: SocketAddr, data: PathBuf) -> anyhow::Result<()> {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    type Db = Arc<(std::sync::Mutex<BTreeMap<String, String>>, PathBuf)>;
+    let map: BTreeMap<String, String> = match std::fs::read_to_string(&data) {
+        Ok(t) => serde_json::from_str(&t)
+            .with_context(|| format!("{} is not a JSON object", data.display()))?,
+        Err(_) => BTreeMap::new(),
+    };
+    let db: Db = Arc::new((std::sync::Mutex::new(map), data));
+    async fn get_key(State(db): State<Db>, UrlPath(k): UrlPath<String>) -> (StatusCode, String) {
+        let m =
+            db.0.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.get(&k) {
+            Some(v) => (StatusCode::OK, v.clone()),
+            None => (StatusCode::NOT_FOUND, String::new()),
+        }
+    }
+    async fn put_key(State(db): State<Db>, UrlPath(k): UrlPath<String>, v: String) -> StatusCode {
+        let mut m =
+            db.0.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.insert(k, v);
+        let tmp = db.1.with_extension("tmp");
+        let saved = serde_json::to_vec(&*m)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &db.1));
+        if saved.is_ok() {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "re6st-orch kv\n" }))
+        .route("/{key}", axum::routing::get(get_key).put(put_key))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(db);
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    axum::serve(l, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("re6st-orch: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("re6st-orch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

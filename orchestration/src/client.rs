@@ -1,0 +1,192 @@
+//! Talking to the master: node-signed requests (agents, requesters on a
+//! node) or the operator's bearer token.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use re6st_registry::auth::sign_request;
+use re6st_registry::cert::load_key;
+use serde::de::DeserializeOwned;
+
+use crate::master::{Assignment, Hello, Report, RequestBody, CERT_HEADER};
+use crate::store::{Instance, Node};
+
+/// How the client proves who it is.
+pub enum Credentials {
+    /// The node's certificate (PEM) and key, with its serial.
+    Node {
+        /// Certificate PEM.
+        cert_pem: String,
+        /// Node key.
+        key: rcgen::KeyPair,
+        /// Certificate serial.
+        serial: u64,
+    },
+    /// The operator's token.
+    Admin(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node { serial, .. } => write!(f, "Node(serial {serial})"),
+            Self::Admin(_) => write!(f, "Admin"),
+        }
+    }
+}
+
+impl Credentials {
+    /// The node identity in a re6st-conf directory.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        let ca = re6st_registry::cert::CaCert::from_pem(&read("ca.crt")?)?;
+        let cert_pem = read("node.crt")?;
+        let cert = ca.verify_node(&cert_pem, None)?;
+        let key = load_key(&read("node.key")?)?;
+        Ok(Self::Node {
+            cert_pem,
+            key,
+            serial: cert.serial,
+        })
+    }
+}
+
+/// A client of one master.
+#[derive(Debug)]
+pub struct MasterClient {
+    base: String,
+    http: reqwest::Client,
+    creds: Credentials,
+}
+
+impl MasterClient {
+    /// A client of the master at `base` (http://[overlay address]:port).
+    pub fn new(base: &str, creds: Credentials) -> anyhow::Result<Self> {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("master URL {base:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            creds,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let body = body.unwrap_or_default();
+        let mut req = self.http.request(method.clone(), &url);
+        match &self.creds {
+            Credentials::Node {
+                cert_pem,
+                key,
+                serial,
+            } => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let h = sign_request(key, *serial, method.as_str(), path, &body, now)?;
+                req = req
+                    .header("authorization", h)
+                    .header(CERT_HEADER, B64.encode(cert_pem));
+            }
+            Credentials::Admin(t) => req = req.header("authorization", format!("Bearer {t}")),
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json").body(body);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("reading the answer")?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["detail"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+            bail!("{detail} ({status})");
+        }
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).with_context(|| format!("{method} {url}: unexpected answer"))
+    }
+
+    /// Agent: register and report routing.
+    pub async fn hello(&self, name: &str, routes: BTreeMap<String, u16>) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&Hello {
+            name: name.to_string(),
+            routes,
+        })?;
+        self.send::<serde_json::Value>(reqwest::Method::POST, "/v1/agent/hello", Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Agent: what to run.
+    pub async fn assignments(&self) -> anyhow::Result<Vec<Assignment>> {
+        self.send(reqwest::Method::GET, "/v1/agent/instances", None)
+            .await
+    }
+
+    /// Agent: report on an instance.
+    pub async fn report(&self, r: &Report) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(r)?;
+        self.send::<()>(reqwest::Method::POST, "/v1/agent/report", Some(body))
+            .await
+    }
+
+    /// Request an instance.
+    pub async fn request(&self, r: &RequestBody) -> anyhow::Result<Instance> {
+        let body = serde_json::to_vec(r)?;
+        self.send(reqwest::Method::POST, "/v1/request", Some(body))
+            .await
+    }
+
+    /// Every instance.
+    pub async fn list(&self) -> anyhow::Result<Vec<Instance>> {
+        self.send(reqwest::Method::GET, "/v1/instances", None).await
+    }
+
+    /// One instance with its history.
+    pub async fn show(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(reqwest::Method::GET, &format!("/v1/instances/{name}"), None)
+            .await
+    }
+
+    /// Destroy an instance.
+    pub async fn destroy(&self, name: &str) -> anyhow::Result<Instance> {
+        self.send(
+            reqwest::Method::DELETE,
+            &format!("/v1/instances/{name}"),
+            None,
+        )
+        .await
+    }
+
+    /// Registered nodes.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        self.send(reqwest::Method::GET, "/v1/nodes", None).await
+    }
+}

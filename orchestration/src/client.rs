@@ -22,7 +22,7 @@ pub enum Credentials {
         /// Certificate PEM.
         cert_pem: String,
         /// Node key.
-        key: rcgen::KeyPair,
+        key: Box<rcgen::KeyPair>,
         /// Certificate serial.
         serial: u64,
     },
@@ -49,7 +49,7 @@ impl Credentials {
         let ca = re6st_registry::cert::CaCert::from_pem(&read("ca.crt")?)?;
         let cert_pem = read("node.crt")?;
         let cert = ca.verify_node(&cert_pem, None)?;
-        let key = load_key(&read("node.key")?)?;
+        let key = Box::new(load_key(&read("node.key")?)?);
         Ok(Self::Node {
             cert_pem,
             key,

@@ -258,6 +258,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.base_dir)
         .with_context(|| format!("creating {}", cfg.base_dir.display()))?;
+    crate::client::install_crypto();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()

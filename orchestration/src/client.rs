@@ -15,6 +15,12 @@ use serde::de::DeserializeOwned;
 use crate::master::{Assignment, Hello, Report, RequestBody, CERT_HEADER};
 use crate::store::{Instance, Node};
 
+/// Makes ring rustls's crypto provider (reqwest is built without one);
+/// call before building any HTTP client.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// How the client proves who it is.
 pub enum Credentials {
     /// The node's certificate (PEM) and key, with its serial.
@@ -72,6 +78,7 @@ impl MasterClient {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!("master URL {base:?} must start with http:// or https://");
         }
+        install_crypto();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))

@@ -116,6 +116,11 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// List the nodes whose agents registered.
+    Nodes {
+        #[command(flatten)]
+        who: Who,
+    },
     /// Show an instance and its status history.
     Show {
         /// Instance name.
@@ -354,6 +359,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Nodes { who } => {
+            for n in client(&who)?.nodes().await? {
+                println!(
+                    "{} {} instances={} last_seen={}",
+                    n.name, n.prefix, n.instances, n.last_seen
+                );
+            }
+            Ok(())
+        }
         Cmd::Show { name, who } => {
             let v = client(&who)?.show(&name).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -384,6 +398,7 @@ async fn node_add(
     token_file: Option<&Path>,
     master: &str,
 ) -> anyhow::Result<()> {
+    re6st_orchestration::client::install_crypto();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;

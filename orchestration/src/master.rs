@@ -456,3 +456,122 @@ pub fn router(m: Shared) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use re6st_registry::auth::sign_request;
+    use re6st_registry::cert::Ca;
+
+    fn setup(revoked: Vec<u64>) -> (Arc<Master>, String, rcgen::KeyPair, std::path::PathBuf) {
+        let t = now();
+        let ca = Ca::generate("fd5e:5e::/48".parse().unwrap_or_default(), t - 10, 10)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (key, pem) = ca
+            .issue_with_new_key(
+                "fd5e:5e:0:2::/64".parse().unwrap_or_default(),
+                [7; 32],
+                42,
+                t - 10,
+                t + 86_400,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let path = std::env::temp_dir().join(format!(
+            "orch-auth-{}-{}.db",
+            std::process::id(),
+            revoked.len()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let m = Master::new(
+            store,
+            ca.cert().clone(),
+            Box::new(move || revoked.clone()),
+            Some("tok".into()),
+        );
+        (m, pem, key, path)
+    }
+
+    fn headers(
+        pem: &str,
+        key: &rcgen::KeyPair,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let auth = sign_request(key, 42, method, path, body, now()).unwrap_or_default();
+        h.insert(
+            "authorization",
+            auth.parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        h.insert(
+            CERT_HEADER,
+            B64.encode(pem).parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        h
+    }
+
+    #[test]
+    fn callers_are_checked() {
+        let (m, pem, key, path) = setup(Vec::new());
+        let uri: Uri = "/v1/agent/instances".parse().unwrap_or_default();
+        let inside: IpAddr = "fd5e:5e:0:2::1"
+            .parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        let outside: IpAddr = "fd00:18::2"
+            .parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        let h = headers(&pem, &key, "GET", "/v1/agent/instances", b"");
+        let ok = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(ok, Ok(Caller::Node(ref c)) if c.serial == 42),
+            "{ok:?}"
+        );
+        let replay = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(replay, Err(ApiError(StatusCode::UNAUTHORIZED, ref d)) if d.contains("replayed"))
+        );
+        let h = headers(&pem, &key, "GET", "/v1/agent/instances", b"");
+        let under = m.authenticate(&h, &Method::GET, &uri, b"", outside);
+        assert!(
+            matches!(under, Err(ApiError(StatusCode::FORBIDDEN, ref d)) if d.contains("overlay"))
+        );
+        let h = headers(&pem, &key, "GET", "/v1/other", b"");
+        let forged = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(forged, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
+            "signature over another path"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            "Bearer tok".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert!(matches!(
+            m.authenticate(&h, &Method::GET, &uri, b"", outside),
+            Ok(Caller::Admin)
+        ));
+        h.insert(
+            "authorization",
+            "Bearer nope".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert!(m
+            .authenticate(&h, &Method::GET, &uri, b"", outside)
+            .is_err());
+        h.insert(
+            "authorization",
+            "Re6st garbage".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert!(m.authenticate(&h, &Method::GET, &uri, b"", inside).is_err());
+        let _ = std::fs::remove_file(path);
+
+        let (m, pem, key, path) = setup(vec![42]);
+        let h = headers(&pem, &key, "GET", "/v1/agent/instances", b"");
+        let revoked = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(revoked, Err(ApiError(StatusCode::FORBIDDEN, ref d)) if d.contains("revoked"))
+        );
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,6 +1,6 @@
-//! SlapOS-like orchestration over the overlay (issue 7, in progress): so
-//! far the service descriptors and the master's store; the master's API,
-//! the agent and `re6st-orch` come next.
+//! SlapOS-like orchestration over the overlay: the master's store and API,
+//! the node agent, the client, and service descriptors (see
+//! `docs/orchestration.md`).
 
 pub mod agent;
 pub mod client;

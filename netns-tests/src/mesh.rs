@@ -97,6 +97,8 @@ pub struct Mesh {
     pub db: PathBuf,
     /// The registry URL as nodes use it.
     pub url: String,
+    /// File with the registry's admin bearer token.
+    pub admin_token: PathBuf,
     registry: Option<Process>,
     registry_host: String,
     // Last: the network goes after the processes.
@@ -166,13 +168,25 @@ impl Mesh {
         let url = format!("http://{reg_addr}:{REGISTRY_PORT}");
         let bin = crate::binary("re6st-registry")?;
         let listen = format!("{reg_addr}:{REGISTRY_PORT}");
+        let admin_token = base.join("registry-admin.token");
+        std::fs::write(&admin_token, "registry-admin-secret\n")
+            .map_err(|e| Error::io("writing the registry's admin token", e))?;
         let registry = reg.spawn(
             "registry",
             &bin.to_string_lossy(),
-            &["--db", &dbs, "serve", "--listen", &listen],
+            &[
+                "--db",
+                &dbs,
+                "serve",
+                "--listen",
+                &listen,
+                "--admin-token-file",
+                &admin_token.to_string_lossy(),
+            ],
         )?;
         let mut mesh = Self {
             nodes: Vec::new(),
+            admin_token,
             db,
             url,
             registry: Some(registry),

@@ -230,6 +230,57 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         format!("show: {}", text(&show)),
     )?;
 
+    // Placement near a prefix: the node inside it.
+    let n3 = o.m.nodes[3].prefix.clone();
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "kv",
+            "cache",
+            "--near",
+            &n3,
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    )?;
+    check(
+        out.status.success() && text(&out).contains("cache (kv on n3): ready"),
+        format!("--near: {}", text(&out)),
+    )?;
+
+    // Provisioning a new node: a join token from the registry.
+    let out = o.m.host(0)?.output(
+        &o.orch,
+        &[
+            "node",
+            "add",
+            "n9",
+            "--registry",
+            &o.m.url,
+            "--registry-token-file",
+            &o.m.admin_token.to_string_lossy(),
+            "--master",
+            &o.url,
+        ],
+    )?;
+    let printed = text(&out);
+    let token = printed
+        .split("--token ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("")
+        .to_string();
+    check(
+        out.status.success() && token.len() == 32 && printed.contains("re6st-orch agent --master"),
+        format!("node add: {printed}"),
+    )?;
+    check(
+        o.m.registry_cmd(&["token", "list"])?.contains(&token),
+        "the printed token is the registry's",
+    )?;
+
     // The master restarts: state kept.
     master.stop()?;
     let _master = o.master()?;

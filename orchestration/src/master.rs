@@ -188,9 +188,31 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 
 type Shared = Arc<Master>;
 
+/// An authenticated request: the caller and the body (checked against the
+/// signature). As an extractor it must come last.
 struct Call {
     caller: Caller,
     body: Bytes,
+}
+
+impl axum::extract::FromRequest<Shared> for Call {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, m: &Shared) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let src = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no peer address".into()))?;
+        let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "body too large or unreadable".into(),
+            )
+        })?;
+        call(m, &parts.headers, &parts.method, &parts.uri, body, src)
+    }
 }
 
 fn call(
@@ -284,15 +306,7 @@ pub struct RequestBody {
     pub near: Option<String>,
 }
 
-async fn hello(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let c = call(&m, &headers, &method, &uri, body, src)?;
+async fn hello(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let Caller::Node(cert) = &c.caller else {
         return Err(ApiError(StatusCode::FORBIDDEN, "agents only".into()));
     };
@@ -304,15 +318,7 @@ async fn hello(
     Ok(Json(serde_json::json!({"node": h.name})).into_response())
 }
 
-async fn assignments(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let c = call(&m, &headers, &method, &uri, body, src)?;
+async fn assignments(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let (node, _) = node_of(&m, &c.caller)?;
     let s = m.store();
     let mut out = Vec::new();
@@ -326,15 +332,7 @@ async fn assignments(
     Ok(Json(out).into_response())
 }
 
-async fn report(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let c = call(&m, &headers, &method, &uri, body, src)?;
+async fn report(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let (node, _) = node_of(&m, &c.caller)?;
     let r: Report = parse(&c.body)?;
     m.store().report(
@@ -348,15 +346,7 @@ async fn report(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn request(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let c = call(&m, &headers, &method, &uri, body, src)?;
+async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let r: RequestBody = parse(&c.body)?;
     let placement = match (r.node, r.near) {
         (Some(_), Some(_)) => {
@@ -380,40 +370,19 @@ async fn request(
     Ok(Json(i).into_response())
 }
 
-async fn list(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    call(&m, &headers, &method, &uri, body, src)?;
+async fn list(State(m): State<Shared>, _: Call) -> Result<Response, ApiError> {
     Ok(Json(m.store().instances(None)?).into_response())
 }
 
-async fn nodes(
-    State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    call(&m, &headers, &method, &uri, body, src)?;
+async fn nodes(State(m): State<Shared>, _: Call) -> Result<Response, ApiError> {
     Ok(Json(m.store().nodes()?).into_response())
 }
 
 async fn show(
     State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
     UrlPath(name): UrlPath<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    _: Call,
 ) -> Result<Response, ApiError> {
-    call(&m, &headers, &method, &uri, body, src)?;
     let s = m.store();
     let i = s
         .instance(&name)?
@@ -428,14 +397,9 @@ async fn show(
 
 async fn destroy(
     State(m): State<Shared>,
-    ConnectInfo(src): ConnectInfo<SocketAddr>,
     UrlPath(name): UrlPath<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    _: Call,
 ) -> Result<Response, ApiError> {
-    call(&m, &headers, &method, &uri, body, src)?;
     Ok(Json(m.store().destroy(&name, now())?).into_response())
 }
 

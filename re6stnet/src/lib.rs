@@ -9,3 +9,20 @@ pub mod enrol;
 pub mod peer;
 pub mod state;
 pub mod system;
+
+/// Resolves at SIGINT or SIGTERM (never, if the handlers cannot be set).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}

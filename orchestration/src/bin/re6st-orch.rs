@@ -191,22 +191,6 @@ fn client(who: &Who) -> anyhow::Result<MasterClient> {
     MasterClient::new(&who.master, creds)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
-}
-
 fn print_instance(i: &re6st_orchestration::store::Instance) {
     println!(
         "{} ({} on {}): {} [{}]",
@@ -290,7 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 listener,
                 master::router(m).into_make_service_with_connect_info::<SocketAddr>(),
             )
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(re6stnet::shutdown_signal())
             .await
             .context("serving")?;
             Ok(())
@@ -313,7 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ctl_socket: Some(ctl_socket),
                 period: Duration::from_millis(period_ms.max(100)),
             };
-            re6st_orchestration::agent::run(cfg, client, shutdown_signal()).await
+            re6st_orchestration::agent::run(cfg, client, re6stnet::shutdown_signal()).await
         }
         Cmd::Request {
             software,
@@ -437,6 +421,17 @@ async fn node_add(
     Ok(())
 }
 
+/// Serves a shipped service until SIGINT or SIGTERM.
+async fn serve(listen: SocketAddr, app: axum::Router) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    axum::serve(l, app)
+        .with_graceful_shutdown(re6stnet::shutdown_signal())
+        .await
+        .context("serving")
+}
+
 async fn serve_static(listen: SocketAddr, root: PathBuf) -> anyhow::Result<()> {
     use axum::extract::Path as UrlPath;
     use axum::http::StatusCode;
@@ -474,13 +469,7 @@ async fn serve_static(listen: SocketAddr, root: PathBuf) -> anyhow::Result<()> {
             "/{*path}",
             axum::routing::get(move |p: UrlPath<String>| get_file(Some(p))),
         );
-    let l = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    axum::serve(l, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")
+    serve(listen, app).await
 }
 
 async fn kv(listen: SocketAddr, data: PathBuf) -> anyhow::Result<()> {
@@ -523,13 +512,7 @@ async fn kv(listen: SocketAddr, data: PathBuf) -> anyhow::Result<()> {
         .route("/{key}", axum::routing::get(get_key).put(put_key))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(db);
-    let l = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    axum::serve(l, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")
+    serve(listen, app).await
 }
 
 fn main() -> ExitCode {

@@ -94,22 +94,6 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
     config::merge(flags, file)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
-}
-
 fn main() -> ExitCode {
     // One thread per tunnel: without a cap, glibc gives each its own malloc
     // arena and the node's memory grows by hundreds of KiB per tunnel.
@@ -150,7 +134,7 @@ fn main() -> ExitCode {
         let snapshot = Arc::new(RwLock::new(Snapshot::default()));
         ctl::serve(&cfg.ctl_socket, cfg.metrics, Arc::clone(&snapshot)).await?;
         let socket = cfg.ctl_socket.clone();
-        let out = re6stnet::daemon::run(cfg, snapshot, shutdown_signal()).await;
+        let out = re6stnet::daemon::run(cfg, snapshot, re6stnet::shutdown_signal()).await;
         let _ = std::fs::remove_file(socket);
         out
     });

@@ -8,6 +8,8 @@ bash scripts/deps.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# The namespace tests run the binaries of every package: build them all first.
+cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {

@@ -457,6 +457,42 @@ impl Mesh {
             },
         )
         .map(|(_, d)| d)
+        .map_err(|e| Error::Measure(format!("{e}\n{}", self.diagnose())))
+    }
+
+    /// Which running node lacks which routes, with the end of its log.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.process.is_none() {
+                continue;
+            }
+            let have = self.routes(i);
+            let missing: Vec<&str> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, o)| *j != i && o.process.is_some() && !have.contains(&o.prefix))
+                .map(|(_, o)| o.name.as_str())
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let tunnels = self
+                .ctl(i, "/tunnels")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            out += &format!(
+                "{} has no route to {missing:?}; tunnels: {tunnels}\n",
+                n.name
+            );
+            let log = self.log(i);
+            let tail: Vec<&str> = log.lines().rev().take(12).collect();
+            for l in tail.into_iter().rev() {
+                out += &format!("  | {l}\n");
+            }
+        }
+        out
     }
 
     /// Waits until every running node routes to every other one, then

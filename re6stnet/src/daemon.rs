@@ -500,9 +500,11 @@ impl Node {
         if self.revoked || self.tunnels.contains_key(&p) || self.pending.contains_key(&p) {
             return;
         }
+        // The policy chose the peer; the cache is only its address book here
+        // (back-off included).
         let cached = self
             .cache
-            .candidates(unix())
+            .candidates(i64::MAX)
             .ok()
             .and_then(|c| c.into_iter().find(|c| c.prefix == p));
         match cached {
@@ -550,7 +552,11 @@ impl Node {
             .setup_failed
             .entry(why.to_string())
             .or_default() += 1;
-        let _ = self.cache.mark_failed(p, unix(), 30);
+        // A busy peer works: only the policy backs off from it. The cache
+        // remembers peers that did not answer or refused us.
+        if why != "busy" {
+            let _ = self.cache.mark_failed(p, unix(), 30);
+        }
         let actions = self.policy.on_failed(p, Instant::now(), &self.view);
         Box::pin(self.act(actions)).await;
     }
@@ -1121,11 +1127,15 @@ impl Node {
                 }
             }
         }
-        view.cache = self
-            .cache
-            .candidates(unix())
-            .map(|c| c.into_iter().map(|c| c.prefix).collect())
-            .unwrap_or_default();
+        let t = unix();
+        let mut cached = self.cache.candidates(t).unwrap_or_default();
+        if cached.is_empty() {
+            // Every cached peer is in back-off (perhaps from before a
+            // restart, or the registry is down): better to retry them than
+            // to stay alone; the policy still spaces its own retries.
+            cached = self.cache.candidates(i64::MAX).unwrap_or_default();
+        }
+        view.cache = cached.into_iter().map(|c| c.prefix).collect();
         self.view = view;
     }
 

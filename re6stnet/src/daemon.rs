@@ -22,7 +22,7 @@ use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
 use re6st_routing::driver::{self, Command, DriverConfig, Status};
 use re6st_routing::metric::RttParams;
 use re6st_routing::router::{InterfaceConfig, RouterConfig};
-use re6st_tunnel::cache::PeerCache;
+use re6st_tunnel::cache::{CachedPeer, PeerCache};
 use re6st_tunnel::plane::{Event, Plane};
 use re6st_tunnel::policy::{Action, Admission, Peer, Policy, PolicyConfig, View};
 use re6st_tunnel::setup::{self, Decision, Outcome, Reply, Responder};
@@ -117,6 +117,8 @@ struct Node {
     asking: HashMap<Peer, Instant>,
     pending: HashMap<Peer, PendingSetup>,
     view: View,
+    /// Cached peers not in back-off, as of the last read of routing.
+    cached: Vec<CachedPeer>,
     status: Option<Status>,
     endpoints: Vec<SocketAddr>,
     record: Option<SignedPeerRecord>,
@@ -306,6 +308,7 @@ pub async fn run(
         asking: HashMap::new(),
         pending: HashMap::new(),
         view: View::default(),
+        cached: Vec::new(),
         status: None,
         endpoints: Vec::new(),
         record: None,
@@ -545,6 +548,8 @@ impl Node {
         }
     }
 
+    /// An outgoing attempt failed: the policy backs off from the peer and
+    /// tries another.
     async fn failed(&mut self, p: Peer, why: &'static str) {
         tracing::debug!(peer = %p, why, "tunnel attempt failed");
         *self
@@ -552,13 +557,15 @@ impl Node {
             .setup_failed
             .entry(why.to_string())
             .or_default() += 1;
-        // A busy peer works: only the policy backs off from it. The cache
-        // remembers peers that did not answer or refused us.
-        if why != "busy" {
-            let _ = self.cache.mark_failed(p, unix(), 30);
-        }
         let actions = self.policy.on_failed(p, Instant::now(), &self.view);
         Box::pin(self.act(actions)).await;
+    }
+
+    /// The peer did not answer or refused us: the cache remembers it as
+    /// failing too (a busy peer works, so busy answers only call `failed`).
+    async fn unreachable(&mut self, p: Peer, why: &'static str) {
+        let _ = self.cache.mark_failed(p, unix(), 30);
+        self.failed(p, why).await;
     }
 
     /// Adds a link and its tun device, and runs Babel on it.
@@ -742,7 +749,7 @@ impl Node {
                 if reason.contains("revoked") {
                     self.revoked = true;
                 }
-                self.failed(p, "refused").await;
+                self.unreachable(p, "refused").await;
             }
         }
     }
@@ -789,7 +796,7 @@ impl Node {
                 };
                 if self.asking.remove(&from).is_some() {
                     if eps.is_empty() {
-                        self.failed(from, "no_endpoint").await;
+                        self.unreachable(from, "no_endpoint").await;
                     } else {
                         self.request_setup(from, &eps);
                     }
@@ -1042,7 +1049,7 @@ impl Node {
             .collect();
         for p in expired {
             self.asking.remove(&p);
-            self.failed(p, "no_endpoints_answer").await;
+            self.unreachable(p, "no_endpoints_answer").await;
         }
         let expired: Vec<Peer> = self
             .pending
@@ -1052,7 +1059,7 @@ impl Node {
             .collect();
         for p in expired {
             self.pending.remove(&p);
-            self.failed(p, "no_setup_answer").await;
+            self.unreachable(p, "no_setup_answer").await;
         }
         if !self.revoked {
             let actions = self.policy.tick(now, &self.view);
@@ -1096,7 +1103,7 @@ impl Node {
         }
         for p in failed {
             self.remove_tunnel(p).await;
-            self.failed(p, "no_handshake").await;
+            self.unreachable(p, "no_handshake").await;
         }
         for (p, why) in dead {
             self.lost(p, why).await;
@@ -1127,15 +1134,20 @@ impl Node {
                 }
             }
         }
-        let t = unix();
-        let mut cached = self.cache.candidates(t).unwrap_or_default();
-        if cached.is_empty() {
+        self.cached = self.cache.candidates(unix()).unwrap_or_default();
+        view.cache = if self.cached.is_empty() {
             // Every cached peer is in back-off (perhaps from before a
             // restart, or the registry is down): better to retry them than
             // to stay alone; the policy still spaces its own retries.
-            cached = self.cache.candidates(i64::MAX).unwrap_or_default();
-        }
-        view.cache = cached.into_iter().map(|c| c.prefix).collect();
+            self.cache
+                .candidates(i64::MAX)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.prefix)
+                .collect()
+        } else {
+            self.cached.iter().map(|c| c.prefix).collect()
+        };
         self.view = view;
     }
 
@@ -1185,19 +1197,15 @@ impl Node {
             self.status.clone(),
             self.netconf.clone(),
             metrics,
-            self.cache
-                .candidates(unix())
+            self.cached
+                .iter()
                 .map(|c| {
-                    c.into_iter()
-                        .map(|c| {
-                            (
-                                c.prefix.to_string(),
-                                c.endpoints.iter().map(ToString::to_string).collect(),
-                            )
-                        })
-                        .collect()
+                    (
+                        c.prefix.to_string(),
+                        c.endpoints.iter().map(ToString::to_string).collect(),
+                    )
                 })
-                .unwrap_or_default(),
+                .collect(),
         )
     }
 }

@@ -26,3 +26,12 @@ pub async fn shutdown_signal() {
         _ => std::future::pending().await,
     }
 }
+
+/// The runtime of our daemons: two worker threads (the work is I/O-bound
+/// and nodes may be small machines).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

@@ -2,7 +2,7 @@
 //! to run with the registry down (the last network configuration and the
 //! Babel keys).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -133,7 +133,6 @@ pub fn auth_config(keys: &HmacKeys) -> anyhow::Result<AuthConfig> {
 }
 
 /// Creates the state directory.
-pub fn state_dir(path: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(path.to_path_buf())
+pub fn state_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
 }

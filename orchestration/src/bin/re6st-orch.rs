@@ -524,11 +524,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match re6stnet::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("re6st-orch: starting the runtime: {e}");

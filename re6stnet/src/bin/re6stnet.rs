@@ -119,11 +119,7 @@ fn main() -> ExitCode {
     } else {
         builder.init();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match re6stnet::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("re6stnet: starting the runtime: {e}");

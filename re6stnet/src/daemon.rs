@@ -551,7 +551,7 @@ impl Node {
     /// An outgoing attempt failed: the policy backs off from the peer and
     /// tries another.
     async fn failed(&mut self, p: Peer, why: &'static str) {
-        tracing::debug!(peer = %p, why, "tunnel attempt failed");
+        tracing::info!(peer = %p, why, "tunnel attempt failed");
         *self
             .metrics
             .setup_failed
@@ -1020,7 +1020,10 @@ impl Node {
         if full {
             let (tx, rx) = oneshot::channel();
             if self.routing.send(Command::Status(tx)).await.is_ok() {
-                self.status = rx.await.ok();
+                match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                    Ok(status) => self.status = status.ok(),
+                    Err(_) => tracing::warn!("routing did not report its state within 2 s"),
+                }
             }
             self.update_view();
         }

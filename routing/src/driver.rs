@@ -191,15 +191,21 @@ fn to_std(now: tokio::time::Instant) -> Instant {
     now.into_std()
 }
 
+/// Longest wait for the kernel to answer a netlink request.
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs the router until [`Command::Shutdown`] or the command channel closes.
 pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
     let start = to_std(tokio::time::Instant::now());
     let mut router = Router::new(cfg.router.clone(), start);
     let kernel = if cfg.install {
         let k = Kernel::new(cfg.table, cfg.proto, cfg.pref_src)?;
-        let stale = k.flush().await?;
-        if stale > 0 {
-            tracing::info!(stale, "removed stale routes of a previous run");
+        // A netlink answer that never comes must not freeze routing.
+        match tokio::time::timeout(NETLINK_TIMEOUT, k.flush()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(stale)) => tracing::info!(stale, "removed stale routes of a previous run"),
+            Ok(Err(e)) => return Err(e.context("removing stale routes")),
+            Err(_) => tracing::warn!("netlink did not answer while removing stale routes"),
         }
         Some(k)
     } else {
@@ -291,8 +297,15 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
             tracing::debug!(?change, "route change");
             if let Some(k) = &kernel {
                 let known: Vec<u32> = ifaces.keys().copied().collect();
-                if let Err(e) = k.apply(&change, |i| known.contains(&i).then_some(i)).await {
-                    tracing::warn!(?change, error = %e, "kernel route");
+                let applied = tokio::time::timeout(
+                    NETLINK_TIMEOUT,
+                    k.apply(&change, |i| known.contains(&i).then_some(i)),
+                )
+                .await;
+                match applied {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(?change, error = %e, "kernel route"),
+                    Err(_) => tracing::warn!(?change, "netlink did not answer: kernel route"),
                 }
             }
         }

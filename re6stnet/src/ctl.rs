@@ -311,6 +311,17 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Packets refused, by reason.",
         rejected,
     );
+    let babel_drops = s
+        .routing
+        .as_ref()
+        .map(|r| labelled("reason", &r.drops))
+        .unwrap_or_default();
+    one(
+        "babel_dropped_total",
+        "counter",
+        "Babel packets and TLVs refused (bad MAC, replay, martian or foreign prefix, absurd seqno request...), by reason.",
+        babel_drops,
+    );
     one(
         "peer_messages_received_total",
         "counter",

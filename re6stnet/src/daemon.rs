@@ -21,7 +21,7 @@ use re6st_registry::client::{Identity as ClientId, RegistryClient};
 use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
 use re6st_routing::driver::{self, Command, DriverConfig, Status};
 use re6st_routing::metric::RttParams;
-use re6st_routing::router::{InterfaceConfig, RouterConfig};
+use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig};
 use re6st_tunnel::cache::{CachedPeer, PeerCache};
 use re6st_tunnel::plane::{Event, Plane};
 use re6st_tunnel::policy::{Action, Admission, Peer, Policy, PolicyConfig, View};
@@ -146,6 +146,17 @@ fn policy_config(c: &NetworkConfig) -> PolicyConfig {
     }
 }
 
+/// Routes a node accepts from Babel: inside the network, no longer than a
+/// node prefix (a member cannot take over part of another node's prefix),
+/// and no default route (gateways are not supported yet).
+fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
+    Filter {
+        networks: vec![IpNet::V6(network)],
+        max_plen: Some(c.prefix_len),
+        default_from: Vec::new(),
+    }
+}
+
 fn tunnel_iface(c: &NetworkConfig) -> InterfaceConfig {
     let mut i = InterfaceConfig::tunnel(Duration::from_millis(u64::from(
         c.hello_interval_ms.max(10),
@@ -261,8 +272,9 @@ pub async fn run(
         .context("starting the event bridge")?;
 
     let hmac = state::load_hmac(&cfg.state_dir).filter(|k| k.version == netconf.hmac_version);
-    let mut rcfg = RouterConfig::new(router_id(prefix));
+    let mut rcfg = RouterConfig::new(router_id(prefix), driver::os_seed()?);
     rcfg.auth = hmac.as_ref().map(state::auth_config).transpose()?;
+    rcfg.filter = routing_filter(network, &netconf);
     let (routing, commands) = mpsc::channel(256);
     let driver_cfg = DriverConfig {
         router: rcfg,
@@ -270,6 +282,8 @@ pub async fn run(
         proto: re6st_routing::kernel::PROTO,
         pref_src: Some(address.addr()),
         install: true,
+        cover: vec![IpNet::V6(network)],
+        seqno_file: Some(cfg.state_dir.join(state::SEQNO_FILE)),
     };
     let driver = tokio::spawn(driver::run(driver_cfg, commands));
     routing

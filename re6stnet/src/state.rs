@@ -20,6 +20,8 @@ pub const NETWORK_FILE: &str = "network.json";
 pub const HMAC_FILE: &str = "hmac.json";
 /// Peer cache.
 pub const CACHE_FILE: &str = "peers.sqlite";
+/// File name of the persisted Babel seqno (one newer than any used).
+pub const SEQNO_FILE: &str = "babel-seqno";
 
 /// Everything read from the configuration directory.
 #[derive(Debug)]

@@ -5,9 +5,11 @@
 //! The router signs every packet with the signing key (PC TLV in the body,
 //! MAC TLV in the trailer) and accepts a packet if any accepted key
 //! verifies it and its PC is newer than the last one seen for that
-//! (neighbour, index, multicast/unicast). An unknown index is admitted only
-//! after a challenge round trip; Challenge Requests are answered only on
-//! unicast.
+//! (neighbour, multicast/unicast) under its current index. A new index is
+//! admitted only after a challenge round trip, and then replaces the old
+//! one with both counters set (RFC 8967 §4.3, as babeld): no packet older
+//! than the reply is accepted on either channel. Challenge Requests are
+//! answered only on unicast.
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use blake2::digest::consts::U16;
 use blake2::digest::{KeyInit, Mac};
 
+use crate::drop_reason::DropReason;
 use crate::wire::{mac_input, PORT};
 
 /// A MAC algorithm.
@@ -115,10 +118,17 @@ pub const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most one challenge request or reply per neighbour this often.
 pub const CHALLENGE_GAP: Duration = Duration::from_millis(300);
 
+/// The admitted index of a neighbour and the last PC seen on each channel.
+#[derive(Clone, Debug)]
+struct Admitted {
+    index: Vec<u8>,
+    multicast: u32,
+    unicast: u32,
+}
+
 #[derive(Clone, Debug, Default)]
 struct NeighbourAuth {
-    /// Per index: last PC on multicast, last PC on unicast.
-    pcs: HashMap<Vec<u8>, (Option<u32>, Option<u32>)>,
+    admitted: Option<Admitted>,
     nonce: Option<(Vec<u8>, Instant)>,
     last_request: Option<Instant>,
     last_reply: Option<Instant>,
@@ -130,7 +140,7 @@ pub enum Verdict {
     /// Process it.
     Accept,
     /// Drop it, for this reason.
-    Drop(&'static str),
+    Drop(DropReason),
 }
 
 /// Authentication state of a router.
@@ -203,23 +213,22 @@ impl Auth {
         reply: Option<&[u8]>,
     ) -> Verdict {
         let Some((pc, index)) = pc else {
-            return Verdict::Drop("no PC");
+            return Verdict::Drop(DropReason::NoPc);
         };
         let n = self.neighbours.entry(neighbour).or_default();
-        if let Some(&(m, u)) = n.pcs.get(index) {
-            let last = if unicast { u } else { m };
-            if last.is_none_or(|l| pc > l) {
-                let e = n.pcs.entry(index.to_vec()).or_default();
-                if unicast {
-                    e.1 = Some(pc);
-                } else {
-                    e.0 = Some(pc);
-                }
+        if let Some(a) = n.admitted.as_mut().filter(|a| a.index == index) {
+            let last = if unicast {
+                &mut a.unicast
+            } else {
+                &mut a.multicast
+            };
+            if pc > *last {
+                *last = pc;
                 return Verdict::Accept;
             }
-            return Verdict::Drop("replayed or old PC");
+            return Verdict::Drop(DropReason::OldPc);
         }
-        // Unknown index: admitted only by a matching Challenge Reply.
+        // A new index: admitted only by a matching Challenge Reply.
         let matches = match (&n.nonce, reply) {
             (Some((nonce, at)), Some(r)) => {
                 nonce.as_slice() == r && now.duration_since(*at) < CHALLENGE_TIMEOUT
@@ -228,15 +237,14 @@ impl Auth {
         };
         if matches {
             n.nonce = None;
-            let e = n.pcs.entry(index.to_vec()).or_default();
-            if unicast {
-                e.1 = Some(pc);
-            } else {
-                e.0 = Some(pc);
-            }
+            n.admitted = Some(Admitted {
+                index: index.to_vec(),
+                multicast: pc,
+                unicast: pc,
+            });
             return Verdict::Accept;
         }
-        Verdict::Drop("unknown index")
+        Verdict::Drop(DropReason::UnknownIndex)
     }
 
     /// A nonce to challenge `neighbour` with now, unless one went out less
@@ -318,13 +326,13 @@ mod tests {
         let idx = [1u8; 8];
         assert_eq!(
             a.check_pc(t, n, false, Some((5, &idx)), None),
-            Verdict::Drop("unknown index")
+            Verdict::Drop(DropReason::UnknownIndex)
         );
         let nonce = a.challenge(t, n, vec![9; 8]).unwrap_or_default();
         assert!(a.challenge(t, n, vec![1; 8]).is_none(), "rate limited");
         assert_eq!(
             a.check_pc(t, n, true, Some((6, &idx)), Some(&[0; 8])),
-            Verdict::Drop("unknown index")
+            Verdict::Drop(DropReason::UnknownIndex)
         );
         assert_eq!(
             a.check_pc(t, n, true, Some((6, &idx)), Some(&nonce)),
@@ -332,29 +340,48 @@ mod tests {
         );
         assert_eq!(
             a.check_pc(t, n, true, Some((6, &idx)), None),
-            Verdict::Drop("replayed or old PC")
+            Verdict::Drop(DropReason::OldPc)
         );
         assert_eq!(
             a.check_pc(t, n, true, Some((7, &idx)), None),
             Verdict::Accept
         );
-        // Multicast has its own counter space.
+        // Admission set the multicast counter too: an old multicast packet
+        // (a replay from before the challenge) is refused.
         assert_eq!(
             a.check_pc(t, n, false, Some((3, &idx)), None),
+            Verdict::Drop(DropReason::OldPc)
+        );
+        assert_eq!(
+            a.check_pc(t, n, false, Some((8, &idx)), None),
             Verdict::Accept
         );
         assert_eq!(
-            a.check_pc(t, n, false, Some((3, &idx)), None),
-            Verdict::Drop("replayed or old PC")
+            a.check_pc(t, n, false, Some((8, &idx)), None),
+            Verdict::Drop(DropReason::OldPc)
         );
-        assert_eq!(a.check_pc(t, n, false, None, None), Verdict::Drop("no PC"));
+        // Unicast and multicast counters then move on their own.
+        assert_eq!(
+            a.check_pc(t, n, true, Some((8, &idx)), None),
+            Verdict::Accept
+        );
+        // A new index replaces the old one only through a challenge.
+        let idx2 = [2u8; 8];
+        assert_eq!(
+            a.check_pc(t, n, false, Some((1, &idx2)), None),
+            Verdict::Drop(DropReason::UnknownIndex)
+        );
+        assert_eq!(
+            a.check_pc(t, n, false, None, None),
+            Verdict::Drop(DropReason::NoPc)
+        );
         // A stale nonce does not admit anything.
         let n2 = (1, Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 10));
         let nonce = a.challenge(t, n2, vec![4; 8]).unwrap_or_default();
         let late = t + CHALLENGE_TIMEOUT;
         assert_eq!(
             a.check_pc(late, n2, true, Some((1, &idx)), Some(&nonce)),
-            Verdict::Drop("unknown index")
+            Verdict::Drop(DropReason::UnknownIndex)
         );
     }
 }

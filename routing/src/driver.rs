@@ -5,11 +5,19 @@
 //! (`SO_BINDTODEVICE`), joined to `ff02::1:6` there. Packets whose source is
 //! not link-local are dropped by the router. Interfaces can be added and
 //! removed at runtime through [`Command`]s.
+//!
+//! Each packet carries the kernel's receive timestamp (`SO_TIMESTAMPNS`),
+//! so RTT samples do not count time spent in our own queues. Kernel routes
+//! are written by a task of their own, which coalesces changes per
+//! destination: the routing loop never waits for netlink. The router's
+//! seqno is persisted (`seqno_file`) in reserved blocks, so that a crashed
+//! node restarts with a seqno newer than any it used.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use ipnet::IpNet;
@@ -20,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::AuthConfig;
 use crate::kernel::Kernel;
 use crate::neighbour::IfaceId;
-use crate::router::{Destination, InterfaceConfig, Router, RouterConfig};
+use crate::router::{Destination, InterfaceConfig, RouteChange, RouteKey, Router, RouterConfig};
 use crate::wire::{MULTICAST, PORT};
 
 /// Requests to a running driver.
@@ -101,6 +109,8 @@ pub struct Status {
     pub neighbours: Vec<NeighbourStatus>,
     /// Routes.
     pub routes: Vec<RouteStatus>,
+    /// Our current seqno.
+    pub seqno: u16,
     /// Counters.
     pub packets_in: u64,
     /// Packets refused.
@@ -109,6 +119,8 @@ pub struct Status {
     pub packets_out: u64,
     /// Selected-route changes.
     pub route_switches: u64,
+    /// Packets and TLVs refused, by reason label.
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// Driver settings.
@@ -124,6 +136,61 @@ pub struct DriverConfig {
     pub pref_src: Option<Ipv6Addr>,
     /// Whether to program the kernel at all.
     pub install: bool,
+    /// Prefixes held `unreachable` (low preference) while we run, so that
+    /// overlay traffic without a route never leaves by the default route.
+    pub cover: Vec<IpNet>,
+    /// Where the seqno is persisted across restarts (None: not persisted).
+    pub seqno_file: Option<PathBuf>,
+}
+
+/// 32 bytes from the operating system, to seed a router.
+pub fn os_seed() -> anyhow::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(seed)
+}
+
+/// Seqnos reserved ahead in the seqno file: it is rewritten only after
+/// half of them are used, and always names one newer than any used.
+const SEQNO_RESERVE: u16 = 64;
+
+/// The persisted seqno: one newer than any used before.
+pub fn load_seqno(path: &Path) -> Option<u16> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn store_seqno(path: &Path, seqno: u16) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{seqno}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Keeps the seqno file ahead of the router's seqno.
+struct SeqnoStore {
+    path: PathBuf,
+    base: u16,
+}
+
+impl SeqnoStore {
+    fn new(path: PathBuf, seqno: u16) -> anyhow::Result<Self> {
+        store_seqno(&path, seqno.wrapping_add(SEQNO_RESERVE))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self { path, base: seqno })
+    }
+
+    fn update(&mut self, seqno: u16) {
+        if seqno.wrapping_sub(self.base) < SEQNO_RESERVE / 2 {
+            return;
+        }
+        match store_seqno(&self.path, seqno.wrapping_add(SEQNO_RESERVE)) {
+            Ok(()) => self.base = seqno,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot persist the seqno")
+            }
+        }
+    }
 }
 
 /// Formats a router-id as babeld does (colon-separated hex).
@@ -171,6 +238,20 @@ fn open_socket(name: &str, ifindex: u32) -> anyhow::Result<UdpSocket> {
         .with_context(|| format!("joining ff02::1:6 on {name}"))?;
     s.set_multicast_loop_v6(false)?;
     s.set_multicast_hops_v6(1)?;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_TIMESTAMPNS");
+    }
     s.set_nonblocking(true)?;
     UdpSocket::from_std(s.into()).context("registering the socket")
 }
@@ -184,7 +265,57 @@ struct IfaceState {
 struct Received {
     ifindex: u32,
     src: IpAddr,
+    at: Instant,
     bytes: Vec<u8>,
+}
+
+/// Work for the kernel-writer task.
+enum KernelOp {
+    Change(RouteChange),
+    /// Remove all our routes, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Writes route changes to the kernel, latest change per destination
+/// first-come (changes queued meanwhile for the same destination replace
+/// each other), never blocking the routing loop.
+async fn kernel_writer(kernel: Kernel, mut ops: mpsc::UnboundedReceiver<KernelOp>) {
+    while let Some(op) = ops.recv().await {
+        let mut batch: BTreeMap<RouteKey, RouteChange> = BTreeMap::new();
+        let mut flush = None;
+        let mut next = Some(op);
+        while let Some(op) = next {
+            match op {
+                KernelOp::Change(c) => {
+                    batch.insert(change_key(&c), c);
+                }
+                KernelOp::Flush(done) => flush = Some(done),
+            }
+            next = ops.try_recv().ok();
+        }
+        for change in batch.values() {
+            match tokio::time::timeout(NETLINK_TIMEOUT, kernel.apply(change, Some)).await {
+                Ok(Ok(())) => tracing::debug!(?change, "route change"),
+                Ok(Err(e)) => tracing::warn!(?change, error = %e, "kernel route"),
+                Err(_) => tracing::warn!(?change, "netlink did not answer: kernel route"),
+            }
+        }
+        if let Some(done) = flush {
+            if let Err(e) = kernel.flush().await {
+                tracing::warn!(error = %e, "removing our routes");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn change_key(c: &RouteChange) -> RouteKey {
+    match c {
+        RouteChange::Install { key, .. }
+        | RouteChange::Unreachable { key }
+        | RouteChange::Remove { key } => *key,
+    }
 }
 
 fn to_std(now: tokio::time::Instant) -> Instant {
@@ -197,7 +328,16 @@ const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs the router until [`Command::Shutdown`] or the command channel closes.
 pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
     let start = to_std(tokio::time::Instant::now());
-    let mut router = Router::new(cfg.router.clone(), start);
+    let mut rcfg = cfg.router.clone();
+    if let Some(s) = cfg.seqno_file.as_deref().and_then(load_seqno) {
+        rcfg.seqno = s;
+    }
+    let mut seqno_store = cfg
+        .seqno_file
+        .clone()
+        .map(|p| SeqnoStore::new(p, rcfg.seqno))
+        .transpose()?;
+    let mut router = Router::new(rcfg, start);
     let kernel = if cfg.install {
         let k = Kernel::new(cfg.table, cfg.proto, cfg.pref_src)?;
         // A netlink answer that never comes must not freeze routing.
@@ -207,13 +347,22 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
             Ok(Err(e)) => return Err(e.context("removing stale routes")),
             Err(_) => tracing::warn!("netlink did not answer while removing stale routes"),
         }
-        Some(k)
+        for prefix in &cfg.cover {
+            match tokio::time::timeout(NETLINK_TIMEOUT, k.cover(*prefix)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.context(format!("installing unreachable {prefix}"))),
+                Err(_) => tracing::warn!(%prefix, "netlink did not answer: covering route"),
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(kernel_writer(k, rx));
+        Some(tx)
     } else {
         None
     };
     let (rx_tx, mut rx) = mpsc::channel::<Received>(1024);
     let mut ifaces: HashMap<u32, IfaceState> = HashMap::new();
-    let mut exports: Vec<(IpNet, Option<IpNet>)> = Vec::new();
+    let mut link_local_retry = tokio::time::interval(Duration::from_secs(1));
     loop {
         let deadline = router
             .poll_timeout()
@@ -223,16 +372,25 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
         tokio::select! {
             Some(p) = rx.recv() => {
                 let now = to_std(tokio::time::Instant::now());
-                router.handle_packet(now, IfaceId(p.ifindex), p.src, &p.bytes);
+                router.handle_packet(now, p.at, IfaceId(p.ifindex), p.src, &p.bytes);
             }
             () = tokio::time::sleep_until(deadline) => {
                 router.handle_timeout(to_std(tokio::time::Instant::now()));
+            }
+            _ = link_local_retry.tick() => {
+                for (&idx, state) in &ifaces {
+                    if router.lacks_link_local(IfaceId(idx)) {
+                        if let Some(ll) = link_local_of(&state.name) {
+                            router.set_link_local(IfaceId(idx), ll);
+                        }
+                    }
+                }
             }
             cmd = commands.recv() => {
                 let now = to_std(tokio::time::Instant::now());
                 match cmd {
                     None | Some(Command::Shutdown) => {
-                        router.shutdown();
+                        router.shutdown(now);
                         shutdown = true;
                     }
                     Some(Command::AddInterface(name, mut icfg)) => {
@@ -256,14 +414,8 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
                             }
                         }
                     }
-                    Some(Command::Export(p, s)) => {
-                        router.export(p, s, now);
-                        exports.push((p, s));
-                    }
-                    Some(Command::Unexport(p, s)) => {
-                        router.unexport(p, s, now);
-                        exports.retain(|e| *e != (p, s));
-                    }
+                    Some(Command::Export(p, s)) => router.export(p, s, now),
+                    Some(Command::Unexport(p, s)) => router.unexport(p, s, now),
                     Some(Command::SetCostMultiplier(name, m)) => {
                         if let Some((&idx, _)) = ifaces.iter().find(|(_, s)| s.name == name) {
                             router.set_cost_multiplier(IfaceId(idx), m, now);
@@ -276,7 +428,7 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
                     }
                     Some(Command::SetAuth(auth)) => router.set_auth(auth),
                     Some(Command::Status(reply)) => {
-                        let _ = reply.send(status(&router, &ifaces, &exports, now));
+                        let _ = reply.send(status(&router, &ifaces, now));
                     }
                 }
             }
@@ -289,31 +441,24 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
                 Destination::Multicast => SocketAddrV6::new(MULTICAST, PORT, 0, t.iface.0),
                 Destination::Unicast(a) => SocketAddrV6::new(a, PORT, 0, t.iface.0),
             };
-            if let Err(e) = state.socket.try_send_to(&t.bytes, SocketAddr::V6(dst)) {
-                tracing::debug!(interface = %state.name, error = %e, "send failed");
-            }
+            send(state, &t.bytes, SocketAddr::V6(dst)).await;
         }
         while let Some(change) = router.poll_route_change() {
-            tracing::debug!(?change, "route change");
             if let Some(k) = &kernel {
-                let known: Vec<u32> = ifaces.keys().copied().collect();
-                let applied = tokio::time::timeout(
-                    NETLINK_TIMEOUT,
-                    k.apply(&change, |i| known.contains(&i).then_some(i)),
-                )
-                .await;
-                match applied {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(?change, error = %e, "kernel route"),
-                    Err(_) => tracing::warn!(?change, "netlink did not answer: kernel route"),
-                }
+                let _ = k.send(KernelOp::Change(change));
             }
+        }
+        if let Some(store) = seqno_store.as_mut() {
+            store.update(router.seqno());
         }
         if shutdown {
             // Give the final packets a moment to leave, then clean the kernel.
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(k) = &kernel {
-                let _ = k.flush().await;
+                let (done, flushed) = oneshot::channel();
+                if k.send(KernelOp::Flush(done)).is_ok() {
+                    let _ = tokio::time::timeout(NETLINK_TIMEOUT * 2, flushed).await;
+                }
             }
             for (_, s) in ifaces.drain() {
                 s.reader.abort();
@@ -323,6 +468,84 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
     }
 }
 
+/// Sends one packet; a full socket buffer is waited for briefly (a full
+/// dump is a burst) rather than dropping the packet at once.
+async fn send(state: &IfaceState, bytes: &[u8], dst: SocketAddr) {
+    const SEND_WAIT: Duration = Duration::from_millis(50);
+    let result = match state.socket.try_send_to(bytes, dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            match tokio::time::timeout(SEND_WAIT, state.socket.send_to(bytes, dst)).await {
+                Ok(r) => r,
+                Err(_) => Err(e),
+            }
+        }
+        r => r,
+    };
+    if let Err(e) = result {
+        tracing::debug!(interface = %state.name, error = %e, "send failed");
+    }
+}
+
+/// Receives one datagram with the kernel's receive time (`SO_TIMESTAMPNS`,
+/// mapped to the monotonic clock; now if the kernel gave none).
+async fn recv_timestamped(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Instant)> {
+    use std::os::fd::AsRawFd;
+    sock.async_io(tokio::io::Interest::READABLE, || {
+        let mut name: libc::sockaddr_in6 =
+            // SAFETY: sockaddr_in6 is plain old data; all zeroes is valid.
+            unsafe { std::mem::zeroed() };
+        let mut cmsg = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain old data; all zeroes is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut name as *mut libc::sockaddr_in6).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        // SAFETY: every pointer in `msg` points into live buffers of the
+        // lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let now = Instant::now();
+        let mut at = now;
+        // SAFETY: the CMSG macros walk the control buffer the kernel filled,
+        // within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    let stamp = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                    let wall = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    at = now.checked_sub(wall.saturating_sub(stamp)).unwrap_or(now);
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        let ip = Ipv6Addr::from(name.sin6_addr.s6_addr);
+        let from = SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            u16::from_be(name.sin6_port),
+            0,
+            name.sin6_scope_id,
+        ));
+        Ok((n as usize, from, at))
+    })
+    .await
+}
+
 fn add_interface(name: &str, tx: &mpsc::Sender<Received>) -> anyhow::Result<(u32, IfaceState)> {
     let idx = ifindex_of(name)?;
     let socket = Arc::new(open_socket(name, idx)?);
@@ -330,11 +553,12 @@ fn add_interface(name: &str, tx: &mpsc::Sender<Received>) -> anyhow::Result<(u32
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65_536];
         loop {
-            match sock.recv_from(&mut buf).await {
-                Ok((len, from)) => {
+            match recv_timestamped(&sock, &mut buf).await {
+                Ok((len, from, at)) => {
                     let msg = Received {
                         ifindex: idx,
                         src: from.ip(),
+                        at,
                         bytes: buf[..len].to_vec(),
                     };
                     if tx.send(msg).await.is_err() {
@@ -358,12 +582,7 @@ fn add_interface(name: &str, tx: &mpsc::Sender<Received>) -> anyhow::Result<(u32
     ))
 }
 
-fn status(
-    router: &Router,
-    ifaces: &HashMap<u32, IfaceState>,
-    exports: &[(IpNet, Option<IpNet>)],
-    now: Instant,
-) -> Status {
+fn status(router: &Router, ifaces: &HashMap<u32, IfaceState>, now: Instant) -> Status {
     let name = |i: IfaceId| {
         ifaces
             .get(&i.0)
@@ -372,7 +591,8 @@ fn status(
     let stats = router.stats();
     Status {
         router_id: format_router_id(&router.router_id()),
-        exports: exports
+        exports: router
+            .exports()
             .iter()
             .map(|(p, s)| match s {
                 Some(s) => format!("{p} from {s}"),
@@ -380,7 +600,7 @@ fn status(
             })
             .collect(),
         neighbours: router
-            .neighbours(now)
+            .neighbours()
             .into_iter()
             .map(|n| NeighbourStatus {
                 interface: name(n.iface),
@@ -408,9 +628,15 @@ fn status(
                 feasible: r.feasible,
             })
             .collect(),
+        seqno: router.seqno(),
         packets_in: stats.packets_in,
         packets_rejected: stats.packets_rejected,
         packets_out: stats.packets_out,
         route_switches: stats.route_switches,
+        drops: stats
+            .drops
+            .iter()
+            .map(|(r, n)| (r.label().to_string(), *n))
+            .collect(),
     }
 }

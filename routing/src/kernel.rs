@@ -1,18 +1,23 @@
 //! Kernel routes over rtnetlink: only routes with our own `proto` number
 //! are touched; replaced atomically (`NLM_F_REPLACE`); all of ours are
-//! removed at exit and stale ones at start.
+//! removed at exit and stale ones at start. Besides forwarding routes:
+//! `unreachable` routes for retractions still held (RFC 8966 §3.5.4), and
+//! a covering `unreachable` route for the whole overlay network.
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::router::RouteChange;
 
 /// Our routing protocol number (`ip route ... proto 113`); babeld uses 42.
 pub const PROTO: u8 = 113;
+
+/// Kernel priority of the covering `unreachable` route of the network.
+pub const COVER_PRIORITY: u32 = 0xffff_0000;
 
 /// Programs routes into one table.
 #[derive(Clone, Debug)]
@@ -73,6 +78,27 @@ impl Kernel {
         Some(b.build())
     }
 
+    /// An `unreachable` route for `prefix` (optionally from `src`), with
+    /// this priority (kernel metric; larger is less preferred).
+    fn unreachable(
+        &self,
+        prefix: IpNet,
+        src: Option<IpNet>,
+        priority: u32,
+    ) -> Option<RouteMessage> {
+        let IpNet::V6(p) = prefix else { return None };
+        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(p.network(), p.prefix_len())
+            .table_id(self.table)
+            .protocol(RouteProtocol::from(self.proto))
+            .kind(RouteType::Unreachable)
+            .priority(priority);
+        if let Some(IpNet::V6(s)) = src {
+            b = b.source_prefix(s.network(), s.prefix_len());
+        }
+        Some(b.build())
+    }
+
     /// Applies a change; `ifindex` maps the router's interface to the kernel's.
     pub async fn apply(
         &self,
@@ -81,15 +107,7 @@ impl Kernel {
     ) -> anyhow::Result<()> {
         match change {
             RouteChange::Install {
-                prefix,
-                src_prefix,
-                iface,
-                next_hop,
-                ..
-            }
-            | RouteChange::Replace {
-                prefix,
-                src_prefix,
+                key,
                 iface,
                 next_hop,
                 ..
@@ -97,22 +115,41 @@ impl Kernel {
                 let Some(idx) = ifindex(iface.0) else {
                     return Ok(());
                 };
-                let Some(msg) = self.message(*prefix, *src_prefix, Some(idx), Some(*next_hop))
+                let Some(msg) = self.message(key.prefix, key.src, Some(idx), Some(*next_hop))
                 else {
+                    return Ok(());
+                };
+                // Also replaces a held unreachable route (same priority).
+                self.handle.route().add(msg).replace().execute().await?;
+            }
+            RouteChange::Unreachable { key } => {
+                let Some(msg) = self.unreachable(key.prefix, key.src, 0) else {
                     return Ok(());
                 };
                 self.handle.route().add(msg).replace().execute().await?;
             }
-            RouteChange::Remove { prefix, src_prefix } => {
-                let Some(msg) = self.message(*prefix, *src_prefix, None, None) else {
+            RouteChange::Remove { key } => {
+                // Matches either type.
+                let Some(msg) = self.message(key.prefix, key.src, None, None) else {
                     return Ok(());
                 };
                 if let Err(e) = self.handle.route().del(msg).execute().await {
                     // Already gone is fine.
-                    tracing::debug!(%prefix, error = %e, "route delete");
+                    tracing::debug!(prefix = %key.prefix, error = %e, "route delete");
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Installs `unreachable <prefix>` with a low preference: overlay
+    /// traffic without a Babel route is refused instead of leaving by the
+    /// host's default route (removed with our other routes by [`Kernel::flush`]).
+    pub async fn cover(&self, prefix: IpNet) -> anyhow::Result<()> {
+        let Some(msg) = self.unreachable(prefix, None, COVER_PRIORITY) else {
+            return Ok(());
+        };
+        self.handle.route().add(msg).replace().execute().await?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod driver;
+pub mod drop_reason;
 pub mod kernel;
 pub mod metric;
 pub mod neighbour;

@@ -15,6 +15,16 @@ use crate::wire::INFINITY;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IfaceId(pub u32);
 
+/// A neighbour's identity: the interface it is heard on and its
+/// link-local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NeighbourId {
+    /// The interface.
+    pub iface: IfaceId,
+    /// Its link-local address.
+    pub addr: Ipv6Addr,
+}
+
 /// One neighbour: a link-local address on an interface.
 #[derive(Clone, Debug)]
 pub struct Neighbour {
@@ -89,14 +99,17 @@ impl Neighbour {
             None => self.history = 0x8000,
             Some(prev) => {
                 let gap = seqno.wrapping_sub(prev);
-                if gap == 0 {
+                if gap == 0 || prev.wrapping_sub(seqno) <= 16 {
+                    // A duplicate, or a reordered older Hello: already counted.
                     return;
                 }
                 if gap > 16 {
                     // A restart or a long gap: start over.
                     self.history = 0x8000;
                 } else if gap > self.missed {
-                    self.history = (self.history >> (gap - self.missed)) | 0x8000;
+                    // gap - missed is at most 16: a shift by 16 empties the history.
+                    let shift = u32::from(gap - self.missed);
+                    self.history = self.history.checked_shr(shift).unwrap_or(0) | 0x8000;
                 } else {
                     // Our deadline counted it missed but it was only late.
                     self.history |= 0x8000;
@@ -105,11 +118,12 @@ impl Neighbour {
         }
         self.last_seqno = Some(seqno);
         self.missed = 0;
-        // An unscheduled Hello (interval 0) keeps the known interval.
+        // An unscheduled Hello (interval 0) keeps the known interval and
+        // does not move the deadline of the next scheduled one.
         if !interval.is_zero() {
             self.hello_interval = interval;
+            self.next_miss = now + self.hello_interval + self.hello_interval / 2;
         }
-        self.next_miss = now + self.hello_interval + self.hello_interval / 2;
     }
 
     /// Counts missed Hellos whose deadline has passed. Returns true if the
@@ -250,6 +264,29 @@ mod tests {
         nb.check_missed(t0 + I * 5 / 2 + Duration::from_millis(1));
         nb.hello(t0 + I * 5 / 2 + Duration::from_millis(2), 12, I);
         assert_eq!(nb.history & 0xE000, 0xE000);
+    }
+
+    #[test]
+    fn a_jump_of_sixteen_hellos_empties_the_history_without_panicking() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        nb.hello(t0, 100, I);
+        nb.hello(t0 + I, 116, I);
+        assert_eq!(nb.history, 0x8000);
+    }
+
+    #[test]
+    fn reordered_and_unscheduled_hellos_change_nothing() {
+        let t0 = Instant::now();
+        let mut nb = n(t0);
+        nb.hello(t0, 10, I);
+        nb.hello(t0 + I, 11, I);
+        nb.hello(t0 + I, 12, I);
+        let (history, deadline) = (nb.history, nb.next_miss);
+        nb.hello(t0 + I + I / 2, 11, I);
+        assert_eq!(nb.history, history, "an older Hello is not a restart");
+        nb.hello(t0 + I + I / 2, 13, Duration::ZERO);
+        assert_eq!(nb.next_miss, deadline, "unscheduled Hello");
     }
 
     #[test]

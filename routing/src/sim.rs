@@ -2,9 +2,15 @@
 //! point-to-point links with per-direction delay, jitter and loss. Each
 //! router exports its own /64; [`Sim::path`] follows the installed next hops
 //! hop by hop to check reachability and loops.
+//!
+//! Deterministic: one seed gives one run (seeded routers, seeded link
+//! randomness, ordered maps). Loops are checked during reconvergence, not
+//! only at the end: every time a node installs a next hop, the path from
+//! it is followed, and a loop (which must go through the node that just
+//! changed) is counted in [`Sim::loops`].
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -38,7 +44,9 @@ pub struct SimNode {
     /// The router.
     pub router: Router,
     /// What it installed: destination → (interface, next hop).
-    pub fib: HashMap<IpNet, (IfaceId, IpAddr)>,
+    pub fib: BTreeMap<IpNet, (IfaceId, IpAddr)>,
+    /// Destinations it holds unreachable (a retraction in progress).
+    pub unreachable: BTreeSet<IpNet>,
     /// Number of times a FIB entry changed.
     pub fib_changes: u64,
 }
@@ -56,6 +64,8 @@ struct Delivery {
 pub struct Sim {
     /// The virtual clock.
     pub now: Instant,
+    /// When the run started.
+    pub start: Instant,
     /// Nodes.
     pub nodes: Vec<SimNode>,
     /// Links (the interface id on both ends is the link index).
@@ -71,6 +81,11 @@ pub struct Sim {
     pub packets: u64,
     /// The last packet delivered to each node: (interface, source, bytes).
     pub last_delivered: HashMap<usize, (IfaceId, Ipv6Addr, Vec<u8>)>,
+    /// Forwarding loops seen at any moment of the run.
+    pub loops: u64,
+    /// The first loop seen, described.
+    pub first_loop: Option<String>,
+    seed: u64,
 }
 
 /// A tiny deterministic RNG (no dependency for the library).
@@ -91,6 +106,14 @@ mod fastrand_lite {
             (self.next() >> 11) as f64 / (1u64 << 53) as f64
         }
     }
+}
+
+/// The node whose prefix this is.
+pub fn node_of(prefix: &IpNet) -> Option<usize> {
+    let IpNet::V6(p) = prefix else { return None };
+    let s = p.network().segments();
+    (s[0] == 0xfd00 && s[1] == 0 && p.prefix_len() == 64)
+        .then_some((usize::from(s[2]) << 16) | usize::from(s[3]))
 }
 
 /// The /64 that node `i` exports.
@@ -126,25 +149,10 @@ impl Sim {
         auth: impl Fn(usize) -> Option<AuthConfig>,
     ) -> Self {
         let now = Instant::now();
-        let mut nodes = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut id = [0u8; 8];
-            id[0] = 2;
-            id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
-            let mut cfg = RouterConfig::new(id);
-            cfg.seed = seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            cfg.auth = auth(i);
-            let mut router = Router::new(cfg, now);
-            router.export(node_prefix(i), None, now);
-            nodes.push(SimNode {
-                router,
-                fib: HashMap::new(),
-                fib_changes: 0,
-            });
-        }
         let mut sim = Self {
             now,
-            nodes,
+            start: now,
+            nodes: Vec::with_capacity(n),
             links: Vec::new(),
             hello,
             events: BinaryHeap::new(),
@@ -155,11 +163,78 @@ impl Sim {
             rng: fastrand_lite::Rng::new(seed),
             packets: 0,
             last_delivered: HashMap::new(),
+            loops: 0,
+            first_loop: None,
+            seed,
         };
+        for i in 0..n {
+            let router = sim.new_router(i, 0, None, auth(i));
+            sim.nodes.push(SimNode {
+                router,
+                fib: BTreeMap::new(),
+                unreachable: BTreeSet::new(),
+                fib_changes: 0,
+            });
+        }
         for i in 0..n {
             sim.after_call(i);
         }
         sim
+    }
+
+    /// The router-id of node `i`.
+    pub fn router_id(i: usize) -> [u8; 8] {
+        let mut id = [0u8; 8];
+        id[0] = 2;
+        id[4..].copy_from_slice(&(i as u32 + 1).to_be_bytes());
+        id
+    }
+
+    /// A router for node `i` in its `life`-th life (0 at start, then one
+    /// more per restart), exporting its prefix.
+    fn new_router(
+        &self,
+        i: usize,
+        life: u64,
+        seqno: Option<u16>,
+        auth: Option<AuthConfig>,
+    ) -> Router {
+        let mut seed = [0u8; 32];
+        let mix = self.seed
+            ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ life.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        for (k, chunk) in seed.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&(mix ^ k as u64).to_le_bytes());
+        }
+        let mut cfg = RouterConfig::new(Self::router_id(i), seed);
+        if let Some(s) = seqno {
+            cfg.seqno = s;
+        }
+        cfg.auth = auth;
+        let mut router = Router::new(cfg, self.now);
+        router.export(node_prefix(i), None, self.now);
+        router
+    }
+
+    /// Node `i` crashes and starts again at once with an empty table (its
+    /// links stay): `seqno` is what it starts with (None: a fresh random
+    /// one, as without a persisted seqno).
+    pub fn restart(&mut self, i: usize, life: u64, seqno: Option<u16>) {
+        let mut router = self.new_router(i, life, seqno, None);
+        for (l, link) in self.links.iter().enumerate() {
+            for (node, iface) in [link.a, link.b] {
+                if node == i {
+                    let mut cfg = InterfaceConfig::tunnel(self.hello);
+                    cfg.link_local = Some(link_local(i, l));
+                    router.add_interface(iface, cfg, self.now);
+                }
+            }
+        }
+        let node = &mut self.nodes[i];
+        node.router = router;
+        node.fib.clear();
+        node.unreachable.clear();
+        self.after_call(i);
     }
 
     /// Joins two nodes with a link of this one-way delay; returns its index.
@@ -242,29 +317,43 @@ impl Sim {
                 },
             );
         }
+        let mut changed = Vec::new();
         let node = &mut self.nodes[i];
         while let Some(c) = node.router.poll_route_change() {
             node.fib_changes += 1;
             match c {
                 RouteChange::Install {
-                    prefix,
-                    iface,
-                    next_hop,
-                    ..
-                }
-                | RouteChange::Replace {
-                    prefix,
+                    key,
                     iface,
                     next_hop,
                     ..
                 } => {
-                    node.fib.insert(prefix, (iface, next_hop));
+                    node.unreachable.remove(&key.prefix);
+                    node.fib.insert(key.prefix, (iface, next_hop));
+                    changed.push(key.prefix);
                 }
-                RouteChange::Remove { prefix, .. } => {
-                    node.fib.remove(&prefix);
+                RouteChange::Unreachable { key } => {
+                    node.fib.remove(&key.prefix);
+                    node.unreachable.insert(key.prefix);
+                }
+                RouteChange::Remove { key } => {
+                    node.fib.remove(&key.prefix);
+                    node.unreachable.remove(&key.prefix);
                 }
             }
         }
+        for prefix in changed {
+            if let Some(to) = node_of(&prefix) {
+                if let Err(e) = self.path(i, to) {
+                    if e.starts_with("loop") {
+                        self.loops += 1;
+                        let at = self.now.duration_since(self.start);
+                        self.first_loop.get_or_insert(format!("{e} at {at:?}"));
+                    }
+                }
+            }
+        }
+        let node = &mut self.nodes[i];
         let next = node.router.poll_timeout();
         self.deadline[i] = next;
         if let Some(t) = next {
@@ -300,6 +389,7 @@ impl Sim {
                         let now = self.now;
                         self.nodes[d.to].router.handle_packet(
                             now,
+                            now,
                             d.iface,
                             IpAddr::V6(d.src),
                             &d.bytes,
@@ -322,7 +412,7 @@ impl Sim {
         let now = self.now;
         self.nodes[node]
             .router
-            .handle_packet(now, iface, IpAddr::V6(src), bytes);
+            .handle_packet(now, now, iface, IpAddr::V6(src), bytes);
         self.after_call(node);
     }
 

@@ -3,13 +3,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
-
 use crate::metric::seqno_newer;
+use crate::router::RouteKey;
 use crate::wire::INFINITY;
 
-/// A source: (originator, prefix, source prefix).
-pub type SourceKey = ([u8; 8], IpNet, Option<IpNet>);
+/// A source: an originator and the destination it announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceKey {
+    /// The originator's router-id.
+    pub router_id: [u8; 8],
+    /// The destination.
+    pub key: RouteKey,
+}
 
 /// Sources are forgotten this long after their last use.
 pub const SOURCE_GC: Duration = Duration::from_secs(180);
@@ -66,7 +71,10 @@ mod tests {
     fn feasibility_condition() {
         let mut t = SourceTable::default();
         let now = Instant::now();
-        let key: SourceKey = ([1; 8], "fd00::/64".parse().unwrap_or_default(), None);
+        let key = SourceKey {
+            router_id: [1; 8],
+            key: RouteKey::new("fd00::/64".parse().unwrap_or_default(), None),
+        };
         assert!(t.feasible(&key, 5, 300));
         t.advertised(key, 5, 200, now);
         assert!(t.feasible(&key, 5, 199));

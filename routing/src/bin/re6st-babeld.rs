@@ -1,7 +1,7 @@
 //! `re6st-babeld`: the re6st-rs Babel router as a standalone daemon, for
 //! interop with babeld, benchmarks, and users who want only the router.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,11 +10,12 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use re6st_routing::auth::{Algorithm, AuthConfig, Key};
-use re6st_routing::driver::{run, Command, DriverConfig};
+use re6st_routing::driver::{os_seed, run, Command, DriverConfig};
 use re6st_routing::kernel::PROTO;
 use re6st_routing::metric::RttParams;
 use re6st_routing::neighbour::LinkQuality;
-use re6st_routing::router::{InterfaceConfig, RouterConfig};
+use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Parser, Debug)]
@@ -74,6 +75,21 @@ struct Cli {
     /// Unix socket that answers each connection with the JSON status.
     #[arg(long)]
     status_socket: Option<PathBuf>,
+    /// File keeping our seqno across restarts (babeld's -S), so that a
+    /// restarted router's routes are feasible at once everywhere.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Accept routes only inside this prefix (repeat; default: any prefix
+    /// that is not a martian).
+    #[arg(long = "accept")]
+    accept: Vec<IpNet>,
+    /// Refuse routes longer than this prefix length.
+    #[arg(long)]
+    max_plen: Option<u8>,
+    /// Accept a default route when its source prefix is inside this prefix
+    /// (an RFC 9079 gateway route; repeat).
+    #[arg(long = "default-from")]
+    default_from: Vec<IpNet>,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -128,6 +144,9 @@ fn load_keys(path: &std::path::Path) -> anyhow::Result<AuthConfig> {
             other => bail!("{}:{}: unknown algorithm {other:?}", path.display(), n + 1),
         };
         let hex = hex.trim();
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("{}:{}: bad hex", path.display(), n + 1);
+        }
         if hex.len() % 2 != 0 {
             bail!("{}:{}: odd number of hex digits", path.display(), n + 1);
         }
@@ -214,20 +233,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .iter()
         .map(|e| parse_export(e))
         .collect::<anyhow::Result<_>>()?;
-    let mut rcfg = RouterConfig::new(router_id(&cli, &exports)?);
+    let mut rcfg = RouterConfig::new(router_id(&cli, &exports)?, os_seed()?);
     rcfg.update_interval = Duration::from_millis(cli.update_interval.max(100));
     rcfg.auth = cli.hmac_key_file.as_deref().map(load_keys).transpose()?;
-    let mut seed = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut seed))
-        .context("reading /dev/urandom")?;
-    rcfg.seed = u64::from_be_bytes(seed);
+    rcfg.filter = Filter {
+        networks: cli.accept.iter().map(|p| p.trunc()).collect(),
+        max_plen: cli.max_plen,
+        default_from: cli.default_from.iter().map(|p| p.trunc()).collect(),
+    };
     let cfg = DriverConfig {
         router: rcfg,
         table: cli.table,
         proto: PROTO,
         pref_src: cli.pref_src,
         install: !cli.no_install,
+        cover: Vec::new(),
+        seqno_file: cli.state_file.clone(),
     };
     let hello = Duration::from_millis(cli.hello_interval.clamp(20, 600_000));
     let rtt = (!cli.no_timestamps).then_some(RttParams {
@@ -270,10 +291,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Ok(status) = answer.await {
                         let text = serde_json::to_string_pretty(&status).unwrap_or_default();
-                        if let Ok(mut s) = stream.into_std() {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.write_all(text.as_bytes());
-                        }
+                        // A client that does not read never stalls routing.
+                        tokio::spawn(async move {
+                            let mut stream = stream;
+                            let write = stream.write_all(text.as_bytes());
+                            let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+                        });
                     }
                 }
             });

@@ -1,0 +1,161 @@
+//! The input filter: which destinations a received Update may install
+//! (babeld's martian check plus re6st's network policy).
+//!
+//! Always refused: martians (babeld `util.c` `martian_prefix`: multicast,
+//! link-local, loopback, unspecified, IPv4-mapped loopback/zero/class E),
+//! and the default route unless it is source-specific with a source
+//! prefix inside one of [`Filter::default_from`] (an RFC 9079 gateway
+//! route). With [`Filter::networks`] set, destinations must lie inside one
+//! of them, and with [`Filter::max_plen`] none may be longer than it (a
+//! member cannot announce a more specific part of another node's prefix).
+
+use std::net::Ipv6Addr;
+
+use ipnet::IpNet;
+
+use super::RouteKey;
+use crate::drop_reason::DropReason;
+
+/// What received routes may be installed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Destinations must be inside one of these (empty: anywhere not martian).
+    pub networks: Vec<IpNet>,
+    /// Longest destination prefix accepted (None: any).
+    pub max_plen: Option<u8>,
+    /// A default route is accepted only from a source prefix inside one of
+    /// these (a gateway's `::/0 from <network>`).
+    pub default_from: Vec<IpNet>,
+}
+
+fn martian(p: &IpNet) -> bool {
+    match p {
+        IpNet::V4(n) => {
+            let o = n.network().octets();
+            let plen = n.prefix_len();
+            (plen >= 8 && (o[0] == 127 || o[0] == 0)) || (plen >= 4 && o[0] & 0xE0 == 0xE0)
+        }
+        IpNet::V6(n) => {
+            let a = n.network();
+            let o = a.octets();
+            let plen = n.prefix_len();
+            if plen >= 8 && o[0] == 0xFF {
+                return true;
+            }
+            if plen >= 10 && o[0] == 0xFE && o[1] & 0xC0 == 0x80 {
+                return true;
+            }
+            if plen >= 128 && (a == Ipv6Addr::UNSPECIFIED || a == Ipv6Addr::LOCALHOST) {
+                return true;
+            }
+            match a.to_ipv4_mapped() {
+                Some(v4) if plen >= 96 => {
+                    let b = v4.octets()[0];
+                    (plen >= 104 && (b == 127 || b == 0)) || (plen >= 100 && b & 0xE0 == 0xE0)
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+fn inside(p: &IpNet, net: &IpNet) -> bool {
+    net.contains(p)
+}
+
+impl Filter {
+    /// Whether a received route for `key` may be accepted.
+    pub fn check(&self, key: &RouteKey) -> Result<(), DropReason> {
+        if martian(&key.prefix) || key.src.as_ref().is_some_and(martian) {
+            return Err(DropReason::Martian);
+        }
+        if key.prefix.prefix_len() == 0 {
+            let gateway = key.src.is_some_and(|s| {
+                s.prefix_len() > 0 && self.default_from.iter().any(|n| inside(&s, n))
+            });
+            return if gateway {
+                Ok(())
+            } else {
+                Err(DropReason::DefaultRoute)
+            };
+        }
+        if !self.networks.is_empty() && !self.networks.iter().any(|n| inside(&key.prefix, n)) {
+            return Err(DropReason::OutsideNetwork);
+        }
+        if self.max_plen.is_some_and(|m| key.prefix.prefix_len() > m) {
+            return Err(DropReason::TooSpecific);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: &str, s: Option<&str>) -> RouteKey {
+        let parse = |t: &str| t.parse::<IpNet>().unwrap_or_else(|e| panic!("{t}: {e}"));
+        RouteKey::new(parse(p), s.map(parse))
+    }
+
+    fn re6st() -> Filter {
+        Filter {
+            networks: vec![key("fd00:1::/48", None).prefix],
+            max_plen: Some(64),
+            default_from: vec![key("fd00:1::/48", None).prefix],
+        }
+    }
+
+    #[test]
+    fn martians_are_refused_whatever_the_policy() {
+        let open = Filter::default();
+        for p in [
+            "ff02::/16",
+            "fe80::/64",
+            "::1/128",
+            "::/128",
+            "::ffff:127.0.0.0/104",
+        ] {
+            assert_eq!(open.check(&key(p, None)), Err(DropReason::Martian), "{p}");
+        }
+        assert_eq!(
+            open.check(&key("fd00::/64", Some("fe80::/10"))),
+            Err(DropReason::Martian)
+        );
+        assert_eq!(open.check(&key("2001:db8::/32", None)), Ok(()));
+    }
+
+    #[test]
+    fn the_network_policy_keeps_routes_inside_and_as_long_as_a_node_prefix() {
+        let f = re6st();
+        assert_eq!(f.check(&key("fd00:1:0:5::/64", None)), Ok(()));
+        assert_eq!(f.check(&key("fd00:1:0:4::/62", None)), Ok(()));
+        assert_eq!(
+            f.check(&key("fd00:2::/64", None)),
+            Err(DropReason::OutsideNetwork)
+        );
+        assert_eq!(
+            f.check(&key("2001:db8::/32", None)),
+            Err(DropReason::OutsideNetwork)
+        );
+        assert_eq!(
+            f.check(&key("fd00:1:0:5:8000::/65", None)),
+            Err(DropReason::TooSpecific)
+        );
+    }
+
+    #[test]
+    fn only_gateway_default_routes_pass() {
+        let f = re6st();
+        assert_eq!(f.check(&key("::/0", None)), Err(DropReason::DefaultRoute));
+        assert_eq!(f.check(&key("::/0", Some("fd00:1::/48"))), Ok(()));
+        assert_eq!(
+            f.check(&key("::/0", Some("fd00:9::/48"))),
+            Err(DropReason::DefaultRoute)
+        );
+        assert_eq!(
+            Filter::default().check(&key("::/0", None)),
+            Err(DropReason::DefaultRoute)
+        );
+    }
+}

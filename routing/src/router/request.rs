@@ -53,6 +53,10 @@ pub(super) struct Pending {
     pub seqno: u16,
     pub to: NeighbourId,
     pub tries: u32,
+    /// The seqno of the route that prompted the request: when a newer but
+    /// still unfeasible one arrives (an origin climbing back one seqno per
+    /// request), we ask again at once instead of waiting for the resend.
+    pub heard: u16,
 }
 
 /// A request we forwarded.
@@ -99,9 +103,13 @@ impl Router {
         let source = SourceKey { router_id, key };
         let fd = self.sources.get(&source).map_or(seqno, |(s, _)| s);
         let wanted = fd.wrapping_add(1);
+        let mut tries = 1;
         if let Some(p) = self.pending.get(&key) {
             if p.router_id == router_id && p.to == to && !seqno_newer(wanted, p.seqno) {
-                return;
+                if !seqno_newer(seqno, p.heard) {
+                    return;
+                }
+                tries = p.tries;
             }
         }
         self.pending.insert(
@@ -110,7 +118,8 @@ impl Router {
                 router_id,
                 seqno: wanted,
                 to,
-                tries: 1,
+                tries,
+                heard: seqno,
             },
         );
         self.timers.set(Timer::Request(key), now + REQUEST_RESEND);
@@ -180,7 +189,7 @@ impl Router {
                 .filter(|r| self.route_metric(r, now) != INFINITY)
                 .map(|r| (r.from, r.router_id, r.seqno))
         };
-        let Some((to, rid, _)) = target.filter(|_| !satisfied) else {
+        let Some((to, rid, heard)) = target.filter(|_| !satisfied) else {
             self.pending.remove(&key);
             return;
         };
@@ -203,6 +212,7 @@ impl Router {
                 seqno: wanted,
                 to,
                 tries,
+                heard,
             },
         );
         self.timers.set(Timer::Request(key), now + backoff);

@@ -237,6 +237,34 @@ impl Sim {
         self.after_call(i);
     }
 
+    /// A connected random graph of `n` nodes: a random spanning tree plus
+    /// `extra` edges, with one-way delays from 5 to 80 ms. Returns the sim
+    /// and the edge list (tree edges first; link `i` is edge `i`).
+    pub fn random(n: usize, extra: usize, hello: Duration, seed: u64) -> (Self, Vec<(usize, usize)>) {
+        let mut rng = fastrand_lite::Rng::new(seed);
+        let mut below = |m: usize| (rng.next() % m as u64) as usize;
+        let mut sim = Self::new(n, hello, seed);
+        let mut edges = Vec::new();
+        let mut seen = BTreeSet::new();
+        for i in 1..n {
+            let j = below(i);
+            edges.push((i, j));
+            seen.insert((i.min(j), i.max(j)));
+        }
+        let max_edges = n * (n - 1) / 2;
+        while edges.len() < (n - 1 + extra).min(max_edges) {
+            let (a, b) = (below(n), below(n));
+            if a != b && seen.insert((a.min(b), a.max(b))) {
+                edges.push((a, b));
+            }
+        }
+        let delays: Vec<u64> = edges.iter().map(|_| 5 + below(76) as u64).collect();
+        for (&(a, b), d) in edges.iter().zip(delays) {
+            sim.connect(a, b, Duration::from_millis(d));
+        }
+        (sim, edges)
+    }
+
     /// Joins two nodes with a link of this one-way delay; returns its index.
     pub fn connect(&mut self, a: usize, b: usize, delay: Duration) -> usize {
         let l = self.links.len();
@@ -417,7 +445,8 @@ impl Sim {
     }
 
     /// Follows installed next hops from `from` towards node `to`'s prefix.
-    /// Returns the nodes visited, or an error naming a missing route or a loop.
+    /// Returns the nodes visited, or an error naming a missing route, a
+    /// route into a link that is down, or a loop.
     pub fn path(&self, from: usize, to: usize) -> Result<Vec<usize>, String> {
         let dest = node_prefix(to);
         let mut path = vec![from];
@@ -427,6 +456,9 @@ impl Sim {
                 return Err(format!("node {at} has no route to node {to}"));
             };
             let link = &self.links[iface.0 as usize];
+            if !link.up {
+                return Err(format!("node {at} routes node {to} into a dead link"));
+            }
             let next = if link.a.0 == at { link.b.0 } else { link.a.0 };
             if path.contains(&next) {
                 path.push(next);

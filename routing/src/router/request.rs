@@ -65,6 +65,9 @@ pub(super) struct Forwarded {
     pub router_id: [u8; 8],
     pub seqno: u16,
     pub requesters: BTreeSet<NeighbourId>,
+    /// Where and when it was last sent on.
+    pub next: NeighbourId,
+    pub sent: Instant,
     pub until: Instant,
 }
 
@@ -293,11 +296,18 @@ impl Router {
         let Some(next) = next else {
             return;
         };
+        let mut requesters = BTreeSet::from([from]);
         if let Some(f) = self.forwarded.get_mut(&key) {
-            if f.router_id == router_id && !seqno_newer(seqno, f.seqno) && now < f.until {
-                // Already on its way: remember who else wants the answer.
+            let same = f.router_id == router_id && !seqno_newer(seqno, f.seqno) && now < f.until;
+            if same && f.next == next && now.duration_since(f.sent) < REQUEST_RESEND {
+                // Just sent on: remember who else wants the answer.
                 f.requesters.insert(from);
                 return;
+            }
+            if same {
+                // Sent on a while ago (perhaps into a link that has died
+                // since): again, keeping who asked.
+                requesters.extend(f.requesters.iter().copied());
             }
         }
         self.forwarded.insert(
@@ -305,7 +315,9 @@ impl Router {
             Forwarded {
                 router_id,
                 seqno,
-                requesters: BTreeSet::from([from]),
+                requesters,
+                next,
+                sent: now,
                 until: now + FORWARD_HOLD,
             },
         );

@@ -45,7 +45,11 @@ fuzz_target!(|data: &[u8]| {
     let mut icfg = InterfaceConfig::tunnel(Duration::from_millis(300));
     icfg.link_local = Some(OURS);
     r.add_interface(IfaceId(1), icfg, t0);
-    r.export("fd00:1::/64".parse().unwrap_or_else(|e| panic!("{e}")), None, t0);
+    r.export(
+        "fd00:1::/64".parse().unwrap_or_else(|e| panic!("{e}")),
+        None,
+        t0,
+    );
     let peer = Auth::new(keys());
     let mut pc = 0u32;
     let mut nonce: Option<Vec<u8>> = None;
@@ -55,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
         let bytes = if hmac {
             // The fuzzed bytes are the body; header, PC and MAC are ours.
             let mut w = PacketWriter::new(65_535);
-            if let Ok(p) = wire::parse(&[&[42u8, 2][..], &(chunk.len() as u16).to_be_bytes(), chunk].concat()) {
+            if let Ok(p) =
+                wire::parse(&[&[42u8, 2][..], &(chunk.len() as u16).to_be_bytes(), chunk].concat())
+            {
                 for t in &p.body {
                     let _ = w.push(t, 0);
                 }
@@ -64,9 +70,19 @@ fuzz_target!(|data: &[u8]| {
                 let _ = w.push(&Tlv::ChallengeReply(n), 0);
             }
             pc += 1;
-            let _ = w.push(&Tlv::Pc { pc, index: vec![9; 8] }, 0);
+            let _ = w.push(
+                &Tlv::Pc {
+                    pc,
+                    index: vec![9; 8],
+                },
+                0,
+            );
             let body = w.body();
-            let dst = if chunk.len() % 2 == 0 { wire::MULTICAST } else { OURS };
+            let dst = if chunk.len() % 2 == 0 {
+                wire::MULTICAST
+            } else {
+                OURS
+            };
             let mac = peer.sign(PEER, dst, &body);
             w.finish(&[Tlv::Mac(mac)])
         } else {

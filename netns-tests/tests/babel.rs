@@ -311,9 +311,9 @@ fn our_routes(h: &netns_tests::Host) -> Result<String> {
     .into_owned())
 }
 
-/// SIGTERM: our routes leave the kernel and the neighbour drops the
-/// retracted prefix at once. SIGKILL leaves stale routes, which the next
-/// start removes.
+/// SIGTERM: our routes leave the kernel and the neighbour stops forwarding
+/// to the retracted prefix at once (holding it unreachable). SIGKILL leaves
+/// stale routes, which the next start removes.
 fn kernel_routes_cleaned_at_exit_and_start() -> Result<()> {
     let mut t = offline("bclean", &["a", "b"]);
     t.link("a", "b");
@@ -374,18 +374,25 @@ fn kernel_routes_cleaned_at_exit_and_start() -> Result<()> {
         our_routes(b)?.trim().is_empty(),
         format!("b left routes: {}", our_routes(b)?),
     )?;
+    // a stops forwarding to b at once, and holds b's prefix unreachable
+    // while the retraction is advertised (RFC 8966 §3.5.4): packets for it
+    // must not fall through to a shorter route.
     let (_, took) = wait_until(
-        "a to drop b's prefix",
+        "a to hold b's prefix unreachable",
         Duration::from_secs(3),
         Duration::from_millis(10),
         || {
             our_routes(a)
                 .ok()
-                .filter(|r| !r.contains("fd00:5b::1"))
+                .filter(|r| {
+                    r.lines()
+                        .filter(|l| l.contains("fd00:5b::1"))
+                        .all(|l| l.starts_with("unreachable"))
+                })
                 .map(|_| ())
         },
     )?;
-    eprintln!("clean exit: a dropped b's route {took:?} after b's SIGTERM");
+    eprintln!("clean exit: a holds b's route unreachable {took:?} after b's SIGTERM");
     Ok(())
 }
 

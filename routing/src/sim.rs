@@ -240,7 +240,12 @@ impl Sim {
     /// A connected random graph of `n` nodes: a random spanning tree plus
     /// `extra` edges, with one-way delays from 5 to 80 ms. Returns the sim
     /// and the edge list (tree edges first; link `i` is edge `i`).
-    pub fn random(n: usize, extra: usize, hello: Duration, seed: u64) -> (Self, Vec<(usize, usize)>) {
+    pub fn random(
+        n: usize,
+        extra: usize,
+        hello: Duration,
+        seed: u64,
+    ) -> (Self, Vec<(usize, usize)>) {
         let mut rng = fastrand_lite::Rng::new(seed);
         let mut below = |m: usize| (rng.next() % m as u64) as usize;
         let mut sim = Self::new(n, hello, seed);

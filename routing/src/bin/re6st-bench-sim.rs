@@ -92,7 +92,9 @@ fn main() -> anyhow::Result<()> {
     let wall = Instant::now();
     let rss0 = rss_kib();
     let (mut sim, edges) = Sim::random(n, extra, Duration::from_millis(cli.hello_ms), cli.seed);
-    let sample: Vec<usize> = (0..cli.sample.min(n)).map(|i| i * n / cli.sample.min(n)).collect();
+    let sample: Vec<usize> = (0..cli.sample.min(n))
+        .map(|i| i * n / cli.sample.min(n))
+        .collect();
     let limit = Duration::from_secs(cli.limit_s);
     println!(
         "{n} nodes, {} links (average degree {:.1}), hello {} ms, seed {}",
@@ -107,7 +109,9 @@ fn main() -> anyhow::Result<()> {
         "convergence (virtual): sampled nodes {}, all pairs {}{}; wall {:.1} s",
         show(sampled, limit),
         show(converged, limit),
-        sim.all_reachable().err().map_or(String::new(), |e| format!(" ({e})")),
+        sim.all_reachable()
+            .err()
+            .map_or(String::new(), |e| format!(" ({e})")),
         wall.elapsed().as_secs_f64()
     );
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the fuzz crate and runs the Babel fuzz targets briefly from the
+# corpus seeded with the babeld capture (CI's short run; longer runs by
+# hand: RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET -- -max_total_time=600).
+# Installs cargo-fuzz when it is missing. Seconds per target: $1 (20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-20}
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+export RUSTC_BOOTSTRAP=1
+./fuzz/seed-corpus.sh
+cd fuzz
+cargo fuzz build
+for target in babel_wire babel_router; do
+    cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" 2>&1 | tail -n 3
+done
+echo "fuzz: babel_wire and babel_router ran ${secs} s each without a crash"

@@ -425,12 +425,7 @@ impl Router {
     /// with a 10 ms interval so neighbours drop us at once; then remove
     /// every installed route.
     pub fn shutdown(&mut self, now: Instant) {
-        let keys: Vec<RouteKey> = self
-            .table
-            .iter()
-            .filter(|(_, e)| e.advertisable())
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.table.advertised_keys();
         let retractions: Vec<Tlv> = keys.iter().map(|key| self.retraction(*key, 0)).collect();
         let ifaces: Vec<IfaceId> = self.ifaces.keys().copied().collect();
         for id in ifaces {

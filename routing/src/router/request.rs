@@ -115,18 +115,21 @@ impl Router {
                 tries = p.tries;
             }
         }
-        self.pending.insert(
-            key,
-            Pending {
-                router_id,
-                seqno: wanted,
-                to,
-                tries,
-                heard: seqno,
-            },
-        );
-        self.timers.set(Timer::Request(key), now + REQUEST_RESEND);
-        self.send_seqno_request(to, key, router_id, wanted, REQUEST_HOPS);
+        let p = Pending {
+            router_id,
+            seqno: wanted,
+            to,
+            tries,
+            heard: seqno,
+        };
+        self.ask(key, p, now + REQUEST_RESEND);
+    }
+
+    /// Sends our request `p` for `key` and keeps it, to resend at `resend`.
+    fn ask(&mut self, key: RouteKey, p: Pending, resend: Instant) {
+        self.send_seqno_request(p.to, key, p.router_id, p.seqno, REQUEST_HOPS);
+        self.pending.insert(key, p);
+        self.timers.set(Timer::Request(key), resend);
     }
 
     /// §3.8.2.2: an unfeasible update worth a request.
@@ -208,18 +211,14 @@ impl Router {
             .sources
             .get(&source)
             .map_or(p.seqno, |(s, _)| s.wrapping_add(1));
-        self.pending.insert(
-            key,
-            Pending {
-                router_id: rid,
-                seqno: wanted,
-                to,
-                tries,
-                heard,
-            },
-        );
-        self.timers.set(Timer::Request(key), now + backoff);
-        self.send_seqno_request(to, key, rid, wanted, REQUEST_HOPS);
+        let p = Pending {
+            router_id: rid,
+            seqno: wanted,
+            to,
+            tries,
+            heard,
+        };
+        self.ask(key, p, now + backoff);
     }
 
     /// A feasible update (`router_id`, `seqno`) for `key` arrived: pending

@@ -127,6 +127,15 @@ impl Table {
         self.entries.iter()
     }
 
+    /// Every destination we say something about in a dump.
+    pub fn advertised_keys(&self) -> Vec<RouteKey> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.advertisable())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

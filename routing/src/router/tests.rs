@@ -198,6 +198,18 @@ impl Harness {
     }
 }
 
+/// A Seqno Request for dest under ORIGIN.
+fn request_for_dest(seqno: u16, hop_count: u8) -> Tlv {
+    Tlv::SeqnoRequest {
+        ae: 2,
+        seqno,
+        hop_count,
+        router_id: ORIGIN,
+        prefix: dest(),
+        src_prefix: None,
+    }
+}
+
 fn seqno_requests(sent: &[(IfaceId, Destination, Tlv)]) -> Vec<(IfaceId, u16, u8)> {
     sent.iter()
         .filter_map(|(i, _, t)| match t {
@@ -344,15 +356,7 @@ fn seqno_requests_move_our_seqno_by_one_and_absurd_ones_are_refused() {
 fn a_request_we_cannot_satisfy_is_forwarded_and_its_answer_goes_to_the_requester_only() {
     let mut h = Harness::with_route_via_a();
     h.drain();
-    let request = Tlv::SeqnoRequest {
-        ae: 2,
-        seqno: 8,
-        hop_count: 10,
-        router_id: ORIGIN,
-        prefix: dest(),
-        src_prefix: None,
-    };
-    h.hear(B, &[request]);
+    h.hear(B, &[request_for_dest(8, 10)]);
     assert_eq!(seqno_requests(&h.sent()), vec![(A, 8, 9)]);
     // The answer from A: urgent, towards B only.
     h.hear(A, &[update(ORIGIN, 8, 200)]);
@@ -369,15 +373,7 @@ fn a_request_is_forwarded_even_without_a_selected_route() {
     h.hear(A, &[update(ORIGIN, 7, INFINITY)]);
     h.hear(A, &[update(ORIGIN, 5, 200)]);
     h.drain();
-    let request = Tlv::SeqnoRequest {
-        ae: 2,
-        seqno: 8,
-        hop_count: 10,
-        router_id: ORIGIN,
-        prefix: dest(),
-        src_prefix: None,
-    };
-    h.hear(B, &[request]);
+    h.hear(B, &[request_for_dest(8, 10)]);
     assert_eq!(seqno_requests(&h.sent()), vec![(A, 8, 9)]);
 }
 

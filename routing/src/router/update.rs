@@ -177,12 +177,7 @@ impl Router {
 
     /// Everything we advertise, on `iface`, now.
     pub(super) fn full_dump(&mut self, iface: IfaceId, now: Instant) {
-        let keys: Vec<RouteKey> = self
-            .table
-            .iter()
-            .filter(|(_, e)| e.advertisable())
-            .map(|(k, _)| *k)
-            .collect();
+        let keys = self.table.advertised_keys();
         if let Some(i) = self.ifaces.get_mut(&iface) {
             i.last_full_dump = Some(now);
         }

@@ -4,9 +4,10 @@
 //! `inet` namespace that plays the Internet through a userspace WAN emulator
 //! (per-pair one-way delay, jitter, loss and blackholes, changeable live),
 //! optional LAN segments and direct links; runs programs inside hosts with
-//! their output logged; measures RTT, waits for conditions, and probes loss
-//! windows. Everything is torn down on drop, also on panic; the `cleanup`
-//! subcommand of `re6st-demo` removes leftovers of a crashed run.
+//! their output logged; measures RTT, waits for conditions, probes loss
+//! windows and summarises samples. Everything is torn down on drop, also on
+//! panic; the `cleanup` subcommand of `re6st-demo` removes leftovers of a
+//! crashed run.
 //!
 //! ```no_run
 //! use netns_tests::{LinkParams, Net, Topology};
@@ -29,6 +30,7 @@ pub mod net;
 pub mod netns;
 pub mod probe;
 pub mod process;
+pub mod stats;
 pub mod testing;
 pub mod topology;
 pub mod wan;

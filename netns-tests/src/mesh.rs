@@ -1,7 +1,7 @@
 //! A whole re6st-rs network in namespaces: a registry host and nodes, each
 //! enrolled with `re6st-conf` and running `re6stnet`, with helpers to read
 //! their control API and to check overlay reachability. Used by the
-//! end-to-end tests, the demo and the mesh benchmark.
+//! end-to-end tests, the demo and the mesh benchmarks.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::net::{Host, Net};
-use crate::probe::wait_until;
+use crate::probe::{wait_until, LossProbe};
 use crate::process::Process;
 use crate::topology::Topology;
 
@@ -339,6 +339,18 @@ impl Mesh {
         Ok(())
     }
 
+    /// The PID of node `i`'s daemon, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].process.as_ref().map(Process::pid)
+    }
+
+    /// Starts a loss-window probe from node `i` to node `j`'s overlay
+    /// address (the routes' preferred source makes it leave from `i`'s
+    /// overlay address).
+    pub fn loss_probe(&self, i: usize, j: usize, interval: Duration) -> Result<LossProbe> {
+        LossProbe::start(self.host(i)?, self.host(j)?, self.address(j), interval)
+    }
+
     /// GET `path` of node `i`'s control API, as JSON.
     pub fn ctl(&self, i: usize, path: &str) -> Result<Value> {
         let body = re6stnet::ctl::fetch(&self.nodes[i].ctl, path)
@@ -356,6 +368,23 @@ impl Mesh {
                     a.iter()
                         .filter(|r| r["selected"] == Value::Bool(true))
                         .filter_map(|r| r["prefix"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Node `i`'s route entries (selected or not) to node `j`'s prefix, as
+    /// its control API gives them.
+    pub fn routes_to(&self, i: usize, j: usize) -> Vec<Value> {
+        let prefix = self.nodes[j].prefix.as_str();
+        self.ctl(i, "/routes")
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter(|r| r["prefix"] == prefix)
+                        .cloned()
                         .collect()
                 })
             })

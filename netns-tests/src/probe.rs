@@ -152,6 +152,10 @@ pub struct LossReport {
     pub gap_start: Duration,
     /// When, after the probe started, the first answered probe was sent.
     pub first_answered: Option<Duration>,
+    /// When, after the probe started, the last probe never answered was
+    /// sent (None: every probe was answered). Answers are stable from the
+    /// next probe on.
+    pub last_lost: Option<Duration>,
 }
 
 impl LossReport {
@@ -201,6 +205,13 @@ impl ProbeLog {
             .zip(&self.answered)
             .find(|(_, a)| **a)
             .map(|(t, _)| t.saturating_duration_since(start));
+        let last_lost = self
+            .sent
+            .iter()
+            .zip(&self.answered)
+            .rev()
+            .find(|(_, a)| !**a)
+            .map(|(t, _)| t.saturating_duration_since(start));
         LossReport {
             sent,
             received,
@@ -208,6 +219,7 @@ impl ProbeLog {
             longest_gap: longest,
             gap_start,
             first_answered,
+            last_lost,
         }
     }
 }
@@ -326,6 +338,11 @@ impl LossProbe {
         })
     }
 
+    /// When it started: the times in its reports count from here.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
     /// The report so far (probes still in flight count as lost).
     pub fn snapshot(&self) -> LossReport {
         self.log
@@ -340,6 +357,22 @@ impl LossProbe {
         std::thread::sleep(linger);
         self.shutdown();
         self.snapshot()
+    }
+
+    /// Stops every probe at once, waits `linger` for late replies (once for
+    /// all), and reports each, in order.
+    pub fn stop_all(probes: Vec<Self>, linger: Duration) -> Vec<LossReport> {
+        for p in &probes {
+            p.stop_send.store(true, Ordering::Relaxed);
+        }
+        std::thread::sleep(linger);
+        probes
+            .into_iter()
+            .map(|mut p| {
+                p.shutdown();
+                p.snapshot()
+            })
+            .collect()
     }
 
     fn shutdown(&mut self) {
@@ -417,6 +450,7 @@ mod tests {
         let r = l.report(start);
         assert_eq!((r.sent, r.received, r.lost), (20, 20, 0));
         assert_eq!(r.longest_gap, Duration::from_millis(10));
+        assert_eq!(r.last_lost, None);
     }
 
     #[test]
@@ -432,6 +466,7 @@ mod tests {
         assert_eq!(r.longest_gap, Duration::from_millis(60));
         assert_eq!(r.gap_start, Duration::from_millis(90));
         assert_eq!(r.first_answered, Some(Duration::ZERO));
+        assert_eq!(r.last_lost, Some(Duration::from_millis(200)));
     }
 
     #[test]

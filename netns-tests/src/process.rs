@@ -61,6 +61,11 @@ impl Process {
         self.child.id()
     }
 
+    /// CPU time it has used so far (user + system), if it still runs.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(self.pid())
+    }
+
     /// Path of the log file holding stdout and stderr.
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -157,6 +162,20 @@ impl Process {
         }
         Ok(())
     }
+}
+
+/// CPU time (user + system) used so far by process `pid`, from
+/// `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 impl Drop for Process {

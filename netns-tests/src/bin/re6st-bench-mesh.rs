@@ -10,7 +10,8 @@ use clap::Parser;
 use netns_tests::babel::rss_kib;
 use netns_tests::cleanup;
 use netns_tests::mesh::{random_topology, Matrix, Mesh};
-use netns_tests::probe::{ping, LossProbe};
+use netns_tests::probe::ping;
+use netns_tests::stats::{max, median, p95};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,22 +49,6 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-fn p95(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 * 0.95).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 /// Best RTT (ms) between every pair through any relays (Floyd-Warshall on
@@ -163,13 +148,13 @@ fn run(cli: &Cli, n: usize) -> anyhow::Result<()> {
             .unwrap_or(0);
         tunnels.push(tn as f64);
     }
-    let max_rss = rss.iter().copied().fold(0.0, f64::max);
+    let max_rss = max(&rss);
     println!(
         "  RSS per node: median {:.1} MiB, max {max_rss:.1} MiB (private/anonymous: median {:.1} MiB; the rest is the binary's shared pages); tunnels per node: median {:.0}, max {:.0}",
         median(&mut rss.clone()),
         median(&mut anon.clone()),
         median(&mut tunnels.clone()),
-        tunnels.iter().copied().fold(0.0, f64::max)
+        max(&tunnels)
     );
 
     let best = best_rtt(&delay, &broken);
@@ -226,12 +211,7 @@ fn run(cli: &Cli, n: usize) -> anyhow::Result<()> {
             continue;
         }
         let (x, y) = (path[0], path[1]);
-        let probe = LossProbe::start(
-            m.host(a)?,
-            m.host(b)?,
-            m.address(b),
-            Duration::from_millis(10),
-        )?;
+        let probe = m.loss_probe(a, b, Duration::from_millis(10))?;
         cleanup::sleep(Duration::from_secs(1))?;
         m.net.wan()?.blackhole(&names[x], &names[y])?;
         cleanup::sleep(Duration::from_secs(5))?;
@@ -251,7 +231,7 @@ fn run(cli: &Cli, n: usize) -> anyhow::Result<()> {
         "  loss window after a silent failure of the first hop in use ({} runs, 10 ms probes): median {:.0} ms, max {:.0} ms",
         windows.len(),
         median(&mut windows.clone()),
-        windows.iter().copied().fold(0.0, f64::max)
+        max(&windows)
     );
     Ok(())
 }

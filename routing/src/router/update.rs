@@ -14,9 +14,10 @@
 //! - anything else: normal.
 //!
 //! A new seqno is passed on urgently only towards neighbours whose seqno
-//! request we forwarded (see `request`), not flooded. Periodic dumps go out
-//! in slices, a quarter of the table every quarter of the update interval,
-//! so a large table never leaves as one burst.
+//! request we forwarded (see `request`), not flooded. A periodic dump that
+//! needs several packets goes out in slices (up to a quarter of the table
+//! every quarter of the update interval), so a large table never leaves as
+//! one burst; a small one still leaves whole, in one packet.
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,11 @@ use super::{centis, Destination, RouteKey, Router, URGENT_DELAY};
 use crate::neighbour::IfaceId;
 use crate::wire::{Tlv, INFINITY};
 
-/// The periodic dump is sent in this many slices.
-const DUMP_SLICES: u32 = 4;
+/// A large periodic dump is sent in up to this many slices.
+const DUMP_SLICES: usize = 4;
+/// About as many Updates as fit in one packet (each with its Router-Id):
+/// a table this small goes out whole, in one packet.
+const UPDATES_PER_PACKET: usize = 40;
 /// Urgent updates of the worst kind are sent again this often, twice.
 const RESEND_DELAY: Duration = Duration::from_millis(500);
 const RESENDS: u8 = 2;
@@ -55,9 +59,18 @@ fn classify(old: Option<Advertised>, new: Option<Advertised>) -> Option<(Urgency
 }
 
 impl Router {
+    /// How many slices the periodic dump is cut into: one per packet's
+    /// worth of destinations, at most [`DUMP_SLICES`].
+    fn dump_slices(&self) -> usize {
+        self.table
+            .len()
+            .div_ceil(UPDATES_PER_PACKET)
+            .clamp(1, DUMP_SLICES)
+    }
+
     /// The interval between dump slices on an interface.
     pub(super) fn dump_slice_interval(&self) -> Duration {
-        self.cfg.update_interval / DUMP_SLICES
+        self.cfg.update_interval / self.dump_slices() as u32
     }
 
     /// What we would advertise for `key` now (None: nothing, or a
@@ -149,7 +162,7 @@ impl Router {
         let Some(i) = self.ifaces.get(&iface) else {
             return;
         };
-        let per_slice = self.table.len().div_ceil(DUMP_SLICES as usize).max(1);
+        let per_slice = self.table.len().div_ceil(self.dump_slices()).max(1);
         let cursor = i.dump_cursor;
         let keys: Vec<RouteKey> = self
             .table

@@ -102,6 +102,18 @@ pub fn ping(from: &Host, dst: IpAddr, count: u32, interval: Duration) -> Result<
         ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !text.contains("packets transmitted") && stderr.contains("connect: ") {
+        // No route (an `unreachable` route held by re6stnet, or none at
+        // all): nothing can answer, which is a measurement, not an error.
+        return Ok(RttStats {
+            sent: count,
+            received: 0,
+            min: None,
+            avg: None,
+            max: None,
+        });
+    }
     parse_ping(&text).map_err(|e| {
         Error::Measure(format!(
             "ping {dst} from {}: {e}; stderr: {}",

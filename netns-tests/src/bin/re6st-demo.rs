@@ -276,34 +276,61 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
         ms(over.avg)
     );
 
-    // Break a path in use, silently: the first hop of the sample path.
+    // Break a path in use, silently: the first hop of the sample path
+    // whose loss still leaves a way through the Internet.
     let Some(p) = path.filter(|p| p.len() >= 2) else {
         bail!("no path to break");
     };
-    let (x, y) = (p[0], p[1]);
-    println!(
-        "\nbreaking the Internet path {} <-> {} silently (the emulator drops everything; no link goes down)...",
-        names[x], names[y]
-    );
-    let probe = LossProbe::start(ha, hb, m.address(b), Duration::from_millis(10))?;
-    cleanup::sleep(Duration::from_secs(1))?;
-    m.net.wan()?.blackhole(&names[x], &names[y])?;
-    cleanup::sleep(Duration::from_secs(6))?;
-    let r = probe.stop(Duration::from_millis(500));
-    let after = ping(ha, m.address(b), 5, Duration::from_millis(100))?;
-    println!(
-        "  10 ms probe {} -> {}: {} sent, {} lost; loss window {:.0} ms",
-        names[a],
-        names[b],
-        r.sent,
-        r.lost,
-        r.longest_gap.as_secs_f64() * 1000.0
-    );
-    println!(
-        "  new path: {}   RTT {}",
-        show_path(&m.path(a, b)),
-        ms(after.avg)
-    );
+    let connected_without = |x: usize, y: usize| {
+        let mut seen = vec![false; n];
+        let mut todo = vec![a];
+        seen[a] = true;
+        while let Some(i) = todo.pop() {
+            for j in 0..n {
+                let cut = (i, j) == (x, y) || (i, j) == (y, x);
+                if !seen[j] && i != j && !broken[i][j] && !cut {
+                    seen[j] = true;
+                    todo.push(j);
+                }
+            }
+        }
+        seen[b]
+    };
+    match p
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .find(|&(x, y)| connected_without(x, y))
+    {
+        None => println!(
+            "\nno silent break shown: every Internet path under {} is the only way left",
+            show_path(&Some(p.clone()))
+        ),
+        Some((x, y)) => {
+            println!(
+                "\nbreaking the Internet path {} <-> {} silently (the emulator drops everything; no link goes down)...",
+                names[x], names[y]
+            );
+            let probe = LossProbe::start(ha, hb, m.address(b), Duration::from_millis(10))?;
+            cleanup::sleep(Duration::from_secs(1))?;
+            m.net.wan()?.blackhole(&names[x], &names[y])?;
+            cleanup::sleep(Duration::from_secs(6))?;
+            let r = probe.stop(Duration::from_millis(500));
+            let after = ping(ha, m.address(b), 5, Duration::from_millis(100))?;
+            println!(
+                "  10 ms probe {} -> {}: {} sent, {} lost; loss window {:.0} ms",
+                names[a],
+                names[b],
+                r.sent,
+                r.lost,
+                r.longest_gap.as_secs_f64() * 1000.0
+            );
+            println!(
+                "  new path: {}   RTT {}",
+                show_path(&m.path(a, b)),
+                ms(after.avg)
+            );
+        }
+    }
 
     if cli.keep {
         println!("\nthe mesh stays up; explore it, e.g.:");

@@ -20,14 +20,16 @@ use re6st_registry::cert::overlay_address;
 use re6st_registry::client::{Identity as ClientId, RegistryClient};
 use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
 use re6st_routing::driver::{self, Command, DriverConfig, Status};
+use re6st_routing::embedded::Embedded;
 use re6st_routing::metric::RttParams;
 use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig};
 use re6st_tunnel::cache::{CachedPeer, PeerCache};
-use re6st_tunnel::plane::{Event, Plane};
+use re6st_tunnel::plane::Event;
 use re6st_tunnel::policy::{Action, Admission, Peer, Policy, PolicyConfig, View};
 use re6st_tunnel::setup::{self, Decision, Outcome, Reply, Responder};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use crate::babel::{BabelHost, Plane, Routing};
 use crate::config::NodeConfig;
 use crate::ctl::{Metrics, Snapshot, TunnelInfo};
 use crate::peer::{Body, PeerProtocol};
@@ -108,7 +110,7 @@ struct Node {
     signed: SignedConfig,
     hmac: Option<HmacKeys>,
     plane: Plane,
-    routing: mpsc::Sender<Command>,
+    routing: Routing,
     policy: Policy,
     responder: Responder,
     peers: PeerProtocol,
@@ -252,30 +254,10 @@ pub async fn run(
     let address = NodeAddress::install(prefix, network).await?;
     tracing::info!(address = %address.addr(), "node address");
 
-    let (ev_tx, ev_rx) = std::sync::mpsc::channel();
-    let plane = Plane::start(
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port),
-        files.wg_secret,
-        ev_tx,
-    )
-    .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
-    let (events, mut events_rx) = mpsc::channel::<Event>(1024);
-    std::thread::Builder::new()
-        .name("plane-events".into())
-        .spawn(move || {
-            while let Ok(e) = ev_rx.recv() {
-                if events.blocking_send(e).is_err() {
-                    return;
-                }
-            }
-        })
-        .context("starting the event bridge")?;
-
     let hmac = state::load_hmac(&cfg.state_dir).filter(|k| k.version == netconf.hmac_version);
     let mut rcfg = RouterConfig::new(router_id(prefix), driver::os_seed()?);
     rcfg.auth = hmac.as_ref().map(state::auth_config).transpose()?;
     rcfg.filter = routing_filter(network, &netconf);
-    let (routing, commands) = mpsc::channel(256);
     let driver_cfg = DriverConfig {
         router: rcfg,
         table: cfg.table,
@@ -285,16 +267,22 @@ pub async fn run(
         cover: vec![IpNet::V6(network)],
         seqno_file: Some(cfg.state_dir.join(state::SEQNO_FILE)),
     };
-    let driver = tokio::spawn(driver::run(driver_cfg, commands));
-    routing
-        .send(Command::Export(IpNet::V6(prefix), None))
-        .await
-        .context("routing stopped")?;
+    let embedded = Embedded::start(&driver_cfg, Instant::now()).await?;
+    // Events from the data plane: a bounded queue, overflow counted there.
+    let (events, mut events_rx) = mpsc::channel::<Event>(1024);
+    let plane = Plane::start(
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), cfg.port),
+        files.wg_secret,
+        Box::new(move |e| events.try_send(e).is_ok()),
+        BabelHost(embedded),
+    )
+    .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
+    let mut routing = Routing::default();
+    routing.send(&plane, Command::Export(IpNet::V6(prefix), None));
     for i in &cfg.interfaces {
-        routing
-            .send(Command::AddInterface(i.clone(), tunnel_iface(&netconf)))
-            .await
-            .context("routing stopped")?;
+        if let Err(e) = routing.add_lan(&plane, i, tunnel_iface(&netconf)) {
+            tracing::warn!(interface = %i, error = %format!("{e:#}"), "cannot run Babel here");
+        }
     }
 
     let now = Instant::now();
@@ -367,12 +355,7 @@ pub async fn run(
     for p in &peers {
         node.send_peer(*p, &Body::Close);
     }
-    let _ = node.routing.send(Command::Shutdown).await;
-    match tokio::time::timeout(Duration::from_secs(5), driver).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %format!("{e:#}"), "routing"),
-        Err(_) => tracing::warn!("routing did not stop in time"),
-        _ => {}
-    }
+    node.routing.shutdown(&node.plane).await;
     for p in peers {
         node.remove_tunnel(p).await;
     }
@@ -468,7 +451,7 @@ impl Node {
         match self.peers.seal(to, body, unix()) {
             Ok(bytes) => {
                 let dst = SocketAddr::new(IpAddr::V6(overlay_address(to)), self.cfg.port);
-                if let Err(e) = self.plane.send(dst, &bytes) {
+                if let Err(e) = self.plane.send(dst, bytes) {
                     tracing::debug!(%to, error = %e, "peer message not sent");
                 } else {
                     *self
@@ -495,7 +478,8 @@ impl Node {
                     if let Some(t) = self.tunnels.get_mut(&p) {
                         t.cost = m;
                         let name = t.name.clone();
-                        let _ = self.routing.send(Command::SetCostMultiplier(name, m)).await;
+                        self.routing
+                            .send(&self.plane, Command::SetCostMultiplier(name, m));
                         if m > 1 {
                             self.send_peer(p, &Body::DrainRequest);
                         }
@@ -548,7 +532,7 @@ impl Node {
                     .iter()
                     .filter(|e| re6st_tunnel::link::usable_endpoint(e.ip()))
                 {
-                    let _ = self.plane.send(*ep, &bytes);
+                    let _ = self.plane.send(*ep, bytes.clone());
                 }
                 self.pending.insert(
                     p,
@@ -604,7 +588,7 @@ impl Node {
             mtu,
             link_local(self.prefix),
         ) {
-            Ok(index) => {
+            Ok((index, ifindex)) => {
                 let now = Instant::now();
                 self.tunnels.insert(
                     p,
@@ -621,10 +605,13 @@ impl Node {
                 );
                 self.metrics.tunnels_opened += 1;
                 tracing::info!(peer = %p, interface = %name, outgoing, "tunnel");
-                let _ = self
-                    .routing
-                    .send(Command::AddInterface(name, tunnel_iface(&self.netconf)))
-                    .await;
+                self.routing.add_link(
+                    &self.plane,
+                    &name,
+                    ifindex,
+                    tunnel_iface(&self.netconf),
+                    link_local(self.prefix),
+                );
             }
             Err(e) => tracing::warn!(peer = %p, error = %e, "cannot add a tunnel"),
         }
@@ -632,7 +619,8 @@ impl Node {
 
     async fn remove_tunnel(&mut self, p: Peer) {
         if let Some(t) = self.tunnels.remove(&p) {
-            let _ = self.routing.send(Command::RemoveInterface(t.name)).await;
+            self.routing
+                .send(&self.plane, Command::RemoveInterface(t.name));
             self.plane.remove_link(t.index);
             self.metrics.tunnels_closed += 1;
         }
@@ -727,10 +715,10 @@ impl Node {
                 self.pending.remove(&peer.prefix);
                 self.asking.remove(&peer.prefix);
                 self.add_tunnel(peer.prefix, &peer, None, false).await;
-                let _ = self.plane.send(src, &reply);
+                let _ = self.plane.send(src, reply);
             }
             Outcome::Reply(reply) => {
-                let _ = self.plane.send(src, &reply);
+                let _ = self.plane.send(src, reply);
             }
             Outcome::Dropped(e) => {
                 tracing::debug!(%src, error = %e, "set-up request dropped");
@@ -830,10 +818,8 @@ impl Node {
                 if let Some(t) = self.tunnels.get_mut(&from) {
                     t.cost = re6st_tunnel::policy::DRAIN_MULTIPLIER;
                     let name = t.name.clone();
-                    let _ = self
-                        .routing
-                        .send(Command::SetCostMultiplier(name, t.cost))
-                        .await;
+                    self.routing
+                        .send(&self.plane, Command::SetCostMultiplier(name, t.cost));
                     self.send_peer(from, &Body::DrainAck);
                 }
             }
@@ -902,7 +888,8 @@ impl Node {
             let d = Duration::from_millis(u64::from(self.netconf.hello_interval_ms.max(10)));
             let names: Vec<String> = self.tunnels.values().map(|t| t.name.clone()).collect();
             for n in names.into_iter().chain(self.cfg.interfaces.clone()) {
-                let _ = self.routing.send(Command::SetHelloInterval(n, d)).await;
+                self.routing
+                    .send(&self.plane, Command::SetHelloInterval(n, d));
             }
         }
         if self
@@ -936,7 +923,7 @@ impl Node {
                             if let Err(e) = state::save_hmac(&self.cfg.state_dir, &keys) {
                                 tracing::warn!(error = %format!("{e:#}"), "saving the Babel keys");
                             }
-                            let _ = self.routing.send(Command::SetAuth(Some(auth))).await;
+                            self.routing.send(&self.plane, Command::SetAuth(Some(auth)));
                             self.hmac = Some(keys);
                         }
                     }
@@ -1032,13 +1019,12 @@ impl Node {
         // Timeouts every tick; routing (a copy of every route) once a second.
         let full = self.ticks % STATUS_EVERY == 1;
         if full {
-            let (tx, rx) = oneshot::channel();
-            if self.routing.send(Command::Status(tx)).await.is_ok() {
-                match tokio::time::timeout(Duration::from_secs(2), rx).await {
-                    Ok(status) => self.status = status.ok(),
-                    Err(_) => tracing::warn!("routing did not report its state within 2 s"),
-                }
+            match self.routing.state(&self.plane).await {
+                Some(state) => self.status = Some(self.routing.status(&state)),
+                None => tracing::warn!("routing did not report its state within 2 s"),
             }
+            self.routing
+                .retry_link_local(&self.plane, &self.cfg.interfaces);
             self.update_view();
         }
         if now >= self.next_record {
@@ -1190,7 +1176,7 @@ impl Node {
             })
             .collect();
         let mut metrics = self.metrics.clone();
-        for (reason, n) in self.plane.dropped_by_reason() {
+        for (reason, n) in self.plane.published().dropped {
             metrics.rejected.insert(format!("wireguard_{reason}"), n);
         }
         for (reason, n) in &self.responder.stats().dropped {

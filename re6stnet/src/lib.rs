@@ -2,6 +2,7 @@
 //! `re6st-conf` tool) and the peer protocol ([`peer`]). The node daemon and
 //! `re6stctl` come with issue 6.
 
+pub mod babel;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
@@ -27,11 +28,12 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The runtime of our daemons: two worker threads (the work is I/O-bound
-/// and nodes may be small machines).
+/// The runtime of our daemons' control side: one thread (the work is
+/// I/O-bound, nodes may be small machines, and the node's packets are
+/// moved by the data plane's own thread), so no work-stealing and no
+/// wake-ups between workers.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,9 +26,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::AuthConfig;
-use crate::kernel::Kernel;
+use crate::effects::{self, Effects};
 use crate::neighbour::IfaceId;
-use crate::router::{Destination, InterfaceConfig, RouteChange, RouteKey, Router, RouterConfig};
+use crate::router::{Destination, InterfaceConfig, Router, RouterConfig, RoutingState};
 use crate::wire::{MULTICAST, PORT};
 
 /// Requests to a running driver.
@@ -151,48 +151,6 @@ pub fn os_seed() -> anyhow::Result<[u8; 32]> {
     Ok(seed)
 }
 
-/// Seqnos reserved ahead in the seqno file: it is rewritten only after
-/// half of them are used, and always names one newer than any used.
-const SEQNO_RESERVE: u16 = 64;
-
-/// The persisted seqno: one newer than any used before.
-pub fn load_seqno(path: &Path) -> Option<u16> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn store_seqno(path: &Path, seqno: u16) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{seqno}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Keeps the seqno file ahead of the router's seqno.
-struct SeqnoStore {
-    path: PathBuf,
-    base: u16,
-}
-
-impl SeqnoStore {
-    fn new(path: PathBuf, seqno: u16) -> anyhow::Result<Self> {
-        store_seqno(&path, seqno.wrapping_add(SEQNO_RESERVE))
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(Self { path, base: seqno })
-    }
-
-    fn update(&mut self, seqno: u16) {
-        if seqno.wrapping_sub(self.base) < SEQNO_RESERVE / 2 {
-            return;
-        }
-        match store_seqno(&self.path, seqno.wrapping_add(SEQNO_RESERVE)) {
-            Ok(()) => self.base = seqno,
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot persist the seqno")
-            }
-        }
-    }
-}
-
 /// Formats a router-id as babeld does (colon-separated hex).
 pub fn format_router_id(id: &[u8; 8]) -> String {
     id.iter()
@@ -225,7 +183,10 @@ pub fn ifindex_of(name: &str) -> anyhow::Result<u32> {
     Ok(idx)
 }
 
-fn open_socket(name: &str, ifindex: u32) -> anyhow::Result<UdpSocket> {
+/// A Babel socket on the interface `name`: bound to `[::]:6696` and to the
+/// device, joined to `ff02::1:6`, stamping receive times
+/// (`SO_TIMESTAMPNS`), non-blocking.
+pub fn babel_socket(name: &str, ifindex: u32) -> anyhow::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).context("socket")?;
     s.set_only_v6(true)?;
@@ -253,7 +214,11 @@ fn open_socket(name: &str, ifindex: u32) -> anyhow::Result<UdpSocket> {
         return Err(std::io::Error::last_os_error()).context("SO_TIMESTAMPNS");
     }
     s.set_nonblocking(true)?;
-    UdpSocket::from_std(s.into()).context("registering the socket")
+    Ok(s)
+}
+
+fn open_socket(name: &str, ifindex: u32) -> anyhow::Result<UdpSocket> {
+    UdpSocket::from_std(babel_socket(name, ifindex)?.into()).context("registering the socket")
 }
 
 struct IfaceState {
@@ -269,97 +234,19 @@ struct Received {
     bytes: Vec<u8>,
 }
 
-/// Work for the kernel-writer task.
-enum KernelOp {
-    Change(RouteChange),
-    /// Remove all our routes, then answer.
-    Flush(oneshot::Sender<()>),
-}
-
-/// Writes route changes to the kernel, latest change per destination
-/// first-come (changes queued meanwhile for the same destination replace
-/// each other), never blocking the routing loop.
-async fn kernel_writer(kernel: Kernel, mut ops: mpsc::UnboundedReceiver<KernelOp>) {
-    while let Some(op) = ops.recv().await {
-        let mut batch: BTreeMap<RouteKey, RouteChange> = BTreeMap::new();
-        let mut flush = None;
-        let mut next = Some(op);
-        while let Some(op) = next {
-            match op {
-                KernelOp::Change(c) => {
-                    batch.insert(change_key(&c), c);
-                }
-                KernelOp::Flush(done) => flush = Some(done),
-            }
-            next = ops.try_recv().ok();
-        }
-        for change in batch.values() {
-            match tokio::time::timeout(NETLINK_TIMEOUT, kernel.apply(change, Some)).await {
-                Ok(Ok(())) => tracing::debug!(?change, "route change"),
-                Ok(Err(e)) => tracing::warn!(?change, error = %e, "kernel route"),
-                Err(_) => tracing::warn!(?change, "netlink did not answer: kernel route"),
-            }
-        }
-        if let Some(done) = flush {
-            if let Err(e) = kernel.flush().await {
-                tracing::warn!(error = %e, "removing our routes");
-            }
-            let _ = done.send(());
-            return;
-        }
-    }
-}
-
-fn change_key(c: &RouteChange) -> RouteKey {
-    match c {
-        RouteChange::Install { key, .. }
-        | RouteChange::Unreachable { key }
-        | RouteChange::Remove { key } => *key,
-    }
-}
-
 fn to_std(now: tokio::time::Instant) -> Instant {
     now.into_std()
 }
-
-/// Longest wait for the kernel to answer a netlink request.
-const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the router until [`Command::Shutdown`] or the command channel closes.
 pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
     let start = to_std(tokio::time::Instant::now());
     let mut rcfg = cfg.router.clone();
-    if let Some(s) = cfg.seqno_file.as_deref().and_then(load_seqno) {
+    if let Some(s) = cfg.seqno_file.as_deref().and_then(effects::load_seqno) {
         rcfg.seqno = s;
     }
-    let mut seqno_store = cfg
-        .seqno_file
-        .clone()
-        .map(|p| SeqnoStore::new(p, rcfg.seqno))
-        .transpose()?;
+    let mut effects = Effects::start(&cfg, rcfg.seqno).await?;
     let mut router = Router::new(rcfg, start);
-    let kernel = if cfg.install {
-        let k = Kernel::new(cfg.table, cfg.proto, cfg.pref_src)?;
-        // A netlink answer that never comes must not freeze routing.
-        match tokio::time::timeout(NETLINK_TIMEOUT, k.flush()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(stale)) => tracing::info!(stale, "removed stale routes of a previous run"),
-            Ok(Err(e)) => return Err(e.context("removing stale routes")),
-            Err(_) => tracing::warn!("netlink did not answer while removing stale routes"),
-        }
-        for prefix in &cfg.cover {
-            match tokio::time::timeout(NETLINK_TIMEOUT, k.cover(*prefix)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.context(format!("installing unreachable {prefix}"))),
-                Err(_) => tracing::warn!(%prefix, "netlink did not answer: covering route"),
-            }
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(kernel_writer(k, rx));
-        Some(tx)
-    } else {
-        None
-    };
     let (rx_tx, mut rx) = mpsc::channel::<Received>(1024);
     let mut ifaces: HashMap<u32, IfaceState> = HashMap::new();
     let mut link_local_retry = tokio::time::interval(Duration::from_secs(1));
@@ -443,23 +330,11 @@ pub async fn run(cfg: DriverConfig, mut commands: mpsc::Receiver<Command>) -> an
             };
             send(state, &t.bytes, SocketAddr::V6(dst)).await;
         }
-        while let Some(change) = router.poll_route_change() {
-            if let Some(k) = &kernel {
-                let _ = k.send(KernelOp::Change(change));
-            }
-        }
-        if let Some(store) = seqno_store.as_mut() {
-            store.update(router.seqno());
-        }
+        effects.drain(&mut router);
         if shutdown {
             // Give the final packets a moment to leave, then clean the kernel.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Some(k) = &kernel {
-                let (done, flushed) = oneshot::channel();
-                if k.send(KernelOp::Flush(done)).is_ok() {
-                    let _ = tokio::time::timeout(NETLINK_TIMEOUT * 2, flushed).await;
-                }
-            }
+            effects.flush().await;
             for (_, s) in ifaces.drain() {
                 s.reader.abort();
             }
@@ -583,60 +458,66 @@ fn add_interface(name: &str, tx: &mpsc::Sender<Received>) -> anyhow::Result<(u32
 }
 
 fn status(router: &Router, ifaces: &HashMap<u32, IfaceState>, now: Instant) -> Status {
-    let name = |i: IfaceId| {
+    Status::from_state(&router.state(now), |i| {
         ifaces
             .get(&i.0)
             .map_or_else(|| i.0.to_string(), |s| s.name.clone())
-    };
-    let stats = router.stats();
-    Status {
-        router_id: format_router_id(&router.router_id()),
-        exports: router
-            .exports()
-            .iter()
-            .map(|(p, s)| match s {
-                Some(s) => format!("{p} from {s}"),
-                None => p.to_string(),
-            })
-            .collect(),
-        neighbours: router
-            .neighbours()
-            .into_iter()
-            .map(|n| NeighbourStatus {
-                interface: name(n.iface),
-                address: n.addr,
-                reach: format!("{:016b}", n.history),
-                rxcost: n.rxcost,
-                txcost: n.txcost,
-                rtt_ms: n.rtt.map(|r| r.as_secs_f64() * 1000.0),
-                cost: n.cost,
-            })
-            .collect(),
-        routes: router
-            .routes(now)
-            .into_iter()
-            .map(|r| RouteStatus {
-                prefix: r.prefix.to_string(),
-                src_prefix: r.src_prefix.map(|s| s.to_string()),
-                router_id: format_router_id(&r.router_id),
-                seqno: r.seqno,
-                metric: r.metric,
-                refmetric: r.refmetric,
-                interface: name(r.iface),
-                next_hop: r.next_hop,
-                selected: r.selected,
-                feasible: r.feasible,
-            })
-            .collect(),
-        seqno: router.seqno(),
-        packets_in: stats.packets_in,
-        packets_rejected: stats.packets_rejected,
-        packets_out: stats.packets_out,
-        route_switches: stats.route_switches,
-        drops: stats
-            .drops
-            .iter()
-            .map(|(r, n)| (r.label().to_string(), *n))
-            .collect(),
+    })
+}
+
+impl Status {
+    /// The text form of a router's state, with interface names from `name`.
+    pub fn from_state(state: &RoutingState, name: impl Fn(IfaceId) -> String) -> Self {
+        Self {
+            router_id: format_router_id(&state.router_id),
+            exports: state
+                .exports
+                .iter()
+                .map(|(p, s)| match s {
+                    Some(s) => format!("{p} from {s}"),
+                    None => p.to_string(),
+                })
+                .collect(),
+            neighbours: state
+                .neighbours
+                .iter()
+                .map(|n| NeighbourStatus {
+                    interface: name(n.iface),
+                    address: n.addr,
+                    reach: format!("{:016b}", n.history),
+                    rxcost: n.rxcost,
+                    txcost: n.txcost,
+                    rtt_ms: n.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                    cost: n.cost,
+                })
+                .collect(),
+            routes: state
+                .routes
+                .iter()
+                .map(|r| RouteStatus {
+                    prefix: r.prefix.to_string(),
+                    src_prefix: r.src_prefix.map(|s| s.to_string()),
+                    router_id: format_router_id(&r.router_id),
+                    seqno: r.seqno,
+                    metric: r.metric,
+                    refmetric: r.refmetric,
+                    interface: name(r.iface),
+                    next_hop: r.next_hop,
+                    selected: r.selected,
+                    feasible: r.feasible,
+                })
+                .collect(),
+            seqno: state.seqno,
+            packets_in: state.stats.packets_in,
+            packets_rejected: state.stats.packets_rejected,
+            packets_out: state.stats.packets_out,
+            route_switches: state.stats.route_switches,
+            drops: state
+                .stats
+                .drops
+                .iter()
+                .map(|(r, n)| (r.label().to_string(), *n))
+                .collect(),
+        }
     }
 }

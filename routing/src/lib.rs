@@ -10,11 +10,17 @@
 //!   `poll_transmit`, `poll_timeout`, `poll_route_change`).
 //! - [`sim`]: many routers on a virtual clock with per-link delay and loss.
 //! - [`driver`]: the tokio driver (sockets, clock, commands, status).
+//! - [`embedded`]: the router driven by another loop (the node's data
+//!   plane), Babel on its links without kernel sockets.
+//! - [`effects`]: kernel route changes and the persisted seqno, off the
+//!   router's loop.
 //! - [`kernel`]: kernel routes over rtnetlink with our own `proto`.
 
 pub mod auth;
 pub mod driver;
 pub mod drop_reason;
+pub mod effects;
+pub mod embedded;
 pub mod kernel;
 pub mod metric;
 pub mod neighbour;

@@ -4,12 +4,21 @@
 //! - [`cache`]: the peer cache (SQLite).
 //! - [`setup`]: the authenticated set-up messages before the handshake.
 //! - [`link`]: boringtun links and the demultiplexing of the shared socket.
-//! - [`plane`]: the data plane (shared UDP socket, tun devices, threads).
+//! - [`plane`]: the data plane's handle (commands, events, statistics).
+//! - `reactor`: the data plane's one thread (UDP socket, tun devices,
+//!   boringtun, the in-process protocol).
+//! - [`inprocess`]: the protocol served in process on the links (Babel).
+//! - [`frame`]: link-local UDP inside IPv6 packets.
+//! - [`tun`]: tun devices.
 //! - [`udp`]: UDP GSO/GRO helpers.
 
 pub mod cache;
+pub mod frame;
+pub mod inprocess;
 pub mod link;
 pub mod plane;
 pub mod policy;
+mod reactor;
 pub mod setup;
+pub mod tun;
 pub mod udp;

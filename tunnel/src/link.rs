@@ -47,6 +47,18 @@ pub enum Drop {
     UnderLoad,
 }
 
+impl Drop {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownLink => "unknownlink",
+            Self::Refused => "refused",
+            Self::UnderLoad => "underload",
+        }
+    }
+}
+
 /// Handshake messages per second before cookies are required.
 pub const HANDSHAKES_PER_S: u64 = 100;
 
@@ -190,7 +202,6 @@ pub struct Links {
     public: [u8; 32],
     by_index: HashMap<u32, Link>,
     by_key: HashMap<[u8; 32], u32>,
-    next: u32,
     limiter: Arc<RateLimiter>,
     /// Dropped datagrams by reason.
     pub dropped: HashMap<Drop, u64>,
@@ -213,7 +224,6 @@ impl Links {
             public,
             by_index: HashMap::new(),
             by_key: HashMap::new(),
-            next: 1,
             limiter: Arc::new(RateLimiter::new(&PublicKey::from(public), HANDSHAKES_PER_S)),
             dropped: HashMap::new(),
         }
@@ -224,19 +234,24 @@ impl Links {
         self.public
     }
 
-    /// Adds a link; returns its index (replacing a link to the same key).
+    /// Adds a link with this index (24 bits, chosen by the caller);
+    /// returns the index of the link to the same key it replaces, if any.
     pub fn add(
         &mut self,
+        index: u32,
         peer: Peer,
         peer_key: [u8; 32],
         endpoint: Option<SocketAddr>,
         keepalive: Option<u16>,
-    ) -> u32 {
-        if let Some(old) = self.by_key.remove(&peer_key) {
+    ) -> Option<u32> {
+        let index = index & 0x00ff_ffff;
+        let replaced = self.by_key.remove(&peer_key);
+        if let Some(old) = replaced {
             self.by_index.remove(&old);
         }
-        let index = self.next;
-        self.next = (self.next % 0x00ff_ffff) + 1;
+        if let Some(old) = self.by_index.remove(&index) {
+            self.by_key.remove(&old.peer_key);
+        }
         self.by_index.insert(
             index,
             Link::new(
@@ -250,7 +265,7 @@ impl Links {
             ),
         );
         self.by_key.insert(peer_key, index);
-        index
+        replaced.filter(|&old| old != index)
     }
 
     /// Removes a link.
@@ -382,8 +397,10 @@ mod tests {
             "198.18.1.2:326".parse().unwrap_or_else(|_| panic!()),
             "198.18.2.2:326".parse().unwrap_or_else(|_| panic!()),
         );
-        let ia = a.add(peer(2), public(sb), Some(addr_b), None);
-        let ib = b.add(peer(1), public(sa), None, None);
+        let ia = 1;
+        a.add(ia, peer(2), public(sb), Some(addr_b), None);
+        let ib = 1;
+        b.add(ib, peer(1), public(sa), None, None);
         let mut buf = vec![0u8; BUF];
         // a sends a packet: queued, a handshake initiation goes out.
         let init = a
@@ -439,7 +456,8 @@ mod tests {
         let mut cookies = 0;
         for _ in 0..(HANDSHAKES_PER_S as usize + 50) {
             // A new link each time: a flood of fresh initiations.
-            let ic = c.add(peer(2), public(sb), Some(addr), None);
+            let ic = 7;
+            c.add(ic, peer(2), public(sb), Some(addr), None);
             let init = c
                 .get_mut(ic)
                 .and_then(|l| l.initiate(&mut buf))
@@ -466,8 +484,9 @@ mod tests {
         let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
         let mut buf = vec![0u8; BUF];
         // b only knows a; c (another key) tries to talk to b.
-        b.add(peer(1), public(sa), None, None);
-        let ic = c.add(peer(2), public(sb), Some(addr), None);
+        b.add(1, peer(1), public(sa), None, None);
+        let ic = 7;
+        c.add(ic, peer(2), public(sb), Some(addr), None);
         let init = c
             .get_mut(ic)
             .and_then(|l| l.initiate(&mut buf))

@@ -6,6 +6,7 @@
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
 
 use socket2::{MaybeUninitSlice, MsgHdr, MsgHdrMut, SockAddr, Socket};
 
@@ -63,10 +64,70 @@ pub fn send_segments(s: &Socket, data: &[u8], segment: usize, dst: &SockAddr) ->
     s.sendmsg(&msg, 0)
 }
 
-/// Receives into `buf`; returns the length, the source and the segment
-/// size when the kernel coalesced several datagrams (0: one datagram).
-pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-    let mut control = [MaybeUninit::<u8>::uninit(); 64];
+/// Asks the kernel to stamp received datagrams (`SO_TIMESTAMPNS`), so
+/// that RTT samples do not count time spent in our own queues.
+pub fn enable_timestamps(s: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: as in `enable_gro`.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One `recvmsg`: what arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// From.
+    pub src: SocketAddr,
+    /// Segment size when the kernel coalesced several datagrams (0: one).
+    pub segment: usize,
+    /// When the kernel received it (`SO_TIMESTAMPNS`, mapped to the
+    /// monotonic clock; the time of the call without a stamp).
+    pub at: Instant,
+}
+
+impl Received {
+    /// The datagrams in `buf` (one, or the segments GRO coalesced).
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> std::slice::Chunks<'a, u8> {
+        let data = &buf[..self.len.min(buf.len())];
+        data.chunks(if self.segment == 0 {
+            self.len.max(1)
+        } else {
+            self.segment
+        })
+    }
+}
+
+/// Reads one native-endian `i32` at `off`, if it is there.
+fn ne_i32(b: &[u8], off: usize) -> Option<i32> {
+    let s = b.get(off..off + 4)?;
+    Some(i32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// Maps a `CLOCK_REALTIME` stamp to the monotonic clock.
+fn stamp_to_instant(now: Instant, stamp: Duration) -> Instant {
+    let wall = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.checked_sub(wall.saturating_sub(stamp)).unwrap_or(now)
+}
+
+/// Receives into `buf` (without blocking when the socket is non-blocking).
+pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<Received> {
+    let mut control = [MaybeUninit::<u8>::uninit(); 128];
     // SAFETY: MaybeUninit<u8> has the layout of u8; the kernel only writes
     // into the buffer, and we read back only the `n` bytes it reports.
     let uninit: &mut [MaybeUninit<u8>] =
@@ -88,6 +149,7 @@ pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAdd
         let n = s.recvmsg(&mut msg, 0)?;
         (n, msg.control_len())
     };
+    let now = Instant::now();
     let src = addr
         .as_socket()
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
@@ -95,7 +157,12 @@ pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAdd
     let control: &[u8] = unsafe {
         std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), clen.min(control.len()))
     };
-    let mut segment = 0;
+    let mut out = Received {
+        len: n,
+        src,
+        segment: 0,
+        at: now,
+    };
     let hdr_len = std::mem::size_of::<libc::cmsghdr>();
     let lvl = std::mem::size_of::<usize>();
     let mut off = 0;
@@ -103,35 +170,38 @@ pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAdd
         let mut l = [0u8; 8];
         l[..lvl].copy_from_slice(&control[off..off + lvl]);
         let len = usize::from_ne_bytes(l);
-        let level = i32::from_ne_bytes([
-            control[off + lvl],
-            control[off + lvl + 1],
-            control[off + lvl + 2],
-            control[off + lvl + 3],
-        ]);
-        let kind = i32::from_ne_bytes([
-            control[off + lvl + 4],
-            control[off + lvl + 5],
-            control[off + lvl + 6],
-            control[off + lvl + 7],
-        ]);
         if len < hdr_len {
             break;
         }
-        if level == SOL_UDP && kind == UDP_GRO && off + hdr_len + 4 <= control.len() {
-            let d = &control[off + hdr_len..off + hdr_len + 4];
-            segment = i32::from_ne_bytes([d[0], d[1], d[2], d[3]]).max(0) as usize;
+        let (Some(level), Some(kind)) =
+            (ne_i32(control, off + lvl), ne_i32(control, off + lvl + 4))
+        else {
+            break;
+        };
+        let data = &control[off + hdr_len..(off + len).min(control.len())];
+        if level == SOL_UDP && kind == UDP_GRO {
+            if let Some(seg) = ne_i32(data, 0) {
+                out.segment = seg.max(0) as usize;
+            }
+        } else if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS && data.len() >= 16 {
+            let mut sec = [0u8; 8];
+            let mut nsec = [0u8; 8];
+            sec.copy_from_slice(&data[..8]);
+            nsec.copy_from_slice(&data[8..16]);
+            let (sec, nsec) = (i64::from_ne_bytes(sec), i64::from_ne_bytes(nsec));
+            if sec >= 0 && (0..1_000_000_000).contains(&nsec) {
+                out.at = stamp_to_instant(now, Duration::new(sec as u64, nsec as u32));
+            }
         }
         off += (len + 7) & !7;
     }
-    Ok((n, src, segment))
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use socket2::{Domain, Protocol, Type};
-    use std::time::Duration;
 
     #[test]
     fn segments_go_out_and_come_back_coalesced_or_not() -> io::Result<()> {
@@ -150,7 +220,8 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65_536];
         while got.len() < 3000 {
-            let (n, _, seg) = recv_segments(&rx, &mut buf)?;
+            let r = recv_segments(&rx, &mut buf)?;
+            let (n, seg) = (r.len, r.segment);
             if seg > 0 {
                 assert!(gro);
                 for chunk in buf[..n].chunks(seg) {

@@ -212,7 +212,8 @@ fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
             let p = Plane::start(
                 "[::]:326".parse().map_err(|_| "addr".to_string())?,
                 secret,
-                tx,
+                re6st_tunnel::plane::channel_sink(tx),
+                (),
             )
             .map_err(|e| e.to_string())?;
             p.add_link(peer, key, ep, name, 1420, ll)

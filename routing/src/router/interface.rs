@@ -153,7 +153,12 @@ impl Router {
         }
     }
 
-    /// Whether Babel runs on `id` without a known link-local address.
+    /// Whether Babel runs on `id`.
+    pub fn has_interface(&self, id: IfaceId) -> bool {
+        self.ifaces.contains_key(&id)
+    }
+
+    /// Whether the interface runs Babel without a link-local address yet.
     pub fn lacks_link_local(&self, id: IfaceId) -> bool {
         self.ifaces
             .get(&id)

@@ -54,7 +54,7 @@ use ipnet::IpNet;
 
 pub use filter::Filter;
 pub use interface::InterfaceConfig;
-pub use status::{NeighbourInfo, RouteInfo, Stats};
+pub use status::{NeighbourInfo, RouteInfo, RoutingState, Stats};
 pub use table::{InstalledRoute, RouteKey};
 
 use crate::auth::{Auth, AuthConfig};

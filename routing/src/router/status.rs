@@ -71,7 +71,37 @@ pub struct Stats {
     pub drops: BTreeMap<DropReason, u64>,
 }
 
+/// Everything the router shows, typed (a node reads it once a second;
+/// text is made only for people, by whoever displays it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingState {
+    /// Our router-id.
+    pub router_id: [u8; 8],
+    /// Our current seqno.
+    pub seqno: u16,
+    /// Exported prefixes (destination, source).
+    pub exports: Vec<(IpNet, Option<IpNet>)>,
+    /// Neighbours.
+    pub neighbours: Vec<NeighbourInfo>,
+    /// Routes.
+    pub routes: Vec<RouteInfo>,
+    /// Counters.
+    pub stats: Stats,
+}
+
 impl Router {
+    /// The whole state.
+    pub fn state(&self, now: Instant) -> RoutingState {
+        RoutingState {
+            router_id: self.router_id(),
+            seqno: self.seqno(),
+            exports: self.exports(),
+            neighbours: self.neighbours(),
+            routes: self.routes(now),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Neighbours and their link state.
     pub fn neighbours(&self) -> Vec<NeighbourInfo> {
         self.neighbours

@@ -1,0 +1,129 @@
+//! Tun devices: one per link, created in the calling thread's network
+//! namespace, set to `addr_gen_mode none`, given the MTU, brought up, and
+//! given our link-local address (for diagnostics: `ping fe80::…%dev`;
+//! Babel on links runs in process). The descriptor is non-blocking; closing
+//! it removes the device.
+
+use std::fs::File;
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+
+use crate::plane::{io, PlaneError};
+
+/// A tun device.
+#[derive(Debug)]
+pub struct Tun {
+    /// Its descriptor.
+    pub file: File,
+    /// Its kernel index.
+    pub ifindex: u32,
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    value: libc::c_int,
+    _pad: [u8; 20],
+}
+
+#[repr(C)]
+struct In6IfReq {
+    addr: [u8; 16],
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+fn ioctl_ifreq(
+    fd: libc::c_int,
+    req: libc::c_ulong,
+    name: &str,
+    value: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut r = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        value,
+        _pad: [0; 20],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `r` matches `struct ifreq` (name + an int in the union) in
+    // size and layout; `fd` is an open socket.
+    let rc = unsafe { libc::ioctl(fd, req, &mut r) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r.value)
+    }
+}
+
+/// Creates and configures a tun device in the current network namespace.
+pub fn create(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<Tun, PlaneError> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    if name.is_empty()
+        || name.len() >= libc::IFNAMSIZ
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(PlaneError::Io(
+            format!("interface name {name:?}"),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ));
+    }
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(io("opening /dev/net/tun"))?;
+    ioctl_ifreq(
+        file.as_raw_fd(),
+        TUNSETIFF,
+        name,
+        (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_int,
+    )
+    .map_err(io(format!("creating {name}")))?;
+    // Non-blocking: the reactor drains what is there after each wake.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    // No kernel-made link-local address: ours is set below.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"), "1");
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(io("control socket"))?;
+    let fd = sock.as_raw_fd();
+    ioctl_ifreq(fd, libc::SIOCSIFMTU, name, mtu as libc::c_int)
+        .map_err(io(format!("MTU of {name}")))?;
+    let flags =
+        ioctl_ifreq(fd, libc::SIOCGIFFLAGS, name, 0).map_err(io(format!("flags of {name}")))?;
+    ioctl_ifreq(
+        fd,
+        libc::SIOCSIFFLAGS,
+        name,
+        flags | libc::IFF_UP | libc::IFF_MULTICAST,
+    )
+    .map_err(io(format!("bringing {name} up")))?;
+    let c = std::ffi::CString::new(name).map_err(|_| {
+        PlaneError::Io(
+            name.into(),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        )
+    })?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    let sock6 = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
+        .map_err(io("IPv6 control socket"))?;
+    let mut req = In6IfReq {
+        addr: link_local.octets(),
+        prefixlen: 64,
+        ifindex: ifindex as libc::c_int,
+    };
+    // SAFETY: `req` matches `struct in6_ifreq`; the socket is open.
+    let rc = unsafe { libc::ioctl(sock6.as_raw_fd(), libc::SIOCSIFADDR, &mut req) };
+    if rc < 0 {
+        return Err(PlaneError::Io(
+            format!("address of {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(Tun { file, ifindex })
+}

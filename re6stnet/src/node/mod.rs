@@ -19,6 +19,7 @@ mod timers;
 mod tunnels;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

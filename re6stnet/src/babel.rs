@@ -14,6 +14,9 @@ use re6st_routing::wire::{MULTICAST, PORT};
 use re6st_tunnel::inprocess::{InProcess, Transmit};
 use tokio::sync::oneshot;
 
+use crate::node::{RoutingView, SelectedRoute, Via};
+use ipnet::IpNet;
+
 /// The router, as the reactor drives it.
 #[derive(Debug)]
 pub struct BabelHost(pub Embedded);
@@ -168,6 +171,33 @@ impl Routing {
             })
             .ok()?;
         tokio::time::timeout(ANSWER, rx).await.ok()?.ok()
+    }
+
+    /// The core's view of a state: interfaces by name.
+    pub fn view(&self, state: &RoutingState) -> RoutingView {
+        let by_index: std::collections::BTreeMap<u32, &str> =
+            self.names.iter().map(|(n, i)| (*i, n.as_str())).collect();
+        let name = |i: IfaceId| by_index.get(&i.0).map(|n| (*n).to_string());
+        RoutingView {
+            heard: state
+                .neighbours
+                .iter()
+                .filter(|n| n.history != 0)
+                .filter_map(|n| name(n.iface))
+                .collect(),
+            selected: state
+                .routes
+                .iter()
+                .filter(|r| r.selected)
+                .filter_map(|r| match r.prefix {
+                    IpNet::V6(prefix) => Some(SelectedRoute {
+                        prefix,
+                        via: name(r.iface).map_or(Via::Local, Via::Interface),
+                    }),
+                    IpNet::V4(_) => None,
+                })
+                .collect(),
+        }
     }
 
     /// The state as the control API shows it.

@@ -1,13 +1,13 @@
-//! The node daemon: joins the data plane, the tunnel-manager policy, the
-//! set-up responder, the peer cache, the peer protocol and the Babel driver.
-//!
-//! One task owns all state ([`Node`]); it reacts to data-plane events, to
-//! the results of registry requests (run as separate tasks, so a registry
-//! that is down never stalls the node), and to a 250 ms tick that reads
-//! routing, checks tunnels and runs the policy. The control API reads a
-//! snapshot the tick publishes.
+//! The node daemon's driver: starts the data plane (whose reactor thread
+//! also runs the Babel router, see [`crate::babel`]) and the node core
+//! ([`crate::node::NodeCore`], where every decision is made), then feeds
+//! the core data-plane events, registry answers, routing views (once a
+//! second) and its timeouts, and carries out its actions.
+//! Registry requests run as separate tasks, so a registry that is down
+//! never stalls the node. The control API reads a snapshot refreshed with
+//! every routing view.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,43 +15,28 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use ipnet::{IpNet, Ipv6Net};
 use re6st_registry::api::RenewRequest;
-use re6st_registry::auth::{PeerRecord, SignedPeerRecord};
 use re6st_registry::cert::overlay_address;
 use re6st_registry::client::{Identity as ClientId, RegistryClient};
 use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
-use re6st_routing::driver::{self, Command, DriverConfig, Status};
+use re6st_routing::driver::{self, Command, DriverConfig};
 use re6st_routing::embedded::Embedded;
 use re6st_routing::metric::RttParams;
-use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig};
-use re6st_tunnel::cache::{CachedPeer, PeerCache};
+use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig, RoutingState};
+use re6st_tunnel::cache::PeerCache;
 use re6st_tunnel::plane::Event;
-use re6st_tunnel::policy::{Action, Admission, Peer, Policy, PolicyConfig, View};
-use re6st_tunnel::setup::{self, Decision, Outcome, Reply, Responder};
 use tokio::sync::mpsc;
 
 use crate::babel::{BabelHost, Plane, Routing};
 use crate::config::NodeConfig;
-use crate::ctl::{Metrics, Snapshot, TunnelInfo};
-use crate::peer::{Body, PeerProtocol};
+use crate::ctl::{Snapshot, TunnelInfo};
+use crate::node::{
+    hello_interval, Action, CacheChange, CoreConfig, NodeCore, RegistryRequest, RegistryResult,
+};
 use crate::state::{self, Files};
 use crate::system::{self, NodeAddress};
 
-/// How often the node looks at routing and its tunnels.
-const TICK: Duration = Duration::from_millis(250);
-/// Routing is read every this many ticks.
-const STATUS_EVERY: u32 = 4;
-/// An outgoing tunnel whose handshake has not completed by then failed.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// An incoming tunnel the initiator never completed is forgotten.
-const INCOMING_TIMEOUT: Duration = Duration::from_secs(30);
-/// A tunnel with no Babel neighbour for this long is dead.
-const DEAD_AFTER: Duration = Duration::from_secs(20);
-/// Waiting for endpoints or a set-up answer.
-const ASK_TIMEOUT: Duration = Duration::from_secs(3);
-/// Peer record refresh (and registry publication).
-const RECORD_REFRESH: Duration = Duration::from_secs(300);
-/// Renew the certificate this long before it expires.
-const RENEW_BEFORE_S: i64 = 30 * 86_400;
+/// How often routing is read (and the control API's snapshot refreshed).
+const ROUTING_EVERY: Duration = Duration::from_secs(1);
 
 fn unix() -> i64 {
     SystemTime::now()
@@ -75,79 +60,6 @@ fn link_local(prefix: Ipv6Net) -> Ipv6Addr {
     Ipv6Addr::from((0xfe80u128 << 112) | u128::from(id))
 }
 
-/// Results of the tasks that talk to the registry.
-enum TaskResult {
-    Config(anyhow::Result<SignedConfig>),
-    Hmac(anyhow::Result<HmacKeys>),
-    Bootstrap(anyhow::Result<Vec<SignedPeerRecord>>),
-    Published(anyhow::Result<()>),
-    Renewed(anyhow::Result<String>),
-}
-
-struct Tunnel {
-    index: u32,
-    name: String,
-    outgoing: bool,
-    serial: u64,
-    created: Instant,
-    up: bool,
-    last_neighbour: Instant,
-    cost: u16,
-}
-
-struct PendingSetup {
-    nonce: String,
-    deadline: Instant,
-}
-
-/// The daemon's state.
-struct Node {
-    cfg: NodeConfig,
-    files: Files,
-    prefix: Ipv6Net,
-    network: Ipv6Net,
-    netconf: NetworkConfig,
-    signed: SignedConfig,
-    hmac: Option<HmacKeys>,
-    plane: Plane,
-    routing: Routing,
-    policy: Policy,
-    responder: Responder,
-    peers: PeerProtocol,
-    cache: PeerCache,
-    tunnels: BTreeMap<Peer, Tunnel>,
-    asking: HashMap<Peer, Instant>,
-    pending: HashMap<Peer, PendingSetup>,
-    view: View,
-    /// Cached peers not in back-off, as of the last read of routing.
-    cached: Vec<CachedPeer>,
-    status: Option<Status>,
-    endpoints: Vec<SocketAddr>,
-    record: Option<SignedPeerRecord>,
-    next_record: Instant,
-    next_config: Instant,
-    next_renew: Instant,
-    next_name: u32,
-    registry: Option<Arc<RegistryClient>>,
-    tasks: mpsc::Sender<TaskResult>,
-    busy: BTreeSet<&'static str>,
-    metrics: Metrics,
-    revoked: bool,
-    started: Instant,
-    ticks: u32,
-}
-
-fn policy_config(c: &NetworkConfig) -> PolicyConfig {
-    PolicyConfig {
-        client_count: c.client_count as usize,
-        max_clients: c.max_clients as usize,
-        tunnel_refresh: Duration::from_secs(u64::from(c.tunnel_refresh_s.max(1))),
-        // Nodes of a new network start together: ask the registry again soon.
-        backoff_base: Duration::from_secs(2),
-        ..PolicyConfig::default()
-    }
-}
-
 /// Routes a node accepts from Babel: inside the network, no longer than a
 /// node prefix (a member cannot take over part of another node's prefix),
 /// and no default route (gateways are not supported yet).
@@ -160,9 +72,7 @@ fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
 }
 
 fn tunnel_iface(c: &NetworkConfig) -> InterfaceConfig {
-    let mut i = InterfaceConfig::tunnel(Duration::from_millis(u64::from(
-        c.hello_interval_ms.max(10),
-    )));
+    let mut i = InterfaceConfig::tunnel(hello_interval(c));
     i.rtt = Some(RttParams {
         min: Duration::from_millis(u64::from(c.rtt_min_ms)),
         max: Duration::from_millis(u64::from(c.rtt_max_ms)),
@@ -216,6 +126,22 @@ async fn initial_config(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(60));
     }
+}
+
+/// The driver's state: the core and what carries out its actions.
+struct Driver {
+    core: NodeCore,
+    cfg: NodeConfig,
+    files: Files,
+    plane: Plane,
+    routing: Routing,
+    /// Link index of each tunnel device.
+    links: HashMap<String, u32>,
+    cache: PeerCache,
+    registry: Option<Arc<RegistryClient>>,
+    tasks: mpsc::Sender<RegistryResult>,
+    routing_state: Option<RoutingState>,
+    started: Instant,
 }
 
 /// Runs the node until `shutdown` resolves; cleans up on the way out.
@@ -285,79 +211,86 @@ pub async fn run(
         }
     }
 
-    let now = Instant::now();
-    let (tasks, mut tasks_rx) = mpsc::channel(64);
-    let mut responder = Responder::new(files.ca.clone(), files.identity()?);
-    responder.set_crl(netconf.crl.clone());
-    let mut peers = PeerProtocol::new(files.ca.clone(), files.identity()?);
-    peers.set_crl(netconf.crl.clone());
-    let cache = PeerCache::open(&cfg.state_dir.join(state::CACHE_FILE), 200)
+    let cache_file = cfg.state_dir.join(state::CACHE_FILE);
+    let cache = PeerCache::open(&cache_file, re6st_tunnel::cache::CACHE_SIZE)
         .context("opening the peer cache")?;
-    let seed = u64::from_be_bytes(router_id(prefix)) ^ unix() as u64;
-    let mut node = Node {
-        policy: Policy::new(prefix, policy_config(&netconf), now, seed),
+    let stored = cache
+        .load()
+        .with_context(|| format!("reading {}", cache_file.display()))?;
+    let (now, t) = (Instant::now(), unix());
+    let core = NodeCore::new(
+        CoreConfig {
+            ca: files.ca.clone(),
+            cert_pem: files.cert_pem.clone(),
+            key_pem: files.key_pem.clone(),
+            signed,
+            hmac,
+            peers: stored,
+            port: cfg.port,
+            interfaces: cfg.interfaces.clone(),
+            config_refresh: cfg.config_refresh,
+            registry: registry.is_some(),
+            seed: u64::from_be_bytes(router_id(prefix)) ^ t as u64,
+        },
+        now,
+        t,
+    )?;
+    let (tasks, mut tasks_rx) = mpsc::channel(64);
+    let mut node = Driver {
+        core,
         cfg,
-        prefix,
-        network,
-        signed,
-        hmac,
+        files,
         plane,
         routing,
-        responder,
-        peers,
+        links: HashMap::new(),
         cache,
-        tunnels: BTreeMap::new(),
-        asking: HashMap::new(),
-        pending: HashMap::new(),
-        view: View::default(),
-        cached: Vec::new(),
-        status: None,
-        endpoints: Vec::new(),
-        record: None,
-        next_record: now,
-        next_config: now + Duration::from_secs(1),
-        next_renew: now,
-        next_name: 0,
         registry,
         tasks,
-        busy: BTreeSet::new(),
-        metrics: Metrics::default(),
-        revoked: false,
+        routing_state: None,
         started: now,
-        ticks: 0,
-        netconf,
-        files,
     };
-    if node.hmac.is_none() {
-        node.fetch_hmac();
-    }
+    node.apply().await;
 
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_routing = tokio::time::interval(ROUTING_EVERY);
+    read_routing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
+        let due = node.core.poll_timeout();
+        let timer = async move {
+            match due {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            Some(e) = events_rx.recv() => node.on_event(e).await,
-            Some(r) = tasks_rx.recv() => node.on_task(r).await,
-            _ = tick.tick() => {
-                if node.on_tick().await {
-                    if let Ok(mut s) = snapshot.write() {
-                        *s = node.snapshot();
-                    }
+            Some(e) = events_rx.recv() => node.on_event(e),
+            Some(r) = tasks_rx.recv() => node.core.handle_registry(Instant::now(), unix(), r),
+            _ = read_routing.tick() => {
+                node.read_routing().await;
+                if let Ok(mut s) = snapshot.write() {
+                    *s = node.snapshot();
                 }
             }
+            () = timer => node.core.handle_timeout(Instant::now(), unix()),
             () = &mut shutdown => break,
         }
+        node.apply().await;
     }
 
     tracing::info!("shutting down");
-    let peers: Vec<Peer> = node.tunnels.keys().copied().collect();
-    for p in &peers {
-        node.send_peer(*p, &Body::Close);
+    node.core.shutdown(unix());
+    let mut closing = Vec::new();
+    while let Some(a) = node.core.poll_action() {
+        match a {
+            Action::CloseTunnel { name, .. } => closing.push(name),
+            other => node.carry_out(other).await,
+        }
     }
     node.routing.shutdown(&node.plane).await;
-    for p in peers {
-        node.remove_tunnel(p).await;
+    for name in closing {
+        if let Some(index) = node.links.remove(&name) {
+            node.plane.remove_link(index);
+        }
     }
     drop(node.plane);
     address
@@ -367,840 +300,276 @@ pub async fn run(
     Ok(())
 }
 
-impl Node {
-    fn client_id(&self) -> anyhow::Result<(rcgen::KeyPair, u64)> {
-        Ok((
-            re6st_registry::cert::load_key(&self.files.key_pem)?,
-            self.files.cert.serial,
-        ))
+impl Driver {
+    fn on_event(&mut self, e: Event) {
+        let (now, t) = (Instant::now(), unix());
+        match e {
+            Event::Control { src, bytes } => self.core.handle_datagram(now, t, src, &bytes),
+            Event::Up(p) => {
+                let endpoint = self
+                    .plane
+                    .links()
+                    .into_iter()
+                    .find(|l| l.peer == p)
+                    .and_then(|l| l.endpoint);
+                self.core.handle_link_up(now, t, p, endpoint);
+            }
+            Event::Down(p) => self.core.handle_link_down(now, t, p),
+        }
     }
 
-    /// Runs a registry request in its own task, one of each kind at a time.
-    fn spawn_registry<F, Fut>(&mut self, kind: &'static str, f: F)
-    where
-        F: FnOnce(Arc<RegistryClient>, rcgen::KeyPair, u64) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = TaskResult> + Send + 'static,
-    {
+    /// Reads routing and gives the core its view (the last one again when
+    /// routing does not answer); links that completed a handshake the
+    /// core has not heard of are reported up first.
+    async fn read_routing(&mut self) {
+        match self.routing.state(&self.plane).await {
+            Some(state) => self.routing_state = Some(state),
+            None => tracing::warn!("routing did not report its state within 2 s"),
+        }
+        self.routing
+            .retry_link_local(&self.plane, &self.cfg.interfaces);
+        let (now, t) = (Instant::now(), unix());
+        let down: Vec<Ipv6Net> = self
+            .core
+            .tunnels()
+            .into_iter()
+            .filter(|s| !s.up)
+            .map(|s| s.peer)
+            .collect();
+        for l in self.plane.links() {
+            if l.since_handshake.is_some() && down.contains(&l.peer) {
+                self.core.handle_link_up(now, t, l.peer, l.endpoint);
+            }
+        }
+        let view = self
+            .routing_state
+            .as_ref()
+            .map(|s| self.routing.view(s))
+            .unwrap_or_default();
+        self.core.handle_routing(now, t, &view);
+    }
+
+    /// Carries out every action the core has queued.
+    async fn apply(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            self.carry_out(a).await;
+        }
+    }
+
+    async fn carry_out(&mut self, a: Action) {
+        match a {
+            Action::Send { dst, bytes } => {
+                if let Err(e) = self.plane.send(dst, bytes) {
+                    tracing::debug!(%dst, error = %e, "datagram not sent");
+                }
+            }
+            Action::OpenTunnel {
+                peer,
+                name,
+                wg_key,
+                endpoint,
+                mtu,
+            } => {
+                let ll = link_local(self.core.prefix());
+                match self.plane.add_link(peer, wg_key, endpoint, &name, mtu, ll) {
+                    Ok((index, ifindex)) => {
+                        self.links.insert(name.clone(), index);
+                        let iface = tunnel_iface(self.core.config());
+                        self.routing
+                            .add_link(&self.plane, &name, ifindex, iface, ll);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot add a tunnel");
+                        self.core
+                            .handle_tunnel_failed(Instant::now(), unix(), peer, &name);
+                    }
+                }
+            }
+            Action::CloseTunnel { name, .. } => {
+                if let Some(index) = self.links.remove(&name) {
+                    self.routing
+                        .send(&self.plane, Command::RemoveInterface(name));
+                    self.plane.remove_link(index);
+                }
+            }
+            Action::SetCost { name, multiplier } => {
+                self.routing
+                    .send(&self.plane, Command::SetCostMultiplier(name, multiplier));
+            }
+            Action::SetHelloInterval { name, interval } => {
+                self.routing
+                    .send(&self.plane, Command::SetHelloInterval(name, interval));
+            }
+            Action::SetBabelKeys(keys) => match state::auth_config(&keys) {
+                Ok(auth) => {
+                    self.routing.send(&self.plane, Command::SetAuth(Some(auth)));
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "Babel keys"),
+            },
+            Action::Registry(r) => self.spawn_registry(r),
+            Action::DetectEndpoints => {
+                let endpoints = if self.cfg.endpoints.is_empty() {
+                    system::detect_endpoints(self.cfg.port, self.files.ca.network())
+                        .unwrap_or_default()
+                } else {
+                    self.cfg.endpoints.clone()
+                };
+                self.core
+                    .handle_endpoints(Instant::now(), unix(), endpoints);
+            }
+            Action::SaveNetwork(signed) => {
+                if let Err(e) = state::save_network(&self.cfg.state_dir, &signed) {
+                    tracing::warn!(error = %format!("{e:#}"), "caching the configuration");
+                }
+            }
+            Action::SaveHmac(keys) => {
+                if let Err(e) = state::save_hmac(&self.cfg.state_dir, &keys) {
+                    tracing::warn!(error = %format!("{e:#}"), "saving the Babel keys");
+                }
+            }
+            Action::SaveCertificate(pem) => {
+                let path = self.cfg.dir.join(crate::enrol::CERT_FILE);
+                if let Err(e) = crate::enrol::write_atomic(&path, pem.as_bytes(), 0o644) {
+                    tracing::warn!(error = %format!("{e:#}"), path = %path.display(), "saving the certificate");
+                }
+            }
+            Action::Persist(change) => self.persist(change),
+            Action::Revoked => {
+                tracing::error!(
+                    "this node is revoked: closing its tunnels; it will not open new ones"
+                );
+            }
+        }
+    }
+
+    /// Writes a change of the core's peer cache through to SQLite.
+    fn persist(&mut self, change: CacheChange) {
+        let r = match change {
+            CacheChange::Insert { record, unix } => {
+                let crl = &self.core.config().crl;
+                self.cache.insert(&record, &self.files.ca, crl, unix)
+            }
+            CacheChange::MarkOk {
+                peer,
+                endpoint,
+                unix,
+            } => self.cache.mark_ok(peer, endpoint, unix),
+            CacheChange::MarkFailed {
+                peer,
+                unix,
+                backoff_s,
+            } => self.cache.mark_failed(peer, unix, backoff_s),
+            CacheChange::Remove(peer) => self.cache.remove(peer),
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "peer cache");
+        }
+    }
+
+    /// Runs a registry request in its own task.
+    fn spawn_registry(&mut self, request: RegistryRequest) {
         let Some(r) = self.registry.clone() else {
             return;
         };
-        if !self.busy.insert(kind) {
-            return;
-        }
-        let (key, serial) = match self.client_id() {
-            Ok(x) => x,
+        let kind = request.kind();
+        let key = match re6st_registry::cert::load_key(&self.files.key_pem) {
+            Ok(k) => k,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "node key");
-                self.busy.remove(kind);
+                tracing::warn!(error = %e, "node key");
+                self.core.handle_registry(
+                    Instant::now(),
+                    unix(),
+                    failure(kind, format!("node key: {e}")),
+                );
                 return;
             }
         };
+        let serial = self.core.certificate().serial;
+        let secret = self.files.wg_secret;
         let tx = self.tasks.clone();
         tokio::spawn(async move {
-            let out = f(r, key, serial).await;
+            let id = ClientId { key: &key, serial };
+            let text = |e: re6st_registry::Error| format!("{e:#}");
+            let out = match request {
+                RegistryRequest::Config => RegistryResult::Config(r.config().await.map_err(text)),
+                RegistryRequest::Hmac => RegistryResult::Hmac(
+                    r.hmac_keys(&id)
+                        .await
+                        .map_err(text)
+                        .and_then(|s| open_hmac(&secret, &s)),
+                ),
+                RegistryRequest::Bootstrap => {
+                    RegistryResult::Bootstrap(r.bootstrap(Some(&id)).await.map_err(text))
+                }
+                RegistryRequest::Publish(record) => {
+                    RegistryResult::Published(r.publish_peer(&id, &record).await.map_err(text))
+                }
+                RegistryRequest::Renew => RegistryResult::Renewed(
+                    r.renew(&id, &RenewRequest { wg_key: None })
+                        .await
+                        .map(|i| i.cert)
+                        .map_err(text),
+                ),
+            };
             let _ = tx.send(out).await;
         });
-    }
-
-    fn fetch_config(&mut self) {
-        self.spawn_registry("config", |r, _, _| async move {
-            TaskResult::Config(r.config().await.map_err(anyhow::Error::from))
-        });
-    }
-
-    fn fetch_hmac(&mut self) {
-        let secret = self.files.wg_secret;
-        self.spawn_registry("hmac", move |r, key, serial| async move {
-            let sealed = r.hmac_keys(&ClientId { key: &key, serial }).await;
-            TaskResult::Hmac(sealed.map_err(anyhow::Error::from).and_then(|s| {
-                let plain = re6st_registry::config::open(&secret, &s)?;
-                Ok(serde_json::from_slice(&plain)?)
-            }))
-        });
-    }
-
-    fn publish(&mut self, record: SignedPeerRecord) {
-        self.spawn_registry("publish", move |r, key, serial| async move {
-            let out = r
-                .publish_peer(&ClientId { key: &key, serial }, &record)
-                .await;
-            TaskResult::Published(out.map_err(anyhow::Error::from))
-        });
-    }
-
-    fn bootstrap(&mut self) {
-        self.spawn_registry("bootstrap", |r, key, serial| async move {
-            let out = r.bootstrap(Some(&ClientId { key: &key, serial })).await;
-            TaskResult::Bootstrap(out.map_err(anyhow::Error::from))
-        });
-    }
-
-    fn renew(&mut self) {
-        self.spawn_registry("renew", |r, key, serial| async move {
-            let out = r
-                .renew(
-                    &ClientId { key: &key, serial },
-                    &RenewRequest { wg_key: None },
-                )
-                .await;
-            TaskResult::Renewed(out.map(|i| i.cert).map_err(anyhow::Error::from))
-        });
-    }
-
-    fn send_peer(&mut self, to: Peer, body: &Body) {
-        match self.peers.seal(to, body, unix()) {
-            Ok(bytes) => {
-                let dst = SocketAddr::new(IpAddr::V6(overlay_address(to)), self.cfg.port);
-                if let Err(e) = self.plane.send(dst, bytes) {
-                    tracing::debug!(%to, error = %e, "peer message not sent");
-                } else {
-                    *self
-                        .metrics
-                        .peer_out
-                        .entry(body_kind(body).to_string())
-                        .or_default() += 1;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "sealing a peer message"),
-        }
-    }
-
-    fn tunnel_peers(&self) -> Vec<Peer> {
-        self.tunnels.keys().copied().collect()
-    }
-
-    /// Carries out the policy's decisions.
-    async fn act(&mut self, actions: Vec<Action>) {
-        for a in actions {
-            match a {
-                Action::Open(p) => self.open(p),
-                Action::SetCost(p, m) => {
-                    if let Some(t) = self.tunnels.get_mut(&p) {
-                        t.cost = m;
-                        let name = t.name.clone();
-                        self.routing
-                            .send(&self.plane, Command::SetCostMultiplier(name, m));
-                        if m > 1 {
-                            self.send_peer(p, &Body::DrainRequest);
-                        }
-                    }
-                }
-                Action::Close(p) => {
-                    tracing::info!(peer = %p, "closing tunnel");
-                    self.send_peer(p, &Body::Close);
-                    self.remove_tunnel(p).await;
-                }
-                Action::Bootstrap => self.bootstrap(),
-            }
-        }
-    }
-
-    /// Starts opening an outgoing tunnel: endpoints from the cache, else
-    /// asked to the node itself over the overlay.
-    fn open(&mut self, p: Peer) {
-        if self.revoked || self.tunnels.contains_key(&p) || self.pending.contains_key(&p) {
-            return;
-        }
-        // The policy chose the peer; the cache is only its address book here
-        // (back-off included).
-        let cached = self
-            .cache
-            .candidates(i64::MAX)
-            .ok()
-            .and_then(|c| c.into_iter().find(|c| c.prefix == p));
-        match cached {
-            Some(c) if !c.endpoints.is_empty() => self.request_setup(p, &c.endpoints),
-            _ => {
-                tracing::debug!(peer = %p, "asking for its endpoints");
-                self.asking.insert(p, Instant::now() + ASK_TIMEOUT);
-                self.send_peer(p, &Body::EndpointsRequest);
-            }
-        }
-    }
-
-    fn request_setup(&mut self, p: Peer, endpoints: &[SocketAddr]) {
-        let me = match self.files.identity() {
-            Ok(me) => me,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "identity");
-                return;
-            }
-        };
-        match setup::request(&me, p, unix()) {
-            Ok((bytes, nonce)) => {
-                for ep in endpoints
-                    .iter()
-                    .filter(|e| re6st_tunnel::link::usable_endpoint(e.ip()))
-                {
-                    let _ = self.plane.send(*ep, bytes.clone());
-                }
-                self.pending.insert(
-                    p,
-                    PendingSetup {
-                        nonce,
-                        deadline: Instant::now() + ASK_TIMEOUT,
-                    },
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "set-up request"),
-        }
-    }
-
-    /// An outgoing attempt failed: the policy backs off from the peer and
-    /// tries another.
-    async fn failed(&mut self, p: Peer, why: &'static str) {
-        tracing::info!(peer = %p, why, "tunnel attempt failed");
-        *self
-            .metrics
-            .setup_failed
-            .entry(why.to_string())
-            .or_default() += 1;
-        let actions = self.policy.on_failed(p, Instant::now(), &self.view);
-        Box::pin(self.act(actions)).await;
-    }
-
-    /// The peer did not answer or refused us: the cache remembers it as
-    /// failing too (a busy peer works, so busy answers only call `failed`).
-    async fn unreachable(&mut self, p: Peer, why: &'static str) {
-        let _ = self.cache.mark_failed(p, unix(), 30);
-        self.failed(p, why).await;
-    }
-
-    /// Adds a link and its tun device, and runs Babel on it.
-    async fn add_tunnel(
-        &mut self,
-        p: Peer,
-        cert: &re6st_registry::cert::NodeCert,
-        endpoint: Option<SocketAddr>,
-        outgoing: bool,
-    ) {
-        if self.tunnels.contains_key(&p) {
-            self.remove_tunnel(p).await;
-        }
-        self.next_name = self.next_name.wrapping_add(1) & 0xffff;
-        let name = format!("re6st-{:04x}", self.next_name);
-        let mtu = self.netconf.mtu;
-        match self.plane.add_link(
-            p,
-            cert.wg_key,
-            endpoint,
-            &name,
-            mtu,
-            link_local(self.prefix),
-        ) {
-            Ok((index, ifindex)) => {
-                let now = Instant::now();
-                self.tunnels.insert(
-                    p,
-                    Tunnel {
-                        index,
-                        name: name.clone(),
-                        outgoing,
-                        serial: cert.serial,
-                        created: now,
-                        up: false,
-                        last_neighbour: now,
-                        cost: 1,
-                    },
-                );
-                self.metrics.tunnels_opened += 1;
-                tracing::info!(peer = %p, interface = %name, outgoing, "tunnel");
-                self.routing.add_link(
-                    &self.plane,
-                    &name,
-                    ifindex,
-                    tunnel_iface(&self.netconf),
-                    link_local(self.prefix),
-                );
-            }
-            Err(e) => tracing::warn!(peer = %p, error = %e, "cannot add a tunnel"),
-        }
-    }
-
-    async fn remove_tunnel(&mut self, p: Peer) {
-        if let Some(t) = self.tunnels.remove(&p) {
-            self.routing
-                .send(&self.plane, Command::RemoveInterface(t.name));
-            self.plane.remove_link(t.index);
-            self.metrics.tunnels_closed += 1;
-        }
-    }
-
-    /// A tunnel is gone (dead, closed by the peer): tell the policy.
-    async fn lost(&mut self, p: Peer, why: &'static str) {
-        let Some(outgoing) = self.tunnels.get(&p).map(|t| t.outgoing) else {
-            return;
-        };
-        tracing::info!(peer = %p, why, "tunnel lost");
-        *self
-            .metrics
-            .tunnels_lost
-            .entry(why.to_string())
-            .or_default() += 1;
-        self.remove_tunnel(p).await;
-        let now = Instant::now();
-        if outgoing {
-            let _ = self.cache.mark_failed(p, unix(), 10);
-            let actions = self.policy.on_down(p, now, &self.view);
-            self.act(actions).await;
-        } else {
-            self.policy.on_incoming_closed(p);
-        }
-    }
-
-    async fn on_event(&mut self, e: Event) {
-        match e {
-            Event::Control { src, bytes } if bytes.starts_with(crate::peer::MAGIC) => {
-                self.on_peer_message(src, &bytes).await;
-            }
-            Event::Control { src, bytes } if setup::is_request(&bytes) => {
-                self.on_setup_request(src, &bytes).await;
-            }
-            Event::Control { src, bytes } => self.on_setup_reply(src, &bytes).await,
-            Event::Up(p) => {
-                let outgoing = match self.tunnels.get_mut(&p) {
-                    Some(t) => {
-                        t.up = true;
-                        t.last_neighbour = Instant::now();
-                        t.outgoing
-                    }
-                    None => return,
-                };
-                self.metrics.handshakes += 1;
-                if outgoing {
-                    self.policy.on_up(p, Instant::now());
-                    if let Some(ep) = self
-                        .plane
-                        .links()
-                        .into_iter()
-                        .find(|l| l.peer == p)
-                        .and_then(|l| l.endpoint)
-                    {
-                        let _ = self.cache.mark_ok(p, ep, unix());
-                    }
-                }
-                let version = self.netconf.version;
-                self.send_peer(p, &Body::ConfigVersion { version });
-            }
-            Event::Down(p) => self.lost(p, "expired").await,
-        }
-    }
-
-    async fn on_setup_request(&mut self, src: SocketAddr, bytes: &[u8]) {
-        let now = Instant::now();
-        let me = self.prefix;
-        let outgoing_to = |p: &Peer| {
-            self.pending.contains_key(p) || self.tunnels.get(p).is_some_and(|t| t.outgoing)
-        };
-        let mut actions = Vec::new();
-        let (policy, view, revoked) = (&mut self.policy, &self.view, self.revoked);
-        let suggestions: Vec<Peer> = self.tunnels.keys().copied().take(8).collect();
-        let outcome = self.responder.handle(now, unix(), src.ip(), bytes, |cert| {
-            // Both ends opening at once: the larger prefix keeps its own.
-            if revoked || (me > cert.prefix && outgoing_to(&cert.prefix)) {
-                return Decision::Busy(suggestions.clone());
-            }
-            let (adm, acts) = policy.on_incoming(cert.prefix, now, view);
-            actions = acts;
-            match adm {
-                Admission::Accept => Decision::Accept,
-                Admission::Busy => Decision::Busy(suggestions.clone()),
-            }
-        });
-        match outcome {
-            Outcome::Accepted { peer, reply } => {
-                // Both ends were opening: the policy drops our attempt
-                // (Close), which must not close the tunnel being accepted.
-                actions.retain(|a| *a != Action::Close(peer.prefix));
-                self.pending.remove(&peer.prefix);
-                self.asking.remove(&peer.prefix);
-                self.add_tunnel(peer.prefix, &peer, None, false).await;
-                let _ = self.plane.send(src, reply);
-            }
-            Outcome::Reply(reply) => {
-                let _ = self.plane.send(src, reply);
-            }
-            Outcome::Dropped(e) => {
-                tracing::debug!(%src, error = %e, "set-up request dropped");
-            }
-        }
-        self.act(actions).await;
-    }
-
-    async fn on_setup_reply(&mut self, src: SocketAddr, bytes: &[u8]) {
-        let t = unix();
-        let found = self.pending.iter().find_map(|(p, s)| {
-            setup::check_reply(&self.files.ca, &self.netconf.crl, *p, &s.nonce, t, bytes)
-                .ok()
-                .map(|r| (*p, r))
-        });
-        let Some((p, reply)) = found else {
-            *self
-                .metrics
-                .rejected
-                .entry("setup_reply".to_string())
-                .or_default() += 1;
-            return;
-        };
-        self.pending.remove(&p);
-        match reply {
-            Reply::Accepted(cert) => self.add_tunnel(p, &cert, Some(src), true).await,
-            Reply::Busy(_) => self.failed(p, "busy").await,
-            Reply::Refused(reason) => {
-                tracing::warn!(peer = %p, %reason, "tunnel refused");
-                if reason.contains("revoked") {
-                    self.revoked = true;
-                }
-                self.unreachable(p, "refused").await;
-            }
-        }
-    }
-
-    async fn on_peer_message(&mut self, src: SocketAddr, bytes: &[u8]) {
-        let (cert, body) = match self.peers.open(src.ip(), bytes, unix()) {
-            Ok(x) => x,
-            Err(e) => {
-                *self
-                    .metrics
-                    .rejected
-                    .entry(peer_error_kind(&e).to_string())
-                    .or_default() += 1;
-                tracing::debug!(%src, error = %e, "peer message dropped");
-                return;
-            }
-        };
-        *self
-            .metrics
-            .peer_in
-            .entry(body_kind(&body).to_string())
-            .or_default() += 1;
-        let from = cert.prefix;
-        match body {
-            Body::EndpointsRequest => {
-                if let Some(record) = self.record.clone() {
-                    self.send_peer(from, &Body::Endpoints { record });
-                }
-            }
-            Body::Endpoints { record } => {
-                let t = unix();
-                let eps = match record.verify(&self.files.ca, t, &self.netconf.crl) {
-                    Ok((rec, c)) if c.prefix == from => {
-                        let _ = self
-                            .cache
-                            .insert(&record, &self.files.ca, &self.netconf.crl, t);
-                        rec.endpoints
-                    }
-                    Ok(_) => Vec::new(),
-                    Err(e) => {
-                        tracing::debug!(peer = %from, error = %e, "peer record refused");
-                        Vec::new()
-                    }
-                };
-                if self.asking.remove(&from).is_some() {
-                    if eps.is_empty() {
-                        self.unreachable(from, "no_endpoint").await;
-                    } else {
-                        self.request_setup(from, &eps);
-                    }
-                }
-            }
-            Body::ConfigVersion { version } => {
-                if version > self.netconf.version {
-                    self.send_peer(from, &Body::ConfigRequest);
-                }
-            }
-            Body::ConfigRequest => {
-                let signed = self.signed.clone();
-                self.send_peer(from, &Body::Config { signed });
-            }
-            Body::Config { signed } => self.on_config(signed, "peer").await,
-            Body::DrainRequest => {
-                if let Some(t) = self.tunnels.get_mut(&from) {
-                    t.cost = re6st_tunnel::policy::DRAIN_MULTIPLIER;
-                    let name = t.name.clone();
-                    self.routing
-                        .send(&self.plane, Command::SetCostMultiplier(name, t.cost));
-                    self.send_peer(from, &Body::DrainAck);
-                }
-            }
-            Body::DrainAck | Body::NodeInfo { .. } => {}
-            Body::Close => self.lost(from, "closed_by_peer").await,
-            Body::NodeInfoRequest => {
-                let info = Body::NodeInfo {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    outgoing: self.policy.outgoing().map(ToString::to_string).collect(),
-                    incoming: self.policy.incoming().map(ToString::to_string).collect(),
-                };
-                self.send_peer(from, &info);
-            }
-        }
-    }
-
-    /// A signed configuration from the registry or a peer: applied live
-    /// when newer, and passed on to our tunnel peers.
-    async fn on_config(&mut self, signed: SignedConfig, from: &'static str) {
-        let c = match signed.verify(&self.files.ca) {
-            Ok(c) => c,
-            Err(e) => {
-                *self
-                    .metrics
-                    .rejected
-                    .entry("bad_config".to_string())
-                    .or_default() += 1;
-                tracing::warn!(from, error = %e, "network configuration refused");
-                return;
-            }
-        };
-        if c.version <= self.netconf.version || c.network != self.netconf.network {
-            return;
-        }
-        tracing::info!(from, version = c.version, "new network configuration");
-        if let Err(e) = state::save_network(&self.cfg.state_dir, &signed) {
-            tracing::warn!(error = %format!("{e:#}"), "caching the configuration");
-        }
-        let old = std::mem::replace(&mut self.netconf, c);
-        self.signed = signed;
-        self.metrics.config_changes += 1;
-        let now = Instant::now();
-        self.policy.set_config(policy_config(&self.netconf), now);
-        self.responder.set_crl(self.netconf.crl.clone());
-        self.peers.set_crl(self.netconf.crl.clone());
-        if self.netconf.crl.contains(&self.files.cert.serial) && !self.revoked {
-            tracing::error!("this node is revoked: closing its tunnels; it will not open new ones");
-            self.revoked = true;
-            for p in self.tunnel_peers() {
-                self.send_peer(p, &Body::Close);
-                self.lost(p, "we_are_revoked").await;
-            }
-        }
-        let revoked: Vec<Peer> = self
-            .tunnels
-            .iter()
-            .filter(|(_, t)| self.netconf.crl.contains(&t.serial))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in revoked {
-            tracing::warn!(peer = %p, "closing the tunnel of a revoked node");
-            let _ = self.cache.remove(p);
-            self.lost(p, "revoked").await;
-        }
-        if old.hello_interval_ms != self.netconf.hello_interval_ms {
-            let d = Duration::from_millis(u64::from(self.netconf.hello_interval_ms.max(10)));
-            let names: Vec<String> = self.tunnels.values().map(|t| t.name.clone()).collect();
-            for n in names.into_iter().chain(self.cfg.interfaces.clone()) {
-                self.routing
-                    .send(&self.plane, Command::SetHelloInterval(n, d));
-            }
-        }
-        if self
-            .hmac
-            .as_ref()
-            .is_none_or(|k| k.version != self.netconf.hmac_version)
-        {
-            self.fetch_hmac();
-        }
-        let version = self.netconf.version;
-        for p in self.tunnel_peers() {
-            self.send_peer(p, &Body::ConfigVersion { version });
-        }
-    }
-
-    async fn on_task(&mut self, r: TaskResult) {
-        match r {
-            TaskResult::Config(r) => {
-                self.busy.remove("config");
-                match r {
-                    Ok(signed) => self.on_config(signed, "registry").await,
-                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "registry unreachable"),
-                }
-            }
-            TaskResult::Hmac(r) => {
-                self.busy.remove("hmac");
-                match r.and_then(|k| state::auth_config(&k).map(|a| (k, a))) {
-                    Ok((keys, auth)) => {
-                        if self.hmac.as_ref() != Some(&keys) {
-                            tracing::info!(version = keys.version, "Babel keys");
-                            if let Err(e) = state::save_hmac(&self.cfg.state_dir, &keys) {
-                                tracing::warn!(error = %format!("{e:#}"), "saving the Babel keys");
-                            }
-                            self.routing.send(&self.plane, Command::SetAuth(Some(auth)));
-                            self.hmac = Some(keys);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "Babel keys"),
-                }
-            }
-            TaskResult::Bootstrap(r) => {
-                self.busy.remove("bootstrap");
-                match r {
-                    Ok(records) => {
-                        let t = unix();
-                        for rec in records {
-                            let _ = self
-                                .cache
-                                .insert(&rec, &self.files.ca, &self.netconf.crl, t);
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "bootstrap"),
-                }
-            }
-            TaskResult::Published(r) => {
-                self.busy.remove("publish");
-                if let Err(e) = r {
-                    tracing::debug!(error = %format!("{e:#}"), "publishing our peer record");
-                    self.next_record = Instant::now() + Duration::from_secs(10);
-                }
-            }
-            TaskResult::Renewed(r) => {
-                self.busy.remove("renew");
-                match r.and_then(|pem| self.install_certificate(&pem)) {
-                    Ok(()) => {
-                        tracing::info!(not_after = self.files.cert.not_after, "certificate renewed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "renewal");
-                        self.next_renew = Instant::now() + Duration::from_secs(600);
-                    }
-                }
-            }
-        }
-    }
-
-    fn install_certificate(&mut self, pem: &str) -> anyhow::Result<()> {
-        let cert = self.files.ca.verify_node(pem, Some(unix()))?;
-        if cert.public_key != self.files.cert.public_key || cert.prefix != self.prefix {
-            anyhow::bail!("the registry renewed another identity");
-        }
-        crate::enrol::write_atomic(
-            &self.cfg.dir.join(crate::enrol::CERT_FILE),
-            pem.as_bytes(),
-            0o644,
-        )?;
-        self.files.cert = cert;
-        self.files.cert_pem = pem.to_string();
-        let mut responder = Responder::new(self.files.ca.clone(), self.files.identity()?);
-        responder.set_crl(self.netconf.crl.clone());
-        self.responder = responder;
-        let mut peers = PeerProtocol::new(self.files.ca.clone(), self.files.identity()?);
-        peers.set_crl(self.netconf.crl.clone());
-        self.peers = peers;
-        self.next_record = Instant::now();
-        Ok(())
-    }
-
-    fn refresh_record(&mut self) {
-        let endpoints = if self.cfg.endpoints.is_empty() {
-            system::detect_endpoints(self.cfg.port, self.network).unwrap_or_default()
-        } else {
-            self.cfg.endpoints.clone()
-        };
-        let record = PeerRecord {
-            cert: self.files.cert_pem.clone(),
-            endpoints: endpoints.clone(),
-            timestamp: unix(),
-        };
-        let signed = re6st_registry::cert::load_key(&self.files.key_pem)
-            .and_then(|k| SignedPeerRecord::sign(&record, &k));
-        match signed {
-            Ok(s) => {
-                self.endpoints = endpoints;
-                self.record = Some(s.clone());
-                self.publish(s);
-            }
-            Err(e) => tracing::warn!(error = %e, "signing our peer record"),
-        }
-    }
-
-    /// The periodic step; returns whether routing was read (then the
-    /// control API's snapshot is refreshed too).
-    async fn on_tick(&mut self) -> bool {
-        let now = Instant::now();
-        self.ticks = self.ticks.wrapping_add(1);
-        // Timeouts every tick; routing (a copy of every route) once a second.
-        let full = self.ticks % STATUS_EVERY == 1;
-        if full {
-            match self.routing.state(&self.plane).await {
-                Some(state) => self.status = Some(self.routing.status(&state)),
-                None => tracing::warn!("routing did not report its state within 2 s"),
-            }
-            self.routing
-                .retry_link_local(&self.plane, &self.cfg.interfaces);
-            self.update_view();
-        }
-        if now >= self.next_record {
-            self.next_record = now + RECORD_REFRESH;
-            self.refresh_record();
-        }
-        if now >= self.next_config {
-            self.next_config = now + self.cfg.config_refresh;
-            self.fetch_config();
-        }
-        if now >= self.next_renew {
-            self.next_renew = now + Duration::from_secs(3600);
-            if self.files.cert.not_after - unix() < RENEW_BEFORE_S {
-                self.renew();
-            }
-        }
-        if full {
-            self.check_tunnels(now).await;
-        }
-        let expired: Vec<Peer> = self
-            .asking
-            .iter()
-            .filter(|(_, d)| now >= **d)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in expired {
-            self.asking.remove(&p);
-            self.unreachable(p, "no_endpoints_answer").await;
-        }
-        let expired: Vec<Peer> = self
-            .pending
-            .iter()
-            .filter(|(_, s)| now >= s.deadline)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in expired {
-            self.pending.remove(&p);
-            self.unreachable(p, "no_setup_answer").await;
-        }
-        if !self.revoked {
-            let actions = self.policy.tick(now, &self.view);
-            self.act(actions).await;
-        }
-        full
-    }
-
-    /// Tunnels whose handshake never completed, or whose Babel neighbour
-    /// has been silent too long, are failed or lost.
-    async fn check_tunnels(&mut self, now: Instant) {
-        // Tunnels: handshake done, Babel neighbour heard.
-        let heard: BTreeSet<String> = self
-            .status
-            .iter()
-            .flat_map(|s| s.neighbours.iter())
-            .filter(|n| n.reach.contains('1'))
-            .map(|n| n.interface.clone())
-            .collect();
-        let links: HashMap<u32, bool> = self
-            .plane
-            .links()
-            .into_iter()
-            .map(|l| (l.index, l.since_handshake.is_some()))
-            .collect();
-        let mut dead = Vec::new();
-        let mut failed = Vec::new();
-        for (p, t) in &mut self.tunnels {
-            t.up |= links.get(&t.index).copied().unwrap_or(false);
-            if heard.contains(&t.name) {
-                t.last_neighbour = now;
-            }
-            let age = now.duration_since(t.created);
-            if !t.up && t.outgoing && age > HANDSHAKE_TIMEOUT {
-                failed.push(*p);
-            } else if !t.up && !t.outgoing && age > INCOMING_TIMEOUT {
-                dead.push((*p, "no_handshake"));
-            } else if t.up && now.duration_since(t.last_neighbour) > DEAD_AFTER {
-                dead.push((*p, "silent"));
-            }
-        }
-        for p in failed {
-            self.remove_tunnel(p).await;
-            self.unreachable(p, "no_handshake").await;
-        }
-        for (p, why) in dead {
-            self.lost(p, why).await;
-        }
-    }
-
-    /// What routing knows, as the policy needs it.
-    fn update_view(&mut self) {
-        let mut view = View::default();
-        let by_name: HashMap<&str, Peer> = self
-            .tunnels
-            .iter()
-            .map(|(p, t)| (t.name.as_str(), *p))
-            .collect();
-        if let Some(s) = &self.status {
-            for r in s.routes.iter().filter(|r| r.selected) {
-                let Ok(IpNet::V6(p)) = r.prefix.parse::<IpNet>() else {
-                    continue;
-                };
-                if p != self.prefix
-                    && self.network.contains(&p)
-                    && p.prefix_len() > self.network.prefix_len()
-                {
-                    view.routed.insert(p);
-                }
-                if let Some(peer) = by_name.get(r.interface.as_str()) {
-                    *view.routes_via.entry(*peer).or_default() += 1;
-                }
-            }
-        }
-        self.cached = self.cache.candidates(unix()).unwrap_or_default();
-        view.cache = if self.cached.is_empty() {
-            // Every cached peer is in back-off (perhaps from before a
-            // restart, or the registry is down): better to retry them than
-            // to stay alone; the policy still spaces its own retries.
-            self.cache
-                .candidates(i64::MAX)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| c.prefix)
-                .collect()
-        } else {
-            self.cached.iter().map(|c| c.prefix).collect()
-        };
-        self.view = view;
     }
 
     fn snapshot(&self) -> Snapshot {
         let links = self.plane.links();
         let tunnels = self
-            .tunnels
-            .iter()
-            .map(|(p, t)| {
-                let l = links.iter().find(|l| l.index == t.index);
+            .core
+            .tunnels()
+            .into_iter()
+            .map(|t| {
+                let l = self
+                    .links
+                    .get(&t.name)
+                    .and_then(|i| links.iter().find(|l| l.index == *i));
                 TunnelInfo {
-                    peer: p.to_string(),
-                    interface: t.name.clone(),
+                    peer: t.peer.to_string(),
+                    interface: t.name,
                     direction: if t.outgoing { "out" } else { "in" }.to_string(),
                     up: t.up,
                     endpoint: l.and_then(|l| l.endpoint).map(|e| e.to_string()),
                     since_handshake_s: l.and_then(|l| l.since_handshake).map(|d| d.as_secs()),
                     tx_bytes: l.map_or(0, |l| l.tx_bytes),
                     rx_bytes: l.map_or(0, |l| l.rx_bytes),
-                    routes: self.view.routes_via.get(p).copied().unwrap_or(0),
+                    routes: t.routes,
                     cost_multiplier: t.cost,
                 }
             })
             .collect();
-        let mut metrics = self.metrics.clone();
+        let mut metrics = self.core.metrics();
         for (reason, n) in self.plane.published().dropped {
             metrics.rejected.insert(format!("wireguard_{reason}"), n);
         }
-        for (reason, n) in &self.responder.stats().dropped {
-            metrics.rejected.insert(format!("setup_{reason}"), *n);
-        }
+        let prefix = self.core.prefix();
         Snapshot::new(
             crate::ctl::NodeSummary {
-                prefix: self.prefix.to_string(),
-                address: overlay_address(self.prefix).to_string(),
-                network: self.network.to_string(),
-                router_id: driver::format_router_id(&router_id(self.prefix)),
-                config_version: self.netconf.version,
-                hmac_version: self.hmac.as_ref().map(|k| k.version),
-                endpoints: self.endpoints.iter().map(ToString::to_string).collect(),
+                prefix: prefix.to_string(),
+                address: overlay_address(prefix).to_string(),
+                network: self.files.ca.network().to_string(),
+                router_id: driver::format_router_id(&router_id(prefix)),
+                config_version: self.core.config().version,
+                hmac_version: self.core.hmac_version(),
+                endpoints: self
+                    .core
+                    .endpoints()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
                 uptime_s: self.started.elapsed().as_secs(),
-                revoked: self.revoked,
-                cert_not_after: self.files.cert.not_after,
+                revoked: self.core.revoked(),
+                cert_not_after: self.core.certificate().not_after,
                 registry: self.cfg.registry.clone(),
             },
             tunnels,
-            self.status.clone(),
-            self.netconf.clone(),
+            self.routing_state.as_ref().map(|s| self.routing.status(s)),
+            self.core.config().clone(),
             metrics,
-            self.cached
+            self.core
+                .cached_peers()
                 .iter()
                 .map(|c| {
                     (
@@ -1213,31 +582,23 @@ impl Node {
     }
 }
 
-fn body_kind(b: &Body) -> &'static str {
-    match b {
-        Body::EndpointsRequest => "endpoints_request",
-        Body::Endpoints { .. } => "endpoints",
-        Body::ConfigVersion { .. } => "config_version",
-        Body::ConfigRequest => "config_request",
-        Body::Config { .. } => "config",
-        Body::DrainRequest => "drain_request",
-        Body::DrainAck => "drain_ack",
-        Body::Close => "close",
-        Body::NodeInfoRequest => "node_info_request",
-        Body::NodeInfo { .. } => "node_info",
-    }
+/// Opens the registry's sealed Babel keys.
+fn open_hmac(
+    secret: &[u8; 32],
+    sealed: &re6st_registry::config::Sealed,
+) -> Result<HmacKeys, String> {
+    let plain = re6st_registry::config::open(secret, sealed).map_err(|e| e.to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| e.to_string())
 }
 
-fn peer_error_kind(e: &crate::peer::PeerError) -> &'static str {
-    use crate::peer::PeerError as E;
-    match e {
-        E::Malformed(_) => "peer_malformed",
-        E::Stale => "peer_stale",
-        E::NotForUs => "peer_not_for_us",
-        E::BadCertificate(_) => "peer_bad_certificate",
-        E::Revoked(_) => "peer_revoked",
-        E::Spoofed(_) => "peer_spoofed",
-        E::BadSignature => "peer_bad_signature",
-        E::Replay => "peer_replay",
+/// A failed registry request of `kind`.
+fn failure(kind: crate::node::RegistryKind, e: String) -> RegistryResult {
+    use crate::node::RegistryKind as K;
+    match kind {
+        K::Config => RegistryResult::Config(Err(e)),
+        K::Hmac => RegistryResult::Hmac(Err(e)),
+        K::Bootstrap => RegistryResult::Bootstrap(Err(e)),
+        K::Publish => RegistryResult::Published(Err(e)),
+        K::Renew => RegistryResult::Renewed(Err(e)),
     }
 }

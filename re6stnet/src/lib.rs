@@ -7,6 +7,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod enrol;
+pub mod node;
 pub mod peer;
 pub mod state;
 pub mod system;

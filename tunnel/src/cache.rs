@@ -41,6 +41,25 @@ pub struct CachedPeer {
     pub record: SignedPeerRecord,
 }
 
+/// Everything the cache holds about a peer, for a copy in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPeer {
+    /// Its node prefix.
+    pub prefix: Ipv6Net,
+    /// Endpoints, preferred first.
+    pub endpoints: Vec<SocketAddr>,
+    /// Its signed record.
+    pub record: SignedPeerRecord,
+    /// The record's timestamp (unix seconds).
+    pub timestamp: i64,
+    /// Failures in a row.
+    pub failures: u32,
+    /// Skipped until then (unix seconds).
+    pub failing_until: i64,
+    /// When it last worked (unix seconds).
+    pub last_ok: Option<i64>,
+}
+
 /// The cache.
 #[derive(Debug)]
 pub struct PeerCache {
@@ -221,6 +240,52 @@ impl PeerCache {
         Ok(out)
     }
 
+    /// Every peer with its back-off state, in no particular order.
+    pub fn load(&self) -> Result<Vec<StoredPeer>, CacheError> {
+        let mut st = self.conn.prepare(
+            "SELECT prefix, endpoints, payload, signature, timestamp, failures, failing_until, last_ok
+             FROM peer",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                prefix,
+                endpoints,
+                payload,
+                signature,
+                timestamp,
+                failures,
+                failing_until,
+                last_ok,
+            ) = row?;
+            out.push(StoredPeer {
+                prefix: prefix
+                    .parse()
+                    .map_err(|_| CacheError::Corrupt(format!("prefix {prefix}")))?,
+                endpoints: serde_json::from_str(&endpoints)
+                    .map_err(|e| CacheError::Corrupt(e.to_string()))?,
+                record: SignedPeerRecord { payload, signature },
+                timestamp,
+                failures: u32::try_from(failures).unwrap_or(u32::MAX),
+                failing_until,
+                last_ok,
+            });
+        }
+        Ok(out)
+    }
+
     /// Number of peers.
     pub fn len(&self) -> Result<usize, CacheError> {
         let n: i64 = self
@@ -359,6 +424,28 @@ mod tests {
         let e = c.endpoints(p1)?.unwrap_or_default();
         assert_eq!(e[0].to_string(), "[fd00:18:0:1::2]:326");
         assert_eq!(e.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn load_returns_the_back_off_state() -> Result<(), CacheError> {
+        let ca = ca();
+        let mut c = PeerCache::open(Path::new(":memory:"), 10)?;
+        c.insert(
+            &record(&ca, 1, &["198.18.1.2:326"], NOW - 5),
+            ca.cert(),
+            &[],
+            NOW,
+        )?;
+        let p1: Ipv6Net = "fd5e:0:0:1::/64".parse().unwrap_or_default();
+        c.mark_failed(p1, NOW, 30)?;
+        let all = c.load()?;
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].prefix, p1);
+        assert_eq!(all[0].timestamp, NOW - 5);
+        assert_eq!(all[0].failures, 1);
+        assert_eq!(all[0].failing_until, NOW + 30);
+        assert_eq!(all[0].last_ok, None);
         Ok(())
     }
 

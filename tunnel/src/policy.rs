@@ -251,6 +251,25 @@ impl Policy {
         actions
     }
 
+    /// The earliest moment after `now` at which [`Policy::tick`] has
+    /// something to do on its own (rotation, a drain or a connection that
+    /// times out, a back-off that ends); None when only a change of the
+    /// [`View`] can make it act.
+    pub fn next_timeout(&self, now: Instant) -> Option<Instant> {
+        let tunnels = self.outgoing.values().filter_map(|o| match o {
+            Out::Connecting { since } => Some(*since + self.cfg.drain_timeout / 4),
+            Out::Draining { since } => Some(*since + self.cfg.drain_timeout),
+            Out::Up => None,
+        });
+        let backoffs = self.failures.values().map(|(_, at)| *at);
+        std::iter::once(self.next_refresh)
+            .chain(std::iter::once(self.next_bootstrap))
+            .chain(tunnels)
+            .chain(backoffs)
+            .filter(|t| *t > now)
+            .min()
+    }
+
     fn fill(&mut self, now: Instant, view: &View, actions: &mut Vec<Action>) {
         let want = self.target().saturating_sub(self.active_outgoing());
         if want == 0 {
@@ -406,6 +425,24 @@ mod tests {
             routed: routed.into_iter().map(peer).collect(),
             ..View::default()
         }
+    }
+
+    #[test]
+    fn next_timeout_is_in_the_future_and_tick_then_acts_or_moves_it() {
+        let t0 = Instant::now();
+        let mut p = Policy::new(peer(1), PolicyConfig::default(), t0, 7);
+        let v = view([2, 3]);
+        let _ = p.tick(t0, &v);
+        let mut now = t0;
+        for _ in 0..50 {
+            let Some(next) = p.next_timeout(now) else {
+                break;
+            };
+            assert!(next > now);
+            now = next;
+            let _ = p.tick(now, &v);
+        }
+        assert!(now > t0);
     }
 
     fn opened(actions: &[Action]) -> Vec<Peer> {

@@ -1,0 +1,183 @@
+//! Opening tunnels: set-up requests, answers, and who keeps which tunnel
+//! when both ends open at once.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use re6st_tunnel::policy::{self, Admission, Peer};
+use re6st_tunnel::setup::{self, Decision, Outcome, Reply};
+
+use super::{Action, FailReason, LossReason, NodeCore, RegistryRequest, Timer, ASK_TIMEOUT};
+use crate::peer::Body;
+
+impl NodeCore {
+    /// Starts opening an outgoing tunnel: endpoints from the cache, else
+    /// asked to the node itself over the overlay.
+    pub(super) fn open(&mut self, now: Instant, unix: i64, p: Peer) {
+        if self.revoked
+            || self.tunnels.contains_key(&p)
+            || self.pending.contains_key(&p)
+            || self.asking.contains(&p)
+        {
+            return;
+        }
+        // The policy chose the peer; the cache is only its address book
+        // here (back-off included).
+        match self.book.endpoints(p).map(<[SocketAddr]>::to_vec) {
+            Some(eps) if !eps.is_empty() => self.request_setup(now, unix, p, &eps),
+            _ => {
+                tracing::debug!(peer = %p, "asking for its endpoints");
+                self.asking.insert(p);
+                self.timers.set(Timer::Ask(p), now + ASK_TIMEOUT);
+                self.send_peer(unix, p, &Body::EndpointsRequest);
+            }
+        }
+    }
+
+    pub(super) fn request_setup(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        p: Peer,
+        endpoints: &[SocketAddr],
+    ) {
+        match setup::request(&self.me, p, unix) {
+            Ok((bytes, nonce)) => {
+                for ep in endpoints
+                    .iter()
+                    .filter(|e| re6st_tunnel::link::usable_endpoint(e.ip()))
+                {
+                    self.push(Action::Send {
+                        dst: *ep,
+                        bytes: bytes.clone(),
+                    });
+                }
+                self.pending.insert(p, nonce);
+                self.timers.set(Timer::Setup(p), now + ASK_TIMEOUT);
+            }
+            Err(e) => tracing::warn!(error = %e, "set-up request"),
+        }
+    }
+
+    /// A set-up request. When both ends open at once, the larger prefix
+    /// keeps its own attempt (one not established yet); a valid request
+    /// from a peer we have an established tunnel with means the peer lost
+    /// its state (it restarted): that tunnel is dead and the new one
+    /// replaces it.
+    pub(super) fn on_setup_request(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        src: SocketAddr,
+        bytes: &[u8],
+    ) {
+        let me = self.prefix;
+        let revoked = self.revoked;
+        let suggestions: Vec<Peer> = self.tunnels.keys().copied().take(8).collect();
+        let (policy, view, tunnels, pending) =
+            (&mut self.policy, &self.view, &self.tunnels, &self.pending);
+        let mut actions = Vec::new();
+        let mut restarted = None;
+        let outcome = self.responder.handle(now, unix, src.ip(), bytes, |cert| {
+            let p = cert.prefix;
+            let existing = tunnels.get(&p);
+            let attempt = pending.contains_key(&p) || existing.is_some_and(|t| t.outgoing && !t.up);
+            if revoked || (me > p && attempt) {
+                return Decision::Busy(suggestions.clone());
+            }
+            if let Some(t) = existing.filter(|t| t.up) {
+                restarted = Some(p);
+                if t.outgoing {
+                    actions.extend(policy.on_down(p, now, view));
+                } else {
+                    policy.on_incoming_closed(p);
+                }
+            }
+            let (adm, acts) = policy.on_incoming(p, now, view);
+            actions.extend(acts);
+            match adm {
+                Admission::Accept => Decision::Accept,
+                Admission::Busy => Decision::Busy(suggestions.clone()),
+            }
+        });
+        match outcome {
+            Outcome::Accepted { peer, reply } => {
+                let p = peer.prefix;
+                // Both ends were opening: the policy drops our attempt
+                // (Close), which must not close the tunnel being accepted.
+                actions.retain(|a| *a != policy::Action::Close(p));
+                self.forget_attempt(p);
+                if let Some(p) = restarted {
+                    self.restarted(p);
+                }
+                self.add_tunnel(now, p, &peer, None, false);
+                self.push(Action::Send {
+                    dst: src,
+                    bytes: reply,
+                });
+            }
+            Outcome::Reply(reply) => {
+                if let Some(p) = restarted {
+                    self.restarted(p);
+                }
+                self.push(Action::Send {
+                    dst: src,
+                    bytes: reply,
+                });
+            }
+            Outcome::Dropped(e) => {
+                tracing::debug!(%src, error = %e, "set-up request dropped");
+            }
+        }
+        self.act(now, unix, actions);
+    }
+
+    /// The established tunnel to `p` is dead: its peer restarted.
+    fn restarted(&mut self, p: Peer) {
+        if self.remove_tunnel(p).is_some() {
+            tracing::info!(peer = %p, "the peer restarted: its new tunnel replaces the old one");
+            *self
+                .metrics
+                .tunnels_lost
+                .entry(LossReason::PeerRestarted.label().to_string())
+                .or_default() += 1;
+        }
+    }
+
+    /// An answer to one of our set-up requests.
+    pub(super) fn on_setup_reply(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        src: SocketAddr,
+        bytes: &[u8],
+    ) {
+        let found = self.pending.iter().find_map(|(p, nonce)| {
+            setup::check_reply(&self.ca, &self.netconf.crl, *p, nonce, unix, bytes)
+                .ok()
+                .map(|r| (*p, r))
+        });
+        let Some((p, reply)) = found else {
+            *self
+                .metrics
+                .rejected
+                .entry("setup_reply".to_string())
+                .or_default() += 1;
+            return;
+        };
+        self.forget_attempt(p);
+        match reply {
+            Reply::Accepted(cert) => self.add_tunnel(now, p, &cert, Some(src), true),
+            Reply::Busy(_) => self.failed(now, unix, p, FailReason::Busy),
+            Reply::Refused(reason) => {
+                tracing::warn!(peer = %p, %reason, "tunnel refused");
+                // A refusal is not signed: it is no proof that we are
+                // revoked, but the registry's configuration is.
+                if reason.contains("revoked") {
+                    self.request(RegistryRequest::Config);
+                }
+                self.unreachable(now, unix, p, FailReason::Refused);
+            }
+        }
+    }
+}

@@ -1,0 +1,657 @@
+//! The core's rules on a virtual clock, with real certificates: a small
+//! network of cores whose datagrams are delivered in memory.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use re6st_registry::auth::{PeerRecord, SignedPeerRecord};
+use re6st_registry::cert::{overlay_address, Ca, IssueRequest};
+use re6st_registry::config::{NetworkConfig, SignedConfig};
+use re6st_tunnel::cache::StoredPeer;
+
+use super::*;
+
+const NOW: i64 = 1_790_000_000;
+const PORT: u16 = 326;
+
+struct Node {
+    key_pem: String,
+    cert_pem: String,
+    prefix: Peer,
+    serial: u64,
+}
+
+fn ca() -> Ca {
+    Ca::generate("fd5e::/48".parse().unwrap(), NOW - 100, 10).unwrap()
+}
+
+fn node(ca: &Ca, i: u16, valid_days: i64) -> Node {
+    let prefix: Peer = format!("fd5e:0:0:{i:x}::/64").parse().unwrap();
+    let (key, cert_pem) = ca
+        .issue_with_new_key(
+            prefix,
+            [i as u8; 32],
+            u64::from(i),
+            NOW - 10,
+            NOW + valid_days * 86_400,
+        )
+        .unwrap();
+    Node {
+        key_pem: key.serialize_pem(),
+        cert_pem,
+        prefix,
+        serial: u64::from(i),
+    }
+}
+
+fn underlay(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, i as u8 + 1)), PORT)
+}
+
+fn netconf(version: u64, f: impl FnOnce(&mut NetworkConfig)) -> NetworkConfig {
+    let mut c = NetworkConfig::new("fd5e::/48", 64, NOW);
+    c.version = version;
+    c.client_count = 1;
+    f(&mut c);
+    c
+}
+
+fn signed(ca: &Ca, c: &NetworkConfig) -> SignedConfig {
+    SignedConfig::sign(c, |m| ca.sign(m)).unwrap()
+}
+
+fn stored(n: &Node, i: usize) -> StoredPeer {
+    let key = re6st_registry::cert::load_key(&n.key_pem).unwrap();
+    let rec = PeerRecord {
+        cert: n.cert_pem.clone(),
+        endpoints: vec![underlay(i)],
+        timestamp: NOW - 50,
+    };
+    StoredPeer {
+        prefix: n.prefix,
+        endpoints: vec![underlay(i)],
+        record: SignedPeerRecord::sign(&rec, &key).unwrap(),
+        timestamp: NOW - 50,
+        failures: 0,
+        failing_until: 0,
+        last_ok: None,
+    }
+}
+
+/// Cores on a virtual clock; every datagram is delivered at once.
+struct Sim {
+    ca: Ca,
+    nodes: Vec<Node>,
+    cores: Vec<NodeCore>,
+    t0: Instant,
+    now: Instant,
+    /// Nodes that neither answer nor run.
+    dead: BTreeSet<usize>,
+    /// Links never complete their handshake.
+    no_handshake: bool,
+    /// Every registry request fails.
+    registry_down: bool,
+    /// Every action, by node, with its time.
+    log: Vec<(usize, Duration, Action)>,
+    next_routing: Instant,
+}
+
+impl Sim {
+    /// `n` nodes that know each other from their caches.
+    fn new(n: usize, c: &NetworkConfig) -> Self {
+        Self::with_nodes(n, c, 365)
+    }
+
+    fn with_nodes(n: usize, c: &NetworkConfig, valid_days: i64) -> Self {
+        let ca = ca();
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| node(&ca, i as u16 + 1, valid_days))
+            .collect();
+        let t0 = Instant::now();
+        let mut sim = Self {
+            cores: Vec::new(),
+            t0,
+            now: t0,
+            dead: BTreeSet::new(),
+            no_handshake: false,
+            registry_down: false,
+            log: Vec::new(),
+            next_routing: t0 + Duration::from_secs(1),
+            nodes,
+            ca,
+        };
+        let s = signed(&sim.ca, c);
+        for i in 0..n {
+            let core = sim.core(i, &s);
+            sim.cores.push(core);
+        }
+        sim
+    }
+
+    fn core(&self, i: usize, s: &SignedConfig) -> NodeCore {
+        let n = &self.nodes[i];
+        let peers = (0..self.nodes.len())
+            .filter(|j| *j != i)
+            .map(|j| stored(&self.nodes[j], j))
+            .collect();
+        NodeCore::new(
+            CoreConfig {
+                ca: self.ca.cert().clone(),
+                cert_pem: n.cert_pem.clone(),
+                key_pem: n.key_pem.clone(),
+                signed: s.clone(),
+                hmac: None,
+                peers,
+                port: PORT,
+                interfaces: vec!["lan0".into()],
+                config_refresh: Duration::from_secs(60),
+                registry: true,
+                seed: i as u64 + 1,
+            },
+            self.now,
+            self.unix(),
+        )
+        .unwrap()
+    }
+
+    fn unix(&self) -> i64 {
+        NOW + self.now.duration_since(self.t0).as_secs() as i64
+    }
+
+    /// Restarts node `i` with no memory but its cache.
+    fn restart(&mut self, i: usize, c: &NetworkConfig) {
+        let s = signed(&self.ca, c);
+        self.cores[i] = self.core(i, &s);
+    }
+
+    fn index_of(&self, ip: IpAddr) -> Option<usize> {
+        (0..self.nodes.len()).find(|j| {
+            underlay(*j).ip() == ip || IpAddr::V6(overlay_address(self.nodes[*j].prefix)) == ip
+        })
+    }
+
+    /// Delivers every queued action until none is left.
+    fn deliver(&mut self) {
+        loop {
+            let mut sent = Vec::new();
+            for i in 0..self.cores.len() {
+                while let Some(a) = self.cores[i].poll_action() {
+                    let at = self.now.duration_since(self.t0);
+                    self.log.push((i, at, a.clone()));
+                    sent.push((i, a));
+                }
+            }
+            if sent.is_empty() {
+                break;
+            }
+            let (now, unix) = (self.now, self.unix());
+            for (i, a) in sent {
+                match a {
+                    Action::Send { dst, bytes } => {
+                        let Some(j) = self.index_of(dst.ip()) else {
+                            continue;
+                        };
+                        if self.dead.contains(&j) || self.dead.contains(&i) {
+                            continue;
+                        }
+                        let src = if dst.ip().is_ipv4() {
+                            underlay(i)
+                        } else {
+                            SocketAddr::new(IpAddr::V6(overlay_address(self.nodes[i].prefix)), PORT)
+                        };
+                        self.cores[j].handle_datagram(now, unix, src, &bytes);
+                    }
+                    Action::Registry(r) if self.registry_down => {
+                        let e = "registry down".to_string();
+                        let res = match r {
+                            RegistryRequest::Config => RegistryResult::Config(Err(e)),
+                            RegistryRequest::Hmac => RegistryResult::Hmac(Err(e)),
+                            RegistryRequest::Bootstrap => RegistryResult::Bootstrap(Err(e)),
+                            RegistryRequest::Publish(_) => RegistryResult::Published(Err(e)),
+                            RegistryRequest::Renew => RegistryResult::Renewed(Err(e)),
+                        };
+                        self.cores[i].handle_registry(now, unix, res);
+                    }
+                    Action::DetectEndpoints => {
+                        self.cores[i].handle_endpoints(now, unix, vec![underlay(i)]);
+                    }
+                    _ => {}
+                }
+            }
+            self.handshakes();
+        }
+    }
+
+    /// Links whose both ends exist come up (unless `no_handshake`).
+    fn handshakes(&mut self) {
+        if self.no_handshake {
+            return;
+        }
+        let (now, unix) = (self.now, self.unix());
+        for i in 0..self.cores.len() {
+            for t in self.cores[i].tunnels() {
+                let Some(j) = (0..self.nodes.len()).find(|j| self.nodes[*j].prefix == t.peer)
+                else {
+                    continue;
+                };
+                let mutual = self.cores[j]
+                    .tunnels()
+                    .iter()
+                    .any(|u| u.peer == self.nodes[i].prefix);
+                if !t.up && mutual && !self.dead.contains(&j) && !self.dead.contains(&i) {
+                    self.cores[i].handle_link_up(now, unix, t.peer, Some(underlay(j)));
+                }
+            }
+        }
+    }
+
+    /// Routing: a neighbour is heard on every tunnel whose other end is
+    /// alive and up.
+    fn routing(&mut self) {
+        let (now, unix) = (self.now, self.unix());
+        for i in 0..self.cores.len() {
+            if self.dead.contains(&i) {
+                continue;
+            }
+            let mut view = RoutingView::default();
+            for t in self.cores[i].tunnels() {
+                let j = (0..self.nodes.len()).find(|j| self.nodes[*j].prefix == t.peer);
+                let alive = j.is_some_and(|j| {
+                    !self.dead.contains(&j)
+                        && self.cores[j]
+                            .tunnels()
+                            .iter()
+                            .any(|u| u.peer == self.nodes[i].prefix && u.up)
+                });
+                if t.up && alive {
+                    view.heard.insert(t.name.clone());
+                }
+            }
+            self.cores[i].handle_routing(now, unix, &view);
+        }
+    }
+
+    /// Runs until `d` after the start, firing timers and routing views.
+    fn run_until(&mut self, d: Duration) {
+        let end = self.t0 + d;
+        self.deliver();
+        for _ in 0..1_000_000 {
+            let next = (0..self.cores.len())
+                .filter(|i| !self.dead.contains(i))
+                .filter_map(|i| self.cores[i].poll_timeout())
+                .chain(std::iter::once(self.next_routing))
+                .min()
+                .unwrap();
+            if next > end {
+                self.now = end;
+                return;
+            }
+            assert!(next >= self.now, "a deadline in the past");
+            self.now = next;
+            let unix = self.unix();
+            for i in 0..self.cores.len() {
+                if self.dead.contains(&i) {
+                    continue;
+                }
+                if self.cores[i].poll_timeout().is_some_and(|t| t <= next) {
+                    self.cores[i].handle_timeout(next, unix);
+                    assert!(
+                        self.cores[i].poll_timeout().is_none_or(|t| t > next),
+                        "handle_timeout made no progress"
+                    );
+                }
+            }
+            if next >= self.next_routing {
+                self.next_routing = next + Duration::from_secs(1);
+                self.routing();
+            }
+            self.deliver();
+        }
+        panic!("the cores never stop waking up");
+    }
+
+    /// A registry answer for node `i`, now.
+    fn answer(&mut self, i: usize, r: RegistryResult) {
+        let (now, unix) = (self.now, self.unix());
+        self.cores[i].handle_registry(now, unix, r);
+    }
+
+    fn tunnels(&self, i: usize) -> Vec<TunnelStatus> {
+        self.cores[i].tunnels()
+    }
+
+    fn actions(&self, i: usize) -> impl Iterator<Item = &Action> {
+        self.log
+            .iter()
+            .filter(move |(n, _, _)| *n == i)
+            .map(|(_, _, a)| a)
+    }
+
+    fn count(&self, i: usize, f: impl Fn(&Action) -> bool) -> usize {
+        self.actions(i).filter(|a| f(a)).count()
+    }
+}
+
+fn lost(core: &NodeCore, why: LossReason) -> u64 {
+    core.metrics()
+        .tunnels_lost
+        .get(why.label())
+        .copied()
+        .unwrap_or(0)
+}
+
+fn failed(core: &NodeCore, why: FailReason) -> u64 {
+    core.metrics()
+        .setup_failed
+        .get(why.label())
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Both nodes open to each other at the same moment (their caches know
+/// each other): one tunnel survives, the larger prefix's outgoing one.
+#[test]
+fn simultaneous_open_keeps_one_tunnel_the_larger_prefix_s() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    let (a, b) = (sim.tunnels(0), sim.tunnels(1));
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(!a[0].outgoing, "the smaller prefix accepted");
+    assert!(b[0].outgoing, "the larger prefix keeps its own");
+    assert!(a[0].up && b[0].up);
+    sim.run_until(Duration::from_secs(60));
+    assert_eq!(sim.tunnels(0).len(), 1);
+    assert_eq!(sim.tunnels(0)[0].name, a[0].name, "and it stays");
+}
+
+/// The smaller node restarts (SIGKILL: no Close) and asks the larger one
+/// for a new tunnel while the larger one still has its old, established
+/// one: the request is accepted and replaces the old tunnel at once.
+#[test]
+fn a_restarted_peer_replaces_its_old_tunnel() {
+    let c = netconf(1, |_| {});
+    let mut sim = Sim::new(2, &c);
+    sim.run_until(Duration::from_secs(5));
+    let old = sim.tunnels(1)[0].clone();
+    assert!(old.outgoing && old.up);
+    sim.restart(0, &c);
+    sim.run_until(Duration::from_secs(7));
+    let b = sim.tunnels(1);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_ne!(b[0].name, old.name, "a new tunnel");
+    assert!(!b[0].outgoing, "the restarted peer's");
+    assert!(b[0].up);
+    assert_eq!(lost(&sim.cores[1], LossReason::PeerRestarted), 1);
+    assert!(
+        sim.count(
+            1,
+            |a| matches!(a, Action::CloseTunnel { name, .. } if *name == old.name)
+        ) == 1
+    );
+    assert_eq!(sim.tunnels(0).len(), 1);
+    assert!(sim.tunnels(0)[0].up);
+}
+
+/// Rotation drains the tunnel first: SetCost and a DrainRequest to the
+/// peer, which drains its end and answers DrainAck.
+#[test]
+fn retirement_drains_both_ends() {
+    let mut sim = Sim::new(2, &netconf(1, |c| c.tunnel_refresh_s = 30));
+    sim.run_until(Duration::from_secs(29));
+    assert!(sim.count(1, |a| matches!(a, Action::SetCost { .. })) == 0);
+    sim.run_until(Duration::from_secs(32));
+    let drain = |a: &Action| matches!(a, Action::SetCost { multiplier, .. } if *multiplier == re6st_tunnel::policy::DRAIN_MULTIPLIER);
+    assert_eq!(sim.count(1, drain), 1, "the initiator drains its tunnel");
+    assert_eq!(sim.count(0, drain), 1, "and so does the peer");
+    assert_eq!(
+        sim.cores[0].metrics().peer_in.get("drain_request"),
+        Some(&1)
+    );
+    assert_eq!(sim.cores[0].metrics().peer_out.get("drain_ack"), Some(&1));
+    assert_eq!(sim.cores[1].metrics().peer_in.get("drain_ack"), Some(&1));
+}
+
+/// An accepted tunnel whose handshake never completes fails after
+/// HANDSHAKE_TIMEOUT on the initiator (the peer is backed off in the
+/// cache) and is forgotten after INCOMING_TIMEOUT on the responder.
+#[test]
+fn handshake_timeout_fails_the_attempt_and_backs_off() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.no_handshake = true;
+    sim.run_until(HANDSHAKE_TIMEOUT - Duration::from_millis(1));
+    assert_eq!(failed(&sim.cores[1], FailReason::NoHandshake), 0);
+    sim.run_until(HANDSHAKE_TIMEOUT + Duration::from_millis(1));
+    assert_eq!(failed(&sim.cores[1], FailReason::NoHandshake), 1);
+    sim.run_until(HANDSHAKE_TIMEOUT + Duration::from_millis(1500));
+    assert!(
+        sim.cores[1].cached_peers().is_empty(),
+        "the peer is in back-off"
+    );
+    assert_eq!(sim.tunnels(0).len(), 1, "the responder's incoming tunnel");
+    sim.dead.insert(1);
+    let t = sim.now.duration_since(sim.t0);
+    sim.run_until(t + INCOMING_TIMEOUT + Duration::from_secs(1));
+    assert_eq!(lost(&sim.cores[0], LossReason::NoHandshake), 1);
+    assert!(sim.tunnels(0).is_empty());
+}
+
+/// A tunnel whose neighbour falls silent is lost after DEAD_AFTER, and
+/// the peer backs off in the cache.
+#[test]
+fn a_silent_tunnel_is_lost_after_dead_after() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    assert_eq!(sim.tunnels(1).len(), 1);
+    sim.dead.insert(0);
+    let t = sim.now.duration_since(sim.t0);
+    sim.run_until(t + DEAD_AFTER - Duration::from_secs(2));
+    assert_eq!(lost(&sim.cores[1], LossReason::Silent), 0);
+    sim.run_until(t + DEAD_AFTER + Duration::from_secs(1));
+    assert_eq!(lost(&sim.cores[1], LossReason::Silent), 1);
+    assert!(sim.tunnels(1).is_empty());
+    assert!(
+        sim.cores[1].cached_peers().is_empty(),
+        "the lost peer is in back-off"
+    );
+    assert!(
+        sim.count(1, |a| matches!(
+            a,
+            Action::Persist(CacheChange::MarkFailed { .. })
+        )) >= 1
+    );
+}
+
+/// A configuration whose CRL has a peer's serial closes that tunnel; one
+/// with our own serial closes everything and opens nothing.
+#[test]
+fn revocation_of_a_peer_and_of_ourselves() {
+    let mut sim = Sim::new(3, &netconf(1, |c| c.client_count = 2));
+    sim.run_until(Duration::from_secs(5));
+    let (now, unix) = (sim.now, sim.unix());
+    let victim = sim.nodes[2].prefix;
+    assert!(sim.tunnels(0).iter().any(|t| t.peer == victim));
+    let c2 = netconf(2, |c| {
+        c.client_count = 2;
+        c.crl = vec![sim.nodes[2].serial];
+    });
+    let s2 = signed(&sim.ca, &c2);
+    sim.cores[0].handle_registry(now, unix, RegistryResult::Config(Ok(s2.clone())));
+    sim.deliver();
+    assert!(sim.tunnels(0).iter().all(|t| t.peer != victim));
+    assert_eq!(lost(&sim.cores[0], LossReason::Revoked), 1);
+    assert!(sim.count(0, |a| *a == Action::Persist(CacheChange::Remove(victim))) == 1);
+    // Our own serial.
+    let c3 = netconf(3, |c| {
+        c.client_count = 2;
+        c.crl = vec![sim.nodes[1].serial, sim.nodes[2].serial];
+    });
+    let s3 = signed(&sim.ca, &c3);
+    let me = 1;
+    sim.answer(me, RegistryResult::Config(Ok(s3)));
+    sim.deliver();
+    assert!(sim.cores[me].revoked());
+    assert!(sim.tunnels(me).is_empty());
+    assert_eq!(sim.count(me, |a| *a == Action::Revoked), 1);
+    let opened = sim.count(me, |a| matches!(a, Action::OpenTunnel { .. }));
+    let sent = sim.count(me, |a| matches!(a, Action::Send { .. }));
+    sim.dead.insert(0);
+    sim.dead.insert(2);
+    sim.run_until(Duration::from_secs(300));
+    assert_eq!(
+        sim.count(me, |a| matches!(a, Action::OpenTunnel { .. })),
+        opened
+    );
+    assert_eq!(sim.count(me, |a| matches!(a, Action::Send { .. })), sent);
+}
+
+/// A newer configuration is applied (saved, forwarded as ConfigVersion,
+/// Hello interval changed on every tunnel and LAN interface); an older
+/// one is ignored.
+#[test]
+fn config_change_is_applied_live_and_flooded() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    let before = sim.cores[1]
+        .metrics()
+        .peer_out
+        .get("config_version")
+        .copied()
+        .unwrap_or(0);
+    let c2 = netconf(2, |c| c.hello_interval_ms = 800);
+    let s2 = signed(&sim.ca, &c2);
+    sim.answer(1, RegistryResult::Config(Ok(s2.clone())));
+    sim.deliver();
+    assert_eq!(sim.cores[1].config().version, 2);
+    assert_eq!(sim.count(1, |a| *a == Action::SaveNetwork(s2.clone())), 1);
+    let after = sim.cores[1]
+        .metrics()
+        .peer_out
+        .get("config_version")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(after, before + 1, "forwarded to the peer");
+    let names: BTreeSet<String> = sim
+        .actions(1)
+        .filter_map(|a| match a {
+            Action::SetHelloInterval { name, interval }
+                if *interval == Duration::from_millis(800) =>
+            {
+                Some(name.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    let want: BTreeSet<String> = sim
+        .tunnels(1)
+        .into_iter()
+        .map(|t| t.name)
+        .chain(["lan0".to_string()])
+        .collect();
+    assert_eq!(names, want);
+    assert_eq!(
+        sim.cores[0].config().version,
+        2,
+        "the peer fetched it over the peer protocol"
+    );
+    let old = signed(&sim.ca, &netconf(1, |c| c.hello_interval_ms = 100));
+    sim.answer(1, RegistryResult::Config(Ok(old.clone())));
+    sim.deliver();
+    assert_eq!(sim.cores[1].config().version, 2);
+    assert_eq!(sim.count(1, |a| *a == Action::SaveNetwork(old.clone())), 0);
+}
+
+/// A certificate inside the renewal window is renewed at start; a failed
+/// renewal is retried; a renewed certificate is saved and used.
+#[test]
+fn renewal_before_expiry_retried_after_failure() {
+    let mut sim = Sim::with_nodes(1, &netconf(1, |_| {}), 20);
+    sim.registry_down = true;
+    let renew = |a: &Action| *a == Action::Registry(RegistryRequest::Renew);
+    sim.run_until(Duration::from_secs(1));
+    assert_eq!(sim.count(0, renew), 1, "asked at start");
+    sim.run_until(RENEW_RETRY - Duration::from_secs(1));
+    assert_eq!(sim.count(0, renew), 1);
+    sim.run_until(RENEW_RETRY + Duration::from_secs(1));
+    assert_eq!(sim.count(0, renew), 2, "retried");
+    let key = re6st_registry::cert::load_key(&sim.nodes[0].key_pem).unwrap();
+    let pem = sim
+        .ca
+        .issue(&IssueRequest {
+            public_key: key.public_key_raw().to_vec(),
+            prefix: sim.nodes[0].prefix,
+            wg_key: [1; 32],
+            serial: 99,
+            not_before: NOW - 10,
+            not_after: NOW + 365 * 86_400,
+        })
+        .unwrap();
+    sim.answer(0, RegistryResult::Renewed(Ok(pem.clone())));
+    sim.registry_down = false;
+    sim.deliver();
+    assert_eq!(
+        sim.count(0, |a| *a == Action::SaveCertificate(pem.clone())),
+        1
+    );
+    assert_eq!(sim.cores[0].certificate().serial, 99);
+    sim.run_until(RENEW_RETRY + RENEW_CHECK + Duration::from_secs(2));
+    assert_eq!(sim.count(0, renew), 2, "no renewal needed any more");
+}
+
+/// With the registry down, nodes still open tunnels from their caches and
+/// keep them; the configuration and the Babel keys are asked again with
+/// growing delays.
+#[test]
+fn registry_down_the_mesh_runs_from_the_cache() {
+    let mut sim = Sim::new(2, &netconf(1, |c| c.tunnel_refresh_s = 86_400));
+    sim.registry_down = true;
+    sim.run_until(Duration::from_secs(600));
+    assert_eq!(sim.tunnels(1).len(), 1);
+    assert!(sim.tunnels(1)[0].up);
+    let name = sim.tunnels(1)[0].name.clone();
+    assert_eq!(
+        sim.count(1, |a| matches!(a, Action::OpenTunnel { .. })),
+        1,
+        "kept: {name}"
+    );
+    let times = |what: RegistryRequest| -> Vec<Duration> {
+        sim.log
+            .iter()
+            .filter(|(n, _, a)| *n == 1 && *a == Action::Registry(what.clone()))
+            .map(|(_, t, _)| *t)
+            .collect()
+    };
+    for t in [times(RegistryRequest::Config), times(RegistryRequest::Hmac)] {
+        assert!(t.len() >= 4, "{t:?}");
+        let gaps: Vec<Duration> = t.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.windows(2).all(|g| g[1] >= g[0]),
+            "growing delays {gaps:?}"
+        );
+        assert!(gaps[gaps.len() - 1] > gaps[0]);
+    }
+}
+
+/// poll_timeout is None or in the future after every input, and a lone
+/// node sleeps: few wake-ups per hour.
+#[test]
+fn a_lone_node_does_not_busy_loop() {
+    let mut sim = Sim::new(1, &netconf(1, |_| {}));
+    sim.registry_down = true;
+    let t = sim.cores[0].poll_timeout();
+    assert!(t.is_none_or(|t| t > sim.now));
+    let start = sim.log.len();
+    sim.run_until(Duration::from_secs(3600));
+    let wakeups = sim.log.len() - start;
+    assert!(wakeups < 1000, "{wakeups} actions in an hour");
+}
+
+/// A DrainRequest from a peer without a tunnel to us changes nothing.
+#[test]
+fn drain_request_without_tunnel_is_ignored() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.dead.insert(0);
+    sim.run_until(Duration::from_secs(1));
+    assert!(sim.count(1, |a| matches!(a, Action::SetCost { .. })) == 0);
+}

@@ -181,7 +181,14 @@ impl Process {
 /// CPU time (user + system) used so far by process `pid`, from
 /// `/proc/PID/stat`.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_time(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// CPU time (user + system) from a `stat` file of procfs: a process's
+/// (`/proc/PID/stat`, all its threads) or one thread's
+/// (`/proc/PID/task/TID/stat`).
+pub fn stat_cpu_time(path: &Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name, in parentheses, may hold spaces: count from after it.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.

@@ -37,17 +37,36 @@ pub mod wan;
 
 pub use error::{Error, Result, TopologyError};
 
+/// Where [`binary`] looks instead of next to the running executable, once
+/// [`set_binary_dir`] was called.
+static BINARY_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`binary`] take every workspace binary from `dir` (another build,
+/// to compare builds with the same harness). Only the first call counts;
+/// false when a directory was already set.
+pub fn set_binary_dir(dir: std::path::PathBuf) -> bool {
+    BINARY_DIR.set(dir).is_ok()
+}
+
 /// Path of a binary of this workspace, built next to the running test
-/// (`target/<profile>/NAME`). Errors with a hint when it was not built.
+/// (`target/<profile>/NAME`), or in the directory given to
+/// [`set_binary_dir`]. Errors with a hint when it was not built.
 pub fn binary(name: &str) -> Result<std::path::PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| Error::io("finding the test executable", e))?;
-    let mut dir = exe
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
+    let dir = match BINARY_DIR.get() {
+        Some(dir) => dir.clone(),
+        None => {
+            let exe =
+                std::env::current_exe().map_err(|e| Error::io("finding the test executable", e))?;
+            let mut dir = exe
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
     let path = dir.join(name);
     if path.is_file() {
         Ok(path)

@@ -22,9 +22,12 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `program args...` inside namespace `ns`, in its own process
-    /// group (so Ctrl-C on the terminal reaches only us, and we stop the whole
-    /// group), with stdout and stderr appended to `log`.
+    /// Starts `program args...` inside namespace `ns`, in its own session
+    /// and so its own process group (Ctrl-C on the terminal reaches only
+    /// us, and we stop the whole group), with stdout and stderr appended to
+    /// `log`. A new session also means a new scheduler autogroup (with
+    /// `CONFIG_SCHED_AUTOGROUP`): the daemons do not share the harness's,
+    /// where they would compete per thread with the WAN emulator.
     pub fn spawn(ns: &str, name: &str, program: &str, args: &[&str], log: &Path) -> Result<Self> {
         let out = File::options()
             .create(true)
@@ -34,13 +37,24 @@ impl Process {
         let err = out
             .try_clone()
             .map_err(|e| Error::io(format!("opening log {}", log.display()), e))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, program])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, program])
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .process_group(0)
+            .stderr(err);
+        // SAFETY: the hook runs in the child between fork and exec and only
+        // calls setsid, which is async-signal-safe. The child is not a group
+        // leader yet (no `process_group` here), so setsid cannot fail for that.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| Error::io(format!("starting {program} in {ns}"), e))?;
         Ok(Self {
@@ -119,7 +133,7 @@ impl Process {
         let pgid = i32::try_from(self.child.id())
             .map_err(|_| Error::Measure(format!("pid {} out of range", self.child.id())))?;
         // SAFETY: kill has no memory-safety preconditions; the group is the
-        // one this child leads (process_group(0) at spawn).
+        // one this child leads (setsid at spawn).
         if unsafe { libc::kill(-pgid, signal) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ESRCH) {
@@ -167,7 +181,14 @@ impl Process {
 /// CPU time (user + system) used so far by process `pid`, from
 /// `/proc/PID/stat`.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_time(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// CPU time (user + system) from a `stat` file of procfs: a process's
+/// (`/proc/PID/stat`, all its threads) or one thread's
+/// (`/proc/PID/task/TID/stat`).
+pub fn stat_cpu_time(path: &Path) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name, in parentheses, may hold spaces: count from after it.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.

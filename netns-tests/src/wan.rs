@@ -8,21 +8,25 @@
 //! forward to its destination.
 //!
 //! [`Shaper`] is the decision logic with time passed in (unit-tested without
-//! any device); [`Emulator`] runs it on a tun device with two threads: the
-//! reader (classifies, writes zero-delay packets at once) and the releaser
-//! (writes delayed packets when they are due).
+//! any device); [`Emulator`] runs it on a tun device with one thread, in
+//! `SCHED_FIFO` when allowed: it waits for packets or for the next due
+//! [`SLOT`], reads everything waiting, classifies it (writing zero-delay
+//! packets at once), queues the rest per pair in reused buffers, and writes
+//! what is due. No lock or hand-off between threads is on the packet path.
 //!
-//! Packets are read one at a time without tun offloads, so loss applies to
-//! real wire-sized packets, as it would on a WAN.
+//! Packets are read without tun offloads, so loss applies to real
+//! wire-sized packets, as it would on a WAN. The handle exposes the queue's
+//! high-water mark and a histogram of release lateness (write time − due
+//! time), so that a benchmark can tell emulator delay from node delay.
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,7 +44,6 @@ struct PairCounters {
     lost: AtomicU64,
     blackholed: AtomicU64,
     overflow: AtomicU64,
-    in_flight: AtomicUsize,
 }
 
 /// A snapshot of the counters of one direction.
@@ -82,6 +85,14 @@ struct Shared {
     malformed: AtomicU64,
     /// Writes back into the tun device that failed.
     write_errors: AtomicU64,
+    /// Packets in the delay queues now (all shards).
+    queued: AtomicUsize,
+    /// Most packets in the delay queues at once since the last reset.
+    high_water: AtomicUsize,
+    /// Release lateness of delivered packets, by [`lateness_bucket`].
+    lateness: Vec<AtomicU64>,
+    /// Whether an emulator thread was refused `SCHED_FIFO`.
+    rt_refused: AtomicBool,
 }
 
 impl Shared {
@@ -98,6 +109,94 @@ impl Shared {
                 name: name.to_string(),
             })
     }
+}
+
+/// Lateness histogram: 10 µs buckets from −1 ms to +10 ms, then buckets
+/// of doubling width up to 41 s (the last one also holds anything later).
+const LAT_MIN_US: i64 = -1_000;
+const LAT_STEP_US: i64 = 10;
+const LAT_LINEAR: usize = 1_100;
+const LAT_LINEAR_END_US: i64 = LAT_MIN_US + LAT_STEP_US * LAT_LINEAR as i64;
+const LAT_LOG: usize = 12;
+const LAT_BUCKETS: usize = LAT_LINEAR + LAT_LOG;
+
+/// The bucket of a lateness of `us` microseconds.
+fn lateness_bucket(us: i64) -> usize {
+    if us < LAT_LINEAR_END_US {
+        // Non-negative and below LAT_LINEAR after the clamp.
+        return ((us.max(LAT_MIN_US) - LAT_MIN_US) / LAT_STEP_US) as usize;
+    }
+    let mut bound = LAT_LINEAR_END_US * 2;
+    let mut k = 0;
+    while us >= bound && k < LAT_LOG - 1 {
+        bound *= 2;
+        k += 1;
+    }
+    LAT_LINEAR + k
+}
+
+/// The upper bound (µs, exclusive) of bucket `b`.
+fn lateness_bound(b: usize) -> i64 {
+    if b < LAT_LINEAR {
+        LAT_MIN_US + LAT_STEP_US * (b as i64 + 1)
+    } else {
+        LAT_LINEAR_END_US << (b - LAT_LINEAR + 1)
+    }
+}
+
+/// A snapshot of the release lateness (write time − due time) of every
+/// packet the emulator delivered: negative when released early (at most
+/// half a [`SLOT`] by design), positive when late.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lateness {
+    buckets: Vec<u64>,
+}
+
+impl Lateness {
+    /// Packets counted.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The `q` quantile (0..=1) in microseconds, as the upper bound of its
+    /// bucket (10 µs wide up to 10 ms); None when nothing was counted.
+    pub fn quantile_us(&self, q: f64) -> Option<i64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64 * q.clamp(0.0, 1.0)).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, &c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(lateness_bound(b));
+            }
+        }
+        Some(lateness_bound(LAT_BUCKETS - 1))
+    }
+
+    /// What was counted after `earlier` (a snapshot of the same emulator).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .zip(&earlier.buckets)
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect(),
+        }
+    }
+}
+
+/// Occupancy of the emulator's delay queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Packets waiting now.
+    pub queued: usize,
+    /// Most packets waiting at once since the start or the last
+    /// [`WanHandle::reset_high_water`]. The limit is [`QUEUE_LIMIT`].
+    pub high_water: usize,
 }
 
 /// Live control of the emulated WAN: change any path while the network runs.
@@ -182,6 +281,39 @@ impl WanHandle {
             self.shared.write_errors.load(Ordering::Relaxed),
         )
     }
+
+    /// The delay queues' occupancy now and its high-water mark.
+    pub fn queue(&self) -> QueueStats {
+        QueueStats {
+            queued: self.shared.queued.load(Ordering::Relaxed),
+            high_water: self.shared.high_water.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts a new high-water mark from the current occupancy.
+    pub fn reset_high_water(&self) {
+        let now = self.shared.queued.load(Ordering::Relaxed);
+        self.shared.high_water.store(now, Ordering::Relaxed);
+    }
+
+    /// Release lateness of every packet delivered so far (diff two
+    /// snapshots with [`Lateness::since`] for a window).
+    pub fn lateness(&self) -> Lateness {
+        Lateness {
+            buckets: self
+                .shared
+                .lateness
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    /// Whether every emulator thread runs in `SCHED_FIFO` (false when the
+    /// kernel refused it; the emulator then competes with the daemons).
+    pub fn realtime(&self) -> bool {
+        !self.shared.rt_refused.load(Ordering::Relaxed)
+    }
 }
 
 /// What to do with one packet.
@@ -198,7 +330,7 @@ pub enum Verdict {
     Drop,
 }
 
-/// The emulator's decisions, with time passed in. Owned by the reader thread.
+/// The emulator's decisions, with time passed in. Owned by the emulator thread.
 #[derive(Debug)]
 pub struct Shaper {
     shared: Arc<Shared>,
@@ -264,6 +396,10 @@ impl Shaper {
             counters: (0..=n * n).map(|_| PairCounters::default()).collect(),
             malformed: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            high_water: AtomicUsize::new(0),
+            lateness: (0..LAT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            rt_refused: AtomicBool::new(false),
         });
         let shaper = Self {
             shared: Arc::clone(&shared),
@@ -338,51 +474,117 @@ impl Shaper {
         self.last_due[slot] = Some(at);
         Verdict::Deliver { at, slot }
     }
-
-    fn counters(&self, slot: usize) -> &PairCounters {
-        &self.shared.counters[slot]
-    }
 }
 
-/// A packet waiting in the delay queue.
+/// Width of a release slot. A shard wakes when the earliest packet is due,
+/// but at least half a slot after its last release, and then writes every
+/// packet due within the next half slot: it wakes for timers at most twice
+/// per slot whatever the load, and releases a packet at most half a slot
+/// early (late only by its own wake-up latency).
+pub const SLOT: Duration = Duration::from_millis(1);
+
+/// Most packets read in one go before the due ones are written.
+const READ_BATCH: usize = 512;
+
+/// Realtime priority (`SCHED_FIFO`) asked for the emulator threads, so that
+/// busy daemons do not starve the emulated Internet.
+const RT_PRIORITY: i32 = 10;
+
+/// Whether the refusal of `SCHED_FIFO` was already logged (once per process).
+static RT_REFUSAL_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// The delay queues of one shard: a FIFO per pair (the shaper never gives a
+/// packet an earlier due time than the one ahead of it on its pair), a heap
+/// of the pairs keyed by the due time of their head, and a pool of packet
+/// buffers reused from packet to packet.
 #[derive(Debug)]
-struct Held {
-    at: Instant,
-    seq: u64,
-    slot: usize,
-    packet: Vec<u8>,
+struct DelayQueue {
+    /// Per counter slot: (due time, buffer index), oldest first.
+    pairs: Vec<VecDeque<(Instant, usize)>>,
+    /// (due time of the head, slot) of every non-empty pair.
+    heads: BinaryHeap<Reverse<(Instant, usize)>>,
+    bufs: Vec<Vec<u8>>,
+    free: Vec<usize>,
+    len: usize,
+    limit: usize,
 }
 
-impl PartialEq for Held {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
+impl DelayQueue {
+    fn new(slots: usize, limit: usize) -> Self {
+        Self {
+            pairs: (0..slots).map(|_| VecDeque::new()).collect(),
+            heads: BinaryHeap::new(),
+            bufs: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            limit,
+        }
     }
-}
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
+
+    /// Whether pair `slot` has nothing waiting (a packet due now may then
+    /// be written at once without overtaking one).
+    fn pair_is_empty(&self, slot: usize) -> bool {
+        self.pairs[slot].is_empty()
     }
-}
-impl Ord for Held {
-    // Reversed: BinaryHeap is a max-heap and we want the earliest first.
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
+
+    /// Queues a copy of `packet` on pair `slot`, due at `at` (not earlier
+    /// than the pair's last one); false when the queue is full.
+    fn push(&mut self, slot: usize, at: Instant, packet: &[u8]) -> bool {
+        if self.len >= self.limit {
+            return false;
+        }
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.bufs.push(Vec::new());
+            self.bufs.len() - 1
+        });
+        let buf = &mut self.bufs[idx];
+        buf.clear();
+        buf.extend_from_slice(packet);
+        let q = &mut self.pairs[slot];
+        if q.is_empty() {
+            self.heads.push(Reverse((at, slot)));
+        }
+        q.push_back((at, idx));
+        self.len += 1;
+        true
+    }
+
+    /// When the earliest packet is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.heads.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Takes the earliest packet if it is due by `until`, handing its slot,
+    /// due time and bytes to `f`; false when none is.
+    fn pop_due(&mut self, until: Instant, f: impl FnOnce(usize, Instant, &[u8])) -> bool {
+        let Some(&Reverse((at, slot))) = self.heads.peek() else {
+            return false;
+        };
+        if at > until {
+            return false;
+        }
+        self.heads.pop();
+        let q = &mut self.pairs[slot];
+        // A pair is in `heads` only while it holds packets.
+        let Some((due, idx)) = q.pop_front() else {
+            return true;
+        };
+        if let Some(&(next, _)) = q.front() {
+            self.heads.push(Reverse((next, slot)));
+        }
+        f(slot, due, &self.bufs[idx]);
+        self.free.push(idx);
+        self.len -= 1;
+        true
     }
 }
 
-#[derive(Debug, Default)]
-struct Queue {
-    heap: Mutex<BinaryHeap<Held>>,
-    wake: Condvar,
-}
-
-/// A running emulator: two threads on a tun device. Dropping it stops them
-/// and closes the device (which removes it).
+/// A running emulator: one thread per tun queue, each reading, delaying and
+/// writing back its own packets. Dropping it stops them and closes the
+/// device (which removes it).
 #[derive(Debug)]
 pub struct Emulator {
     stop: Arc<AtomicBool>,
-    queue: Arc<Queue>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -399,59 +601,89 @@ impl Emulator {
     /// Runs `shaper` between two tun devices: packets read from `input` are
     /// written to `output` (one direction of an emulated link).
     pub fn start_pipe(input: File, output: File, shaper: Shaper) -> Result<Self> {
-        let shared = Arc::clone(&shaper.shared);
-        let input = Arc::new(input);
-        let tun = Arc::new(output);
+        set_nonblocking(&input)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let queue = Arc::new(Queue::default());
-        let reader = {
-            let (input, out, stop, queue) = (
-                Arc::clone(&input),
-                Arc::clone(&tun),
-                Arc::clone(&stop),
-                Arc::clone(&queue),
-            );
+        let thread = {
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
-                .name("wan-reader".into())
-                .spawn(move || read_loop(&input, &out, shaper, &stop, &queue))
-                .map_err(|e| Error::io("starting the WAN reader thread", e))?
+                .name(THREAD_NAME.into())
+                .spawn(move || shard_loop(&input, &output, shaper, &stop))
+                .map_err(|e| Error::io("starting the WAN emulator thread", e))?
         };
-        let mut emulator = Self {
-            stop: Arc::clone(&stop),
-            queue: Arc::clone(&queue),
-            threads: vec![reader],
-        };
-        let releaser = std::thread::Builder::new()
-            .name("wan-releaser".into())
-            .spawn(move || release_loop(&tun, &shared, &stop, &queue))
-            .map_err(|e| Error::io("starting the WAN releaser thread", e))?;
-        emulator.threads.push(releaser);
-        Ok(emulator)
+        Ok(Self {
+            stop,
+            threads: vec![thread],
+        })
     }
 }
 
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.queue.wake.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// How often the threads look at the stop flag when idle.
+/// Longest sleep of an idle shard, so that it sees the stop flag.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
-fn write_packet(tun: &File, shared: &Shared, slot: usize, packet: &[u8]) {
-    let counters = &shared.counters[slot];
+fn set_nonblocking(file: &File) -> Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL take no pointer; the fd is ours.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::io(
+            "making the tun descriptor non-blocking",
+            std::io::Error::last_os_error(),
+        ))
+    }
+}
+
+/// Puts the calling thread in `SCHED_FIFO`; on refusal, says so once and
+/// records it in the handle's state.
+fn set_realtime(shared: &Shared) {
+    let param = libc::sched_param {
+        sched_priority: RT_PRIORITY,
+    };
+    // SAFETY: sched_setscheduler reads one sched_param that outlives the
+    // call; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    shared.rt_refused.store(true, Ordering::Relaxed);
+    if !RT_REFUSAL_LOGGED.swap(true, Ordering::Relaxed) {
+        eprintln!("netns-tests: WAN emulator left at normal priority, SCHED_FIFO refused: {err}");
+    }
+}
+
+/// Signed microseconds from `due` to `at`.
+fn micros_after(due: Instant, at: Instant) -> i64 {
+    match at.checked_duration_since(due) {
+        Some(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        None => -i64::try_from((due - at).as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Writes one packet, due at `due`, and counts it.
+fn deliver(tun: &File, shared: &Shared, slot: usize, due: Instant, packet: &[u8]) {
     // A tun device takes a packet whole or not at all.
     match (&*tun).write(packet) {
         Ok(n) if n == packet.len() => {
+            let counters = &shared.counters[slot];
             counters.delivered.fetch_add(1, Ordering::Relaxed);
             counters
                 .bytes
                 .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            let late = micros_after(due, Instant::now());
+            shared.lateness[lateness_bucket(late)].fetch_add(1, Ordering::Relaxed);
         }
         Ok(_) | Err(_) => {
             shared.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -459,90 +691,101 @@ fn write_packet(tun: &File, shared: &Shared, slot: usize, packet: &[u8]) {
     }
 }
 
-fn read_loop(input: &File, tun: &File, mut shaper: Shaper, stop: &AtomicBool, queue: &Queue) {
+/// One shard: waits for packets or the next due slot, reads everything
+/// waiting (up to [`READ_BATCH`]), queues it, and writes what is due.
+fn shard_loop(input: &File, output: &File, mut shaper: Shaper, stop: &AtomicBool) {
     let shared = Arc::clone(&shaper.shared);
+    set_realtime(&shared);
+    let mut queue = DelayQueue::new(shared.counters.len(), QUEUE_LIMIT);
     let mut buf = vec![0u8; 65536];
-    let mut seq = 0u64;
+    let half = SLOT / 2;
+    let mut last_release = Instant::now();
     let mut pfd = libc::pollfd {
         fd: input.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: pfd is a valid pollfd for an fd we own for this loop's life.
-        let ready = unsafe { libc::poll(&mut pfd, 1, IDLE_TICK.as_millis() as i32) };
-        if ready <= 0 {
-            continue;
-        }
-        let len = match (&*input).read(&mut buf) {
-            Ok(0) => continue,
-            Ok(len) => len,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            // The device is gone (namespace removed): nothing more to read.
-            Err(_) => break,
-        };
-        let packet = &buf[..len];
         let now = Instant::now();
-        let Verdict::Deliver { at, slot } = shaper.classify(now, packet) else {
-            continue;
-        };
-        let counters = shaper.counters(slot);
-        if at <= now && counters.in_flight.load(Ordering::Acquire) == 0 {
-            write_packet(tun, &shared, slot, packet);
-            continue;
-        }
-        let mut heap = queue.heap.lock().unwrap_or_else(PoisonError::into_inner);
-        if heap.len() >= QUEUE_LIMIT {
-            counters.overflow.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        counters.in_flight.fetch_add(1, Ordering::AcqRel);
-        let wake = heap.peek().is_none_or(|top| at < top.at);
-        seq += 1;
-        heap.push(Held {
-            at,
-            seq,
-            slot,
-            packet: packet.to_vec(),
+        let wait = queue.next_due().map_or(IDLE_TICK, |due| {
+            let wake = due.max(last_release + half);
+            wake.saturating_duration_since(now).min(IDLE_TICK)
         });
-        drop(heap);
-        if wake {
-            queue.wake.notify_one();
+        let ts = libc::timespec {
+            tv_sec: 0,
+            // Below IDLE_TICK, so it fits.
+            tv_nsec: wait.subsec_nanos().into(),
+        };
+        // SAFETY: pfd and ts are valid for the call; the fd is ours for the
+        // loop's life; a null signal mask leaves the mask alone.
+        let ready = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+        if ready > 0 && pfd.revents & libc::POLLIN == 0 {
+            // POLLERR, POLLHUP or POLLNVAL: the device is gone.
+            break;
+        }
+        if ready > 0 {
+            let mut pushed = 0;
+            for _ in 0..READ_BATCH {
+                let len = match (&*input).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(len) => len,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // The device is gone (namespace removed): nothing more to read.
+                    Err(_) => return,
+                };
+                let packet = &buf[..len];
+                let now = Instant::now();
+                let Verdict::Deliver { at, slot } = shaper.classify(now, packet) else {
+                    continue;
+                };
+                if at <= now && queue.pair_is_empty(slot) {
+                    deliver(output, &shared, slot, at, packet);
+                } else if queue.push(slot, at, packet) {
+                    pushed += 1;
+                } else {
+                    shared.counters[slot]
+                        .overflow
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if pushed > 0 {
+                let total = shared.queued.fetch_add(pushed, Ordering::Relaxed) + pushed;
+                shared.high_water.fetch_max(total, Ordering::Relaxed);
+            }
+        }
+        let now = Instant::now();
+        let mut released = 0;
+        while queue.pop_due(now + half, |slot, due, packet| {
+            deliver(output, &shared, slot, due, packet);
+        }) {
+            released += 1;
+        }
+        if released > 0 {
+            last_release = now;
+            shared.queued.fetch_sub(released, Ordering::Relaxed);
         }
     }
 }
 
-fn release_loop(tun: &File, shared: &Shared, stop: &AtomicBool, queue: &Queue) {
-    let mut due = Vec::new();
-    let mut heap = queue.heap.lock().unwrap_or_else(PoisonError::into_inner);
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        while heap.peek().is_some_and(|top| top.at <= now) {
-            if let Some(h) = heap.pop() {
-                due.push(h);
-            }
+/// Name of the emulator threads (as `/proc/self/task/*/comm` shows it).
+pub const THREAD_NAME: &str = "wan-emu";
+
+/// CPU time used so far by this process's emulator threads (all
+/// emulators), from `/proc/self/task/*/stat`.
+pub fn cpu_time() -> Result<Duration> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| Error::io("listing /proc/self/task", e))?;
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let is_emulator =
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == THREAD_NAME);
+        if is_emulator {
+            total += crate::process::stat_cpu_time(&dir.join("stat")).unwrap_or_default();
         }
-        if !due.is_empty() {
-            drop(heap);
-            for h in due.drain(..) {
-                write_packet(tun, shared, h.slot, &h.packet);
-                shared.counters[h.slot]
-                    .in_flight
-                    .fetch_sub(1, Ordering::AcqRel);
-            }
-            heap = queue.heap.lock().unwrap_or_else(PoisonError::into_inner);
-            continue;
-        }
-        let wait = heap.peek().map_or(IDLE_TICK, |top| {
-            top.at.saturating_duration_since(now).min(IDLE_TICK)
-        });
-        heap = queue
-            .wake
-            .wait_timeout(heap, wait)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
     }
+    Ok(total)
 }
 
 /// Opens a new tun device named `name` (IFF_TUN, no packet information)
@@ -732,5 +975,56 @@ mod tests {
             }
         );
         Ok(())
+    }
+
+    #[test]
+    fn delay_queue_keeps_pair_order_and_reuses_buffers() {
+        let t = Instant::now();
+        let ms = |m| t + Duration::from_millis(m);
+        let mut q = DelayQueue::new(3, 4);
+        assert!(q.push(0, ms(30), b"a1"));
+        assert!(q.push(1, ms(10), b"b1"));
+        assert!(q.push(0, ms(30), b"a2"));
+        assert!(q.push(1, ms(40), b"b2"));
+        assert!(!q.push(2, ms(1), b"full"), "over the limit");
+        assert!(!q.pair_is_empty(0) && q.pair_is_empty(2));
+        assert_eq!(q.next_due(), Some(ms(10)));
+        let mut out = Vec::new();
+        while q.pop_due(ms(35), |slot, due, p| out.push((slot, due, p.to_vec()))) {}
+        assert_eq!(
+            out,
+            vec![
+                (1, ms(10), b"b1".to_vec()),
+                (0, ms(30), b"a1".to_vec()),
+                (0, ms(30), b"a2".to_vec()),
+            ]
+        );
+        assert_eq!(q.next_due(), Some(ms(40)));
+        assert!(q.push(2, ms(50), b"c1"));
+        assert_eq!(q.bufs.len(), 4, "freed buffers are reused");
+        assert!(q.pop_due(ms(40), |slot, _, p| assert_eq!((slot, p), (1, &b"b2"[..]))));
+        assert!(!q.pop_due(ms(49), |_, _, _| panic!("not due")));
+    }
+
+    #[test]
+    fn lateness_histogram_quantiles() {
+        assert_eq!(lateness_bucket(-5_000), 0);
+        assert_eq!(lateness_bound(lateness_bucket(-1)), 0);
+        assert_eq!(lateness_bound(lateness_bucket(0)), 10);
+        assert_eq!(lateness_bound(lateness_bucket(9_999)), 10_000);
+        assert_eq!(lateness_bound(lateness_bucket(10_000)), 20_000);
+        assert_eq!(lateness_bound(lateness_bucket(25_000)), 40_000);
+        assert_eq!(lateness_bucket(i64::MAX), LAT_BUCKETS - 1);
+        let mut buckets = vec![0; LAT_BUCKETS];
+        buckets[lateness_bucket(5)] = 98;
+        buckets[lateness_bucket(500)] = 2;
+        let l = Lateness { buckets };
+        assert_eq!(l.count(), 100);
+        assert_eq!(l.quantile_us(0.5), Some(10));
+        assert_eq!(l.quantile_us(0.99), Some(510));
+        assert_eq!(l.since(&l).quantile_us(0.5), None);
+        let t = Instant::now();
+        assert_eq!(micros_after(t, t + Duration::from_micros(7)), 7);
+        assert_eq!(micros_after(t + Duration::from_micros(7), t), -7);
     }
 }

@@ -233,8 +233,8 @@ fn emulated_links() -> Result<()> {
     check(s.received == 3, format!("healed link: {s:?}"))
 }
 
-/// Programs run inside the host with their output logged, and die with
-/// their handle; a whole process group goes.
+/// Programs run inside the host with their output logged, in their own
+/// session, and die with their handle; a whole process group goes.
 fn processes_are_logged_and_killed() -> Result<()> {
     let mut t = Topology::new("proc");
     t.host("a");
@@ -253,6 +253,16 @@ fn processes_are_logged_and_killed() -> Result<()> {
         || p.log().contains("198.18.1.2").then_some(()),
     )?;
     check(p.is_running(), "running")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| Error::io("reading the child's stat", e))?;
+    let session = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+        .and_then(|s| s.parse::<u32>().ok());
+    check(
+        session == Some(pid),
+        format!("own session (autogroup): {session:?} for pid {pid}"),
+    )?;
     check(
         p.log_path().starts_with(net.log_dir()),
         "log under the network's log dir",

@@ -10,12 +10,14 @@
 //! - [`inprocess`]: the protocol served in process on the links (Babel).
 //! - [`frame`]: link-local UDP inside IPv6 packets.
 //! - [`tun`]: tun devices.
+//! - [`offload`]: tun offloads (virtio-net header, segmentation, GRO).
 //! - [`udp`]: UDP GSO/GRO helpers.
 
 pub mod cache;
 pub mod frame;
 pub mod inprocess;
 pub mod link;
+pub mod offload;
 pub mod plane;
 pub mod policy;
 mod reactor;

@@ -37,6 +37,11 @@ pub struct InterfaceConfig {
     pub cost_multiplier: u16,
     /// How Hello history becomes a cost (2-out-of-3 or ETX).
     pub link_quality: LinkQuality,
+    /// Hellos on the router's shared beat: every aligned interface with
+    /// the same interval sends in the same wake-up (one jittered phase per
+    /// router, so nodes stay apart as RFC 8966's jitter wants), instead of
+    /// each at its own phase. Dump slices keep their own phases.
+    pub aligned: bool,
 }
 
 impl InterfaceConfig {
@@ -50,6 +55,7 @@ impl InterfaceConfig {
             link_local: None,
             cost_multiplier: 1,
             link_quality: LinkQuality::TwoOutOfThree,
+            aligned: true,
         }
     }
 }
@@ -223,12 +229,12 @@ impl Router {
         }
         let burst = i.burst;
         i.burst = burst.saturating_sub(1);
-        let iv = i.cfg.hello_interval;
+        let (iv, aligned) = (i.cfg.hello_interval, i.cfg.aligned);
         self.emit_tlvs(iface, Destination::Multicast, &tlvs);
         let next = if burst > 0 {
             now + BURST_GAP.min(iv)
         } else {
-            now + self.rng.jitter(iv, 5)
+            self.next_hello(iv, aligned, now)
         };
         self.timers.set(Timer::Hello(iface), next);
     }

@@ -180,6 +180,8 @@ pub struct Router {
     /// because it missed a Hello.
     prepared: BTreeMap<NeighbourId, Instant>,
     timers: TimerTable,
+    /// The next Hello beat of aligned interfaces, by interval.
+    beats: BTreeMap<Duration, Instant>,
     outbox: VecDeque<Transmit>,
     changes: VecDeque<RouteChange>,
     rng: Rng,
@@ -217,6 +219,7 @@ impl Router {
             resends: BTreeMap::new(),
             prepared: BTreeMap::new(),
             timers,
+            beats: BTreeMap::new(),
             outbox: VecDeque::new(),
             changes: VecDeque::new(),
             stats: Stats::default(),

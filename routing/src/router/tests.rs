@@ -517,3 +517,37 @@ fn the_same_seed_gives_the_same_packets() {
     };
     assert_eq!(run(), run());
 }
+
+/// The instants at which each interface sent a Hello, over `d` from `h`.
+fn hello_times(h: &mut Harness, d: Duration) -> BTreeMap<IfaceId, Vec<Instant>> {
+    let end = h.now + d;
+    let mut out: BTreeMap<IfaceId, Vec<Instant>> = BTreeMap::new();
+    while let Some(t) = h.r.poll_timeout().filter(|t| *t <= end) {
+        h.now = t.max(h.now);
+        h.r.handle_timeout(h.now);
+        for (i, _, tlv) in h.sent() {
+            if matches!(tlv, Tlv::Hello { .. }) {
+                out.entry(i).or_default().push(h.now);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn aligned_interfaces_say_hello_in_the_same_wake_up() {
+    let mut h = Harness::with_neighbours();
+    let times = hello_times(&mut h, Duration::from_secs(3));
+    assert!(times[&A].len() >= 5, "{times:?}");
+    assert_eq!(times[&A], times[&B]);
+    // Not aligned: each interface keeps its own jittered phase.
+    let mut h = Harness::with_neighbours();
+    for i in [A, B] {
+        let mut c = InterfaceConfig::tunnel(HELLO);
+        c.aligned = false;
+        c.link_local = Some(ours(i));
+        h.r.add_interface(i, c, h.now);
+    }
+    let times = hello_times(&mut h, Duration::from_secs(3));
+    assert_ne!(times[&A], times[&B]);
+}

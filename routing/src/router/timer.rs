@@ -3,9 +3,9 @@
 //! first entry and nothing wakes the router when nothing is due.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::RouteKey;
+use super::{RouteKey, Router};
 use crate::neighbour::{IfaceId, NeighbourId};
 
 /// Everything the router waits for.
@@ -74,6 +74,31 @@ impl TimerTable {
         self.queue.remove(&(at, timer));
         self.at.remove(&timer);
         Some(timer)
+    }
+}
+
+impl Router {
+    /// When an interface's next Hello is due: now plus the jittered
+    /// interval, or for an aligned interface the router's current Hello
+    /// beat of that interval (the first interface to reach a passed beat
+    /// draws the next one, the others at the same instant join it).
+    pub(super) fn next_hello(
+        &mut self,
+        interval: Duration,
+        aligned: bool,
+        now: Instant,
+    ) -> Instant {
+        if !aligned {
+            return now + self.rng.jitter(interval, 5);
+        }
+        match self.beats.get(&interval) {
+            Some(&at) if at > now => at,
+            _ => {
+                let at = now + self.rng.jitter(interval, 5);
+                self.beats.insert(interval, at);
+                at
+            }
+        }
     }
 }
 

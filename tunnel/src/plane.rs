@@ -221,7 +221,7 @@ impl<P: InProcess> Plane<P> {
         mtu: u32,
         link_local: Ipv6Addr,
     ) -> Result<(u32, u32), PlaneError> {
-        let tun = tun::create(name, mtu, link_local)?;
+        let tun = tun::create(name, mtu, link_local, true)?;
         let ifindex = tun.ifindex;
         // Indexes are 24 bits (boringtun's receiver index is index << 8).
         let index = self

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -35,8 +35,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{SockAddr, Socket};
 
 use crate::frame;
+use crate::tun::Offload;
 use crate::inprocess::InProcess;
 use crate::link::{Links, Output, BUF};
+use crate::offload::{split, Gro, Segments, VnetHdr, VNET_HDR_LEN};
 use crate::plane::{
     io, lock, Command, Event, EventSink, LinkStats, NewLink, PlaneError, Published,
 };
@@ -60,7 +62,7 @@ const UDP_BUDGET: usize = 32;
 const TUN_BUDGET: usize = 32;
 /// Room for WireGuard's header, tag and padding around a packet.
 const OVERHEAD: usize = 96;
-/// Largest packet read from a tun device (without offloads: one MTU).
+/// Largest packet read from a tun device (a super-packet with offloads).
 const MAX_PACKET: usize = 65_535;
 
 /// A link's device.
@@ -69,7 +71,18 @@ struct LinkIo {
     ifindex: u32,
     link_local: Ipv6Addr,
     up: bool,
+    /// Reads and writes carry a virtio-net header.
+    vnet_hdr: bool,
+    /// Decrypted packets waiting to be coalesced (None: written one by
+    /// one; also after the kernel refused a coalesced write).
+    gro: Option<Gro>,
 }
+
+/// The virtio-net header of a packet that is neither coalesced nor in
+/// need of a checksum.
+const PLAIN_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+/// Room for encrypted datagrams between two sends.
+const OUT_BYTES: usize = 256 * 1024;
 
 /// The reactor's state (see the module documentation).
 pub(crate) struct Reactor<P> {
@@ -96,6 +109,9 @@ pub(crate) struct Reactor<P> {
     out: Vec<u8>,
     sizes: Vec<usize>,
     framed: Vec<u8>,
+    segments: Segments,
+    /// Links with packets in their coalescer.
+    coalescing: Vec<u32>,
 }
 
 fn register(poll: &Poll, fd: &impl AsRawFd, token: Token) -> Result<(), PlaneError> {
@@ -178,10 +194,12 @@ impl<P: InProcess> Reactor<P> {
             ticks: 0,
             rx: vec![0u8; 65_536],
             dec: vec![0u8; BUF],
-            packet: vec![0u8; MAX_PACKET],
-            out: vec![0u8; TUN_BUDGET * (MAX_PACKET.min(1500) + OVERHEAD)],
+            packet: vec![0u8; VNET_HDR_LEN + MAX_PACKET],
+            out: vec![0u8; OUT_BYTES],
             sizes: Vec::with_capacity(TUN_BUDGET),
             framed: Vec::with_capacity(1500),
+            segments: Segments::new(),
+            coalescing: Vec::new(),
         })
     }
 
@@ -328,6 +346,11 @@ impl<P: InProcess> Reactor<P> {
             return;
         }
         self.by_ifindex.insert(tun.ifindex, index);
+        let gro = match tun.offload {
+            Offload::None => None,
+            Offload::Tcp => Some(Gro::new_with_udp(false)),
+            Offload::TcpUdp => Some(Gro::new_with_udp(true)),
+        };
         self.io.insert(
             index,
             LinkIo {
@@ -335,6 +358,8 @@ impl<P: InProcess> Reactor<P> {
                 ifindex: tun.ifindex,
                 link_local,
                 up: false,
+                vnet_hdr: tun.vnet_hdr,
+                gro,
             },
         );
         self.ready.insert(token);
@@ -410,8 +435,37 @@ impl<P: InProcess> Reactor<P> {
                 }
             }
             self.rx = rx;
+            self.flush_coalesced();
         }
         false
+    }
+
+    /// Writes what the coalescers of links hold: one write per item.
+    fn flush_coalesced(&mut self) {
+        for index in std::mem::take(&mut self.coalescing) {
+            let Some(l) = self.io.get_mut(&index) else {
+                continue;
+            };
+            let (tun, mut refused) = (&l.tun, false);
+            let mut full = 0u64;
+            if let Some(gro) = l.gro.as_mut() {
+                gro.flush(|item| match (&*tun).write(item) {
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => full += 1,
+                    // Some kernels refuse coalesced writes (EINVAL): the
+                    // lost item is retransmitted by TCP, and this device
+                    // gets packets one by one from now on.
+                    Err(_) => refused |= item.get(1).is_some_and(|t| *t != 0),
+                });
+            }
+            if refused {
+                l.gro = None;
+                self.drop_count("gro_refused");
+            }
+            for _ in 0..full {
+                self.drop_count("tun_full");
+            }
+        }
     }
 
     /// A decrypted packet of link `index`: to the in-process protocol, or
@@ -429,26 +483,40 @@ impl<P: InProcess> Reactor<P> {
                 return;
             }
         }
-        if let Err(e) = (&l.tun).write(packet) {
-            if would_block(&e) {
-                self.drop_count("tun_full");
+        let Some(l) = self.io.get_mut(&index) else {
+            return;
+        };
+        let written = match (&mut l.gro, l.vnet_hdr) {
+            (Some(gro), _) => {
+                if gro.is_empty() {
+                    self.coalescing.push(index);
+                }
+                gro.push(packet);
+                Ok(0)
             }
+            (None, true) => {
+                (&l.tun).write_vectored(&[IoSlice::new(&PLAIN_HDR), IoSlice::new(packet)])
+            }
+            (None, false) => (&l.tun).write(packet),
+        };
+        if written.is_err_and(|e| would_block(&e)) {
+            self.drop_count("tun_full");
         }
     }
 
-    /// Reads a tun device up to its budget, encrypts and sends; true when
-    /// drained.
+    /// Reads a tun device up to its budget (with offloads, each read may be
+    /// a 64 KiB super-packet, cut into segments here), encrypts and sends;
+    /// true when drained.
     fn service_tun(&mut self, index: u32) -> bool {
         let Some(l) = self.io.get(&index) else {
             return true;
         };
-        let mut drained = false;
-        let mut off = 0;
-        self.sizes.clear();
         let Some(link) = self.links.get_mut(index) else {
             return true;
         };
-        let endpoint = link.endpoint;
+        let endpoint = link.endpoint.map(SockAddr::from);
+        let (mut drained, mut off, mut malformed) = (false, 0, 0u64);
+        self.sizes.clear();
         for _ in 0..TUN_BUDGET {
             let n = match (&l.tun).read(&mut self.packet) {
                 Ok(0) => {
@@ -462,22 +530,38 @@ impl<P: InProcess> Reactor<P> {
                     break;
                 }
             };
-            if self.out.len() < off + n + OVERHEAD {
-                self.out.resize(off + n + OVERHEAD, 0);
-            }
-            // Datagrams are packed back to back for GSO.
-            if let Some(len) = link.encapsulate_into(&self.packet[..n], &mut self.out[off..]) {
-                self.sizes.push(len);
-                off += len;
+            self.segments.clear();
+            let packets: &mut dyn Iterator<Item = &[u8]> = if l.vnet_hdr {
+                let split = VnetHdr::parse(&self.packet[..n]).and_then(|h| {
+                    split(&h, &self.packet[VNET_HDR_LEN..n], &mut self.segments)
+                });
+                if split.is_err() {
+                    malformed += 1;
+                }
+                &mut self.segments.iter()
+            } else {
+                &mut std::iter::once(&self.packet[..n])
+            };
+            for p in packets {
+                if off + p.len() + OVERHEAD > self.out.len() {
+                    if let Some(ep) = &endpoint {
+                        send_batch(&self.socket, &self.out[..off], &self.sizes, ep);
+                    }
+                    self.sizes.clear();
+                    off = 0;
+                }
+                // Datagrams are packed back to back for GSO.
+                if let Some(len) = link.encapsulate_into(p, &mut self.out[off..]) {
+                    self.sizes.push(len);
+                    off += len;
+                }
             }
         }
-        if let Some(ep) = endpoint {
-            send_batch(
-                &self.socket,
-                &self.out[..off],
-                &self.sizes,
-                &SockAddr::from(ep),
-            );
+        if let Some(ep) = &endpoint {
+            send_batch(&self.socket, &self.out[..off], &self.sizes, ep);
+        }
+        for _ in 0..malformed {
+            self.drop_count("offload_malformed");
         }
         drained
     }

@@ -2,7 +2,9 @@
 //! namespace, set to `addr_gen_mode none`, given the MTU, brought up, and
 //! given our link-local address (for diagnostics: `ping fe80::…%dev`;
 //! Babel on links runs in process). The descriptor is non-blocking; closing
-//! it removes the device.
+//! it removes the device. With offloads, every read and write carries a
+//! virtio-net header (see [`crate::offload`]); a device whose kernel
+//! refuses `TUNSETOFFLOAD` still gets the header, with plain packets.
 
 use std::fs::File;
 use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
@@ -17,6 +19,47 @@ pub struct Tun {
     pub file: File,
     /// Its kernel index.
     pub ifindex: u32,
+    /// Whether every read and write starts with a virtio-net header.
+    pub vnet_hdr: bool,
+    /// The offloads the kernel accepted.
+    pub offload: Offload,
+}
+
+/// Tun offloads in use on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offload {
+    /// Plain packets, one per read and write.
+    None,
+    /// A virtio-net header before every packet; reads may return TCP
+    /// super-packets (TSO) and writes may carry coalesced TCP (GRO).
+    Tcp,
+    /// Also UDP segmentation both ways (USO, Linux 6.2 and later).
+    TcpUdp,
+}
+
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
+const TUN_F_USO4: libc::c_ulong = 0x20;
+const TUN_F_USO6: libc::c_ulong = 0x40;
+
+/// Asks for checksum, TSO and (when the kernel has it) USO offloads.
+fn set_offload(file: &File) -> Offload {
+    let tcp = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+    for (flags, what) in [
+        (tcp | TUN_F_USO4 | TUN_F_USO6, Offload::TcpUdp),
+        (tcp, Offload::Tcp),
+    ] {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value; the descriptor is
+        // an open tun device.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags) } == 0 {
+            return what;
+        }
+    }
+    Offload::None
 }
 
 #[repr(C)]
@@ -56,7 +99,14 @@ fn ioctl_ifreq(
 }
 
 /// Creates and configures a tun device in the current network namespace.
-pub fn create(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<Tun, PlaneError> {
+/// Creates a device; with `offload`, asks for a virtio-net header and
+/// offloads (falling back to plain packets when the kernel refuses).
+pub fn create(
+    name: &str,
+    mtu: u32,
+    link_local: Ipv6Addr,
+    offload: bool,
+) -> Result<Tun, PlaneError> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     if name.is_empty()
         || name.len() >= libc::IFNAMSIZ
@@ -74,13 +124,20 @@ pub fn create(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<Tun, PlaneEr
         .write(true)
         .open("/dev/net/tun")
         .map_err(io("opening /dev/net/tun"))?;
+    let flags = libc::IFF_TUN | libc::IFF_NO_PI;
     ioctl_ifreq(
         file.as_raw_fd(),
         TUNSETIFF,
         name,
-        (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_int,
+        if offload { flags | IFF_VNET_HDR } else { flags },
     )
     .map_err(io(format!("creating {name}")))?;
+    let vnet_hdr = offload;
+    let offload = if offload {
+        set_offload(&file)
+    } else {
+        Offload::None
+    };
     // Non-blocking: the reactor drains what is there after each wake.
     // SAFETY: fcntl on a descriptor we own.
     unsafe {
@@ -125,5 +182,10 @@ pub fn create(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<Tun, PlaneEr
             std::io::Error::last_os_error(),
         ));
     }
-    Ok(Tun { file, ifindex })
+    Ok(Tun {
+        file,
+        ifindex,
+        vnet_hdr,
+        offload,
+    })
 }

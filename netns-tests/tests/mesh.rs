@@ -340,6 +340,97 @@ fn certificates_are_renewed_before_expiry() -> Result<()> {
     Ok(())
 }
 
+/// One garbage datagram of `kind` (WireGuard data for no link, a forged
+/// handshake initiation, junk after the control magic, random bytes).
+fn garbage(kind: u64, x: &mut u64) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..160)
+        .map(|_| {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *x as u8
+        })
+        .collect();
+    match kind % 4 {
+        0 => bytes[..4].copy_from_slice(&[4, 0, 0, 0]),
+        1 => {
+            bytes.truncate(148);
+            bytes[..4].copy_from_slice(&[1, 0, 0, 0]);
+        }
+        2 => bytes[..4].copy_from_slice(b"R6P1"),
+        _ => {}
+    }
+    bytes
+}
+
+/// A member's host floods a node's UDP port with garbage (about 20 000
+/// datagrams a second for 5 s): the node's tunnels keep carrying traffic,
+/// the garbage is counted by reason, and memory does not grow with it.
+fn flood_of_garbage_leaves_tunnels_working() -> Result<()> {
+    let n = names(3);
+    let t = topology("flood", 3, 5);
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let target = std::net::SocketAddr::new(m.host(0)?.addr(true)?, 326);
+    let sock = m
+        .host(2)?
+        .in_ns(|| std::net::UdpSocket::bind("[::]:0"))?
+        .map_err(|e| netns_tests::Error::io("flooder socket", e))?;
+    let pid = m
+        .pid(0)
+        .ok_or_else(|| netns_tests::Error::Measure("n1 pid".into()))?;
+    let rss_before = netns_tests::babel::rss_kib(pid).unwrap_or(0);
+    let probe = LossProbe::start(
+        m.host(1)?,
+        m.host(0)?,
+        m.address(0),
+        Duration::from_millis(10),
+    )?;
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    let (mut sent, mut x) = (0u64, 0x9e37_79b9_7f4a_7c15u64);
+    while std::time::Instant::now() < end {
+        for _ in 0..20 {
+            if sock.send_to(&garbage(sent, &mut x), target).is_ok() {
+                sent += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = probe.stop(Duration::from_millis(500));
+    let rss_after = netns_tests::babel::rss_kib(pid).unwrap_or(0);
+    eprintln!(
+        "flood: {sent} garbage datagrams; probes lost {} of {}, longest gap {:?}; RSS {rss_before} -> {rss_after} KiB",
+        r.lost, r.sent, r.longest_gap
+    );
+    check(
+        r.lost * 100 <= r.sent * 2,
+        format!("{} of {} probes lost during the flood", r.lost, r.sent),
+    )?;
+    check(
+        rss_after < rss_before + 16 * 1024,
+        format!("RSS grew from {rss_before} to {rss_after} KiB"),
+    )?;
+    let (_, _) = wait_until(
+        "the garbage counted by reason",
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || {
+            let text = re6stnet::ctl::fetch(&m.nodes[0].ctl, "/metrics").ok()?;
+            let count = |reason: &str| {
+                text.lines()
+                    .find(|l| l.contains(&format!("reason=\"{reason}\"")))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (count("wireguard_unknownlink") + count("wireguard_refused") > 0
+                && count("peer_malformed") + count("wireguard_event_queue_full") > 0)
+                .then_some(())
+        },
+    )?;
+    check(m.ping(1, 0, 2), "still reachable after the flood")
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
@@ -368,6 +459,10 @@ fn main() -> ExitCode {
         (
             "certificates_are_renewed_before_expiry",
             certificates_are_renewed_before_expiry,
+        ),
+        (
+            "flood_of_garbage_leaves_tunnels_working",
+            flood_of_garbage_leaves_tunnels_working,
         ),
     ])
 }

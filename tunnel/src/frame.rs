@@ -6,6 +6,8 @@
 
 use std::net::Ipv6Addr;
 
+use crate::offload::{checksum_no_fold, finish, pseudo_header_sum};
+
 const IPV6_HEADER: usize = 40;
 const UDP_HEADER: usize = 8;
 /// IPv6 plus UDP headers.
@@ -64,25 +66,6 @@ pub fn link_local_udp(packet: &[u8], port: u16) -> Option<LinkLocalDatagram<'_>>
     })
 }
 
-/// One's-complement sum of `data` as big-endian 16-bit words, added to `sum`.
-fn ones_sum(mut sum: u32, data: &[u8]) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Writes into `out` (cleared first) the IPv6 packet carrying `payload`
 /// from `src` to `dst`, UDP `port` to `port`, hop limit 1; false when the
 /// payload does not fit a UDP datagram.
@@ -102,13 +85,8 @@ pub fn frame(src: Ipv6Addr, dst: Ipv6Addr, port: u16, payload: &[u8], out: &mut 
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(payload);
     // RFC 8200 §8.1: the pseudo-header, then the UDP header and payload.
-    let mut sum = ones_sum(0, &out[8..40]);
-    sum += u32::from(udp_len) + u32::from(NEXT_HEADER_UDP);
-    sum = ones_sum(sum, &out[IPV6_HEADER..]);
-    let csum = match fold(sum) {
-        0 => 0xffff,
-        c => c,
-    };
+    let pseudo = pseudo_header_sum(NEXT_HEADER_UDP, &src.octets(), &dst.octets(), udp_len);
+    let csum = finish(checksum_no_fold(&out[IPV6_HEADER..], pseudo));
     out[IPV6_HEADER + 6..IPV6_HEADER + 8].copy_from_slice(&csum.to_be_bytes());
     true
 }
@@ -136,14 +114,13 @@ mod tests {
     #[test]
     fn the_checksum_is_the_kernels() {
         // Verifying: the sum over pseudo-header and datagram, checksum
-        // included, folds to zero.
+        // included, is all ones.
         let mut out = Vec::new();
         assert!(frame(LL_A, MCAST, 6696, b"odd length", &mut out));
-        let len = (out.len() - IPV6_HEADER) as u32;
-        let mut sum = ones_sum(0, &out[8..40]);
-        sum += len + u32::from(NEXT_HEADER_UDP);
-        sum = ones_sum(sum, &out[IPV6_HEADER..]);
-        assert_eq!(fold(sum), 0);
+        let len = (out.len() - IPV6_HEADER) as u16;
+        let pseudo = pseudo_header_sum(NEXT_HEADER_UDP, &out[8..24], &out[24..40], len);
+        let sum = crate::offload::fold(checksum_no_fold(&out[IPV6_HEADER..], pseudo));
+        assert_eq!(sum, 0xffff);
     }
 
     #[test]

@@ -231,7 +231,7 @@ pub fn pseudo_header_sum(proto: u8, src: &[u8], dst: &[u8], len: u16) -> u64 {
 
 /// A checksum as sent: a computed zero goes out as `0xffff`, which the
 /// kernel does too (`CSUM_MANGLED_0`) because UDP reserves zero.
-fn finish(sum: u64) -> u16 {
+pub(crate) fn finish(sum: u64) -> u16 {
     match !fold(sum) {
         0 => 0xffff,
         c => c,

@@ -35,13 +35,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{SockAddr, Socket};
 
 use crate::frame;
-use crate::tun::Offload;
 use crate::inprocess::InProcess;
 use crate::link::{Links, Output, BUF};
 use crate::offload::{split, Gro, Segments, VnetHdr, VNET_HDR_LEN};
 use crate::plane::{
     io, lock, Command, Event, EventSink, LinkStats, NewLink, PlaneError, Published,
 };
+use crate::tun::Offload;
 use crate::udp::{
     enable_gro, enable_timestamps, recv_segments, send_segments, MAX_GSO_BYTES, MAX_SEGMENTS,
 };
@@ -532,9 +532,8 @@ impl<P: InProcess> Reactor<P> {
             };
             self.segments.clear();
             let packets: &mut dyn Iterator<Item = &[u8]> = if l.vnet_hdr {
-                let split = VnetHdr::parse(&self.packet[..n]).and_then(|h| {
-                    split(&h, &self.packet[VNET_HDR_LEN..n], &mut self.segments)
-                });
+                let split = VnetHdr::parse(&self.packet[..n])
+                    .and_then(|h| split(&h, &self.packet[VNET_HDR_LEN..n], &mut self.segments));
                 if split.is_err() {
                     malformed += 1;
                 }

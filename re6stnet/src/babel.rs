@@ -200,15 +200,12 @@ impl Routing {
         }
     }
 
-    /// The state as the control API shows it.
-    pub fn status(&self, state: &RoutingState) -> Status {
-        let by_index: std::collections::BTreeMap<u32, &str> =
-            self.names.iter().map(|(n, i)| (*i, n.as_str())).collect();
-        Status::from_state(state, |i| {
-            by_index
-                .get(&i.0)
-                .map_or_else(|| i.0.to_string(), |n| (*n).to_string())
-        })
+    /// A state for the control API, with the interface names of now.
+    pub fn snapshot(&self, state: RoutingState) -> RoutingSnapshot {
+        RoutingSnapshot {
+            state,
+            names: self.names.iter().map(|(n, i)| (*i, n.clone())).collect(),
+        }
     }
 
     /// Retracts everything and removes our kernel routes (waits at most a
@@ -231,3 +228,29 @@ impl Routing {
 
 /// The node's data plane.
 pub type Plane = re6st_tunnel::plane::Plane<BabelHost>;
+
+/// The router's state as the control API keeps it: typed; text is made
+/// only when someone asks.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingSnapshot {
+    /// The state.
+    pub state: RoutingState,
+    names: std::collections::BTreeMap<u32, String>,
+}
+
+impl RoutingSnapshot {
+    /// The text form (interfaces by name).
+    pub fn status(&self) -> Status {
+        Status::from_state(&self.state, |i| {
+            self.names
+                .get(&i.0)
+                .cloned()
+                .unwrap_or_else(|| i.0.to_string())
+        })
+    }
+
+    /// Selected routes.
+    pub fn selected(&self) -> usize {
+        self.state.routes.iter().filter(|r| r.selected).count()
+    }
+}

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::babel::RoutingSnapshot;
 use anyhow::{bail, Context};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -16,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use re6st_registry::config::NetworkConfig;
-use re6st_routing::driver::Status;
 use serde::{Deserialize, Serialize};
 
 /// Counters of the node daemon.
@@ -99,7 +99,7 @@ pub struct NodeSummary {
 pub struct Snapshot {
     node: NodeSummary,
     tunnels: Vec<TunnelInfo>,
-    routing: Option<Status>,
+    routing: Option<Arc<RoutingSnapshot>>,
     config: Option<NetworkConfig>,
     metrics: Metrics,
     peers: Vec<(String, Vec<String>)>,
@@ -110,7 +110,7 @@ impl Snapshot {
     pub fn new(
         node: NodeSummary,
         tunnels: Vec<TunnelInfo>,
-        routing: Option<Status>,
+        routing: Option<Arc<RoutingSnapshot>>,
         config: NetworkConfig,
         metrics: Metrics,
         peers: Vec<(String, Vec<String>)>,
@@ -136,12 +136,10 @@ fn read(s: &Shared) -> Snapshot {
 
 async fn status(State(s): State<Shared>) -> Json<serde_json::Value> {
     let s = read(&s);
-    let (neighbours, routes) = s.routing.as_ref().map_or((0, 0), |r| {
-        (
-            r.neighbours.len(),
-            r.routes.iter().filter(|r| r.selected).count(),
-        )
-    });
+    let (neighbours, routes) = s
+        .routing
+        .as_ref()
+        .map_or((0, 0), |r| (r.state.neighbours.len(), r.selected()));
     Json(serde_json::json!({
         "node": s.node,
         "tunnels": s.tunnels.len(),
@@ -167,14 +165,14 @@ async fn peers(State(s): State<Shared>) -> Json<serde_json::Value> {
 async fn neighbours(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(serde_json::json!(read(&s)
         .routing
-        .map(|r| r.neighbours)
+        .map(|r| r.status().neighbours)
         .unwrap_or_default()))
 }
 
 async fn routes(State(s): State<Shared>) -> Json<serde_json::Value> {
     Json(serde_json::json!(read(&s)
         .routing
-        .map(|r| r.routes)
+        .map(|r| r.status().routes)
         .unwrap_or_default()))
 }
 
@@ -278,9 +276,9 @@ pub fn render_metrics(s: &Snapshot) -> String {
     );
     let (routes, switches, babel_rejected) = s.routing.as_ref().map_or((0, 0, 0), |r| {
         (
-            r.routes.iter().filter(|r| r.selected).count(),
-            r.route_switches,
-            r.packets_rejected,
+            r.selected(),
+            r.state.stats.route_switches,
+            r.state.stats.packets_rejected,
         )
     });
     one("routes", "gauge", "Selected routes.", plain(routes as f64));
@@ -290,10 +288,9 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Selected-route changes.",
         plain(switches as f64),
     );
-    let (babel_in, babel_out) = s
-        .routing
-        .as_ref()
-        .map_or((0, 0), |r| (r.packets_in, r.packets_out));
+    let (babel_in, babel_out) = s.routing.as_ref().map_or((0, 0), |r| {
+        (r.state.stats.packets_in, r.state.stats.packets_out)
+    });
     one(
         "babel_packets_total",
         "counter",
@@ -314,7 +311,16 @@ pub fn render_metrics(s: &Snapshot) -> String {
     let babel_drops = s
         .routing
         .as_ref()
-        .map(|r| labelled("reason", &r.drops))
+        .map(|r| {
+            let drops: BTreeMap<String, u64> = r
+                .state
+                .stats
+                .drops
+                .iter()
+                .map(|(reason, n)| (reason.label().to_string(), *n))
+                .collect();
+            labelled("reason", &drops)
+        })
         .unwrap_or_default();
     one(
         "babel_dropped_total",

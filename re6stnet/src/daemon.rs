@@ -23,7 +23,9 @@ use re6st_routing::embedded::Embedded;
 use re6st_routing::metric::RttParams;
 use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig, RoutingState};
 use re6st_tunnel::cache::PeerCache;
-use re6st_tunnel::plane::Event;
+use re6st_tunnel::plane::{Event, PlaneError};
+use re6st_tunnel::policy::Peer;
+use re6st_tunnel::tun::{self, Tun};
 use tokio::sync::mpsc;
 
 use crate::babel::{BabelHost, Plane, Routing};
@@ -137,6 +139,11 @@ struct Driver {
     routing: Routing,
     /// Link index of each tunnel device.
     links: HashMap<String, u32>,
+    /// Tunnels whose device is being created (off the loop: creating a
+    /// device waits for the kernel's RTNL lock, which a busy host holds
+    /// for long), and where the finished ones come back.
+    creating: HashMap<String, Created>,
+    created: mpsc::Sender<(String, Result<Tun, PlaneError>)>,
     cache: PeerCache,
     registry: Option<Arc<RegistryClient>>,
     tasks: mpsc::Sender<RegistryResult>,
@@ -236,6 +243,7 @@ pub async fn run(
         t,
     )?;
     let (tasks, mut tasks_rx) = mpsc::channel(64);
+    let (created, mut created_rx) = mpsc::channel(64);
     let mut node = Driver {
         core,
         cfg,
@@ -243,6 +251,8 @@ pub async fn run(
         plane,
         routing,
         links: HashMap::new(),
+        creating: HashMap::new(),
+        created,
         cache,
         registry,
         tasks,
@@ -265,6 +275,7 @@ pub async fn run(
         tokio::select! {
             Some(e) = events_rx.recv() => node.on_event(e),
             Some(r) = tasks_rx.recv() => node.core.handle_registry(Instant::now(), unix(), r),
+            Some((name, tun)) = created_rx.recv() => node.on_created(name, tun),
             _ = read_routing.tick() => {
                 node.read_routing().await;
                 if let Ok(mut s) = snapshot.write() {
@@ -300,7 +311,45 @@ pub async fn run(
     Ok(())
 }
 
+/// A tunnel whose device is being created.
+struct Created {
+    peer: Peer,
+    wg_key: [u8; 32],
+    endpoint: Option<SocketAddr>,
+}
+
 impl Driver {
+    /// A device is ready (or could not be made): the link and Babel start
+    /// on it, unless the core closed the tunnel meanwhile.
+    fn on_created(&mut self, name: String, tun: Result<Tun, PlaneError>) {
+        let Some(c) = self.creating.remove(&name) else {
+            // Closed meanwhile: the device goes (off the loop too).
+            tokio::task::spawn_blocking(move || drop(tun));
+            return;
+        };
+        let ll = link_local(self.core.prefix());
+        let attached = tun.and_then(|t| {
+            let ifindex = t.ifindex;
+            Ok((
+                self.plane.attach(c.peer, c.wg_key, c.endpoint, t, ll)?,
+                ifindex,
+            ))
+        });
+        match attached {
+            Ok((index, ifindex)) => {
+                self.links.insert(name.clone(), index);
+                let iface = tunnel_iface(self.core.config());
+                self.routing
+                    .add_link(&self.plane, &name, ifindex, iface, ll);
+            }
+            Err(e) => {
+                tracing::warn!(peer = %c.peer, error = %e, "cannot add a tunnel");
+                self.core
+                    .handle_tunnel_failed(Instant::now(), unix(), c.peer, &name);
+            }
+        }
+    }
+
     fn on_event(&mut self, e: Event) {
         let (now, t) = (Instant::now(), unix());
         match e {
@@ -371,21 +420,22 @@ impl Driver {
                 mtu,
             } => {
                 let ll = link_local(self.core.prefix());
-                match self.plane.add_link(peer, wg_key, endpoint, &name, mtu, ll) {
-                    Ok((index, ifindex)) => {
-                        self.links.insert(name.clone(), index);
-                        let iface = tunnel_iface(self.core.config());
-                        self.routing
-                            .add_link(&self.plane, &name, ifindex, iface, ll);
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "cannot add a tunnel");
-                        self.core
-                            .handle_tunnel_failed(Instant::now(), unix(), peer, &name);
-                    }
-                }
+                let done = self.created.clone();
+                self.creating.insert(
+                    name.clone(),
+                    Created {
+                        peer,
+                        wg_key,
+                        endpoint,
+                    },
+                );
+                tokio::task::spawn_blocking(move || {
+                    let tun = tun::create(&name, mtu, ll, true);
+                    let _ = done.blocking_send((name, tun));
+                });
             }
             Action::CloseTunnel { name, .. } => {
+                self.creating.remove(&name);
                 if let Some(index) = self.links.remove(&name) {
                     self.routing
                         .send(&self.plane, Command::RemoveInterface(name));
@@ -565,7 +615,9 @@ impl Driver {
                 registry: self.cfg.registry.clone(),
             },
             tunnels,
-            self.routing_state.as_ref().map(|s| self.routing.status(s)),
+            self.routing_state
+                .clone()
+                .map(|s| std::sync::Arc::new(self.routing.snapshot(s))),
             self.core.config().clone(),
             metrics,
             self.core

@@ -209,9 +209,8 @@ impl<P: InProcess> Plane<P> {
     }
 
     /// Adds a link to `peer` (WireGuard key from its certificate) with a new
-    /// tun device `name`; starts the handshake when `endpoint` is known
-    /// (we initiate), else waits for the peer's. Returns the link index and
-    /// the device's kernel index.
+    /// tun device `name` created here; see [`Plane::attach`]. Returns the
+    /// link index and the device's kernel index.
     pub fn add_link(
         &self,
         peer: Peer,
@@ -223,6 +222,25 @@ impl<P: InProcess> Plane<P> {
     ) -> Result<(u32, u32), PlaneError> {
         let tun = tun::create(name, mtu, link_local, true)?;
         let ifindex = tun.ifindex;
+        Ok((
+            self.attach(peer, peer_key, endpoint, tun, link_local)?,
+            ifindex,
+        ))
+    }
+
+    /// Adds a link to `peer` over a tun device created by the caller (with
+    /// [`tun::create`], which waits for the kernel's RTNL lock: a node
+    /// creates its devices off its control loop); starts the handshake when
+    /// `endpoint` is known (we initiate), else waits for the peer's.
+    /// Returns the link index.
+    pub fn attach(
+        &self,
+        peer: Peer,
+        peer_key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        tun: Tun,
+        link_local: Ipv6Addr,
+    ) -> Result<u32, PlaneError> {
         // Indexes are 24 bits (boringtun's receiver index is index << 8).
         let index = self
             .next_index
@@ -238,7 +256,7 @@ impl<P: InProcess> Plane<P> {
             tun,
             link_local,
         })))?;
-        Ok((index, ifindex))
+        Ok(index)
     }
 
     /// Closes a link: its tun device disappears shortly after.

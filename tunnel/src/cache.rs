@@ -30,17 +30,6 @@ pub enum CacheError {
     Corrupt(String),
 }
 
-/// A cached peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CachedPeer {
-    /// Its node prefix.
-    pub prefix: Ipv6Net,
-    /// Endpoints, preferred first.
-    pub endpoints: Vec<SocketAddr>,
-    /// Its signed record.
-    pub record: SignedPeerRecord,
-}
-
 /// Everything the cache holds about a peer, for a copy in memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredPeer {
@@ -211,35 +200,6 @@ impl PeerCache {
             .transpose()
     }
 
-    /// Peers not failing now: those that worked most recently first.
-    pub fn candidates(&self, now: i64) -> Result<Vec<CachedPeer>, CacheError> {
-        let mut st = self.conn.prepare(
-            "SELECT prefix, endpoints, payload, signature FROM peer WHERE failing_until <= ?1
-             ORDER BY COALESCE(last_ok, 0) DESC, random()",
-        )?;
-        let rows = st.query_map(params![now], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (prefix, endpoints, payload, signature) = row?;
-            out.push(CachedPeer {
-                prefix: prefix
-                    .parse()
-                    .map_err(|_| CacheError::Corrupt(format!("prefix {prefix}")))?,
-                endpoints: serde_json::from_str(&endpoints)
-                    .map_err(|e| CacheError::Corrupt(e.to_string()))?,
-                record: SignedPeerRecord { payload, signature },
-            });
-        }
-        Ok(out)
-    }
-
     /// Every peer with its back-off state, in no particular order.
     pub fn load(&self) -> Result<Vec<StoredPeer>, CacheError> {
         let mut st = self.conn.prepare(
@@ -403,15 +363,21 @@ mod tests {
                 .unwrap_or_else(|_| panic!("addr")),
             NOW,
         )?;
-        let cands = c.candidates(NOW)?;
-        assert_eq!(cands[0].prefix, p1, "the one that worked comes first");
-        assert_eq!(cands[0].endpoints[0].to_string(), "[fd00:18:0:1::2]:326");
+        let stored = |c: &PeerCache| -> Result<StoredPeer, CacheError> {
+            c.load()?
+                .into_iter()
+                .find(|p| p.prefix == p1)
+                .ok_or_else(|| CacheError::Corrupt("p1 missing".into()))
+        };
+        let p = stored(&c)?;
+        assert_eq!(p.last_ok, Some(NOW), "the one that worked is marked");
+        assert_eq!(p.endpoints[0].to_string(), "[fd00:18:0:1::2]:326");
         c.mark_failed(p1, NOW, 60)?;
-        assert!(c.candidates(NOW + 59)?.iter().all(|p| p.prefix != p1));
-        assert!(c.candidates(NOW + 60)?.iter().any(|p| p.prefix == p1));
+        assert_eq!(stored(&c)?.failing_until, NOW + 60);
         c.mark_failed(p1, NOW + 60, 60)?;
-        assert!(
-            c.candidates(NOW + 60 + 119)?.iter().all(|p| p.prefix != p1),
+        assert_eq!(
+            stored(&c)?.failing_until,
+            NOW + 60 + 120,
             "back-off doubles"
         );
         // A newer record keeps the known order; an older one is ignored.

@@ -21,16 +21,16 @@ pub const MAX_GSO_BYTES: usize = 65_000;
 /// Space for one control message with an `int` (or `u16`) payload.
 const CMSG_SPACE: usize = 32;
 
-/// Asks the kernel to coalesce received datagrams (`UDP_GRO`).
-pub fn enable_gro(s: &Socket) -> io::Result<()> {
+/// Sets an `int` socket option to 1.
+fn enable(s: &Socket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `one`, which
     // outlives the call; the descriptor is the socket's own.
     let rc = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(s),
-            SOL_UDP,
-            UDP_GRO,
+            level,
+            name,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -40,6 +40,17 @@ pub fn enable_gro(s: &Socket) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Asks the kernel to coalesce received datagrams (`UDP_GRO`).
+pub fn enable_gro(s: &Socket) -> io::Result<()> {
+    enable(s, SOL_UDP, UDP_GRO)
+}
+
+/// Asks the kernel to stamp received datagrams (`SO_TIMESTAMPNS`), so
+/// that RTT samples do not count time spent in our own queues.
+pub fn enable_timestamps(s: &Socket) -> io::Result<()> {
+    enable(s, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS)
 }
 
 /// Sends `data` to `dst` as datagrams of `segment` bytes (the last may be
@@ -62,27 +73,6 @@ pub fn send_segments(s: &Socket, data: &[u8], segment: usize, dst: &SockAddr) ->
         .with_buffers(&bufs)
         .with_control(&control[..space]);
     s.sendmsg(&msg, 0)
-}
-
-/// Asks the kernel to stamp received datagrams (`SO_TIMESTAMPNS`), so
-/// that RTT samples do not count time spent in our own queues.
-pub fn enable_timestamps(s: &Socket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: as in `enable_gro`.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// One `recvmsg`: what arrived.

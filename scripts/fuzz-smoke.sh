@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the fuzz crate and runs the Babel fuzz targets briefly from the
+# Builds the fuzz crate and runs the Babel and tun-offload targets briefly from the
 # corpus seeded with the babeld capture (CI's short run; longer runs by
 # hand: RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET -- -max_total_time=600).
 # Installs cargo-fuzz when it is missing. Seconds per target: $1 (20).
@@ -11,7 +11,8 @@ export RUSTC_BOOTSTRAP=1
 ./fuzz/seed-corpus.sh
 cd fuzz
 cargo fuzz build
-for target in babel_wire babel_router; do
+for target in babel_wire babel_router tun_offload; do
+    mkdir -p "corpus/$target"
     cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" 2>&1 | tail -n 3
 done
-echo "fuzz: babel_wire and babel_router ran ${secs} s each without a crash"
+echo "fuzz: babel_wire, babel_router and tun_offload ran ${secs} s each without a crash"

@@ -105,18 +105,37 @@ fn tunnel_over_the_wan() -> Result<()> {
         || reaches(a, "fd00:5b::1").then_some(()),
     )?;
     eprintln!("tunnel: Babel over WireGuard routed b's prefix after {took:?}");
-    // Closing the link removes the device (closed off the reactor, at once).
+    // Closing the link parks its device for a later link; dropping the
+    // parked device removes it.
     plane_a.remove_link(ia);
-    wait_until(
-        "wg-b to disappear",
+    let (parked, _) = wait_until(
+        "wg-b to be parked",
         Duration::from_secs(2),
         Duration::from_millis(20),
+        || plane_a.take_parked(),
+    )?;
+    check(parked.name == "wg-b", format!("parked {}", parked.name))?;
+    // A new link to b reuses it, renamed (as the daemon does).
+    let reused = a
+        .in_ns(move || re6st_tunnel::tun::reuse(parked, "wg-b2", 1420, ll_a))?
+        .map_err(|e| Error::Measure(e.to_string()))?;
+    plane_a
+        .attach(pb, x25519_public(&sb), Some(b_ep), reused, ll_a)
+        .map_err(|e| Error::Measure(e.to_string()))?;
+    wait_until(
+        "a ping over the reused device",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
         || {
-            a.output("ip", &["link", "show", "wg-b"])
+            a.output("ping", &["-6", "-c", "1", "-W", "1", "fe80::b%wg-b2"])
                 .ok()
-                .filter(|o| o.status.code() != Some(0))
+                .filter(|o| o.status.success())
                 .map(|_| ())
         },
+    )?;
+    check(
+        a.output("ip", &["link", "show", "wg-b"])?.status.code() != Some(0),
+        "wg-b was renamed",
     )?;
     // Statistics are published with the WireGuard timers.
     std::thread::sleep(Duration::from_millis(300));

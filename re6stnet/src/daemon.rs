@@ -429,8 +429,13 @@ impl Driver {
                         endpoint,
                     },
                 );
+                let parked = self.plane.take_parked();
                 tokio::task::spawn_blocking(move || {
-                    let tun = tun::create(&name, mtu, ll, true);
+                    let tun = match parked {
+                        Some(t) => tun::reuse(t, &name, mtu, ll)
+                            .or_else(|_| tun::create(&name, mtu, ll, true)),
+                        None => tun::create(&name, mtu, ll, true),
+                    };
                     let _ = done.blocking_send((name, tun));
                 });
             }

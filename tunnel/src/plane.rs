@@ -134,6 +134,7 @@ pub struct Plane<P: InProcess = ()> {
     mailbox: Arc<Mutex<Vec<Command<P>>>>,
     waker: Arc<mio::Waker>,
     published: Arc<Mutex<Published>>,
+    parked: Arc<Mutex<Vec<Tun>>>,
     public_key: [u8; 32],
     local: SocketAddr,
     next_index: AtomicU32,
@@ -159,6 +160,7 @@ impl<P: InProcess> Plane<P> {
     ) -> Result<Self, PlaneError> {
         let mailbox = Arc::new(Mutex::new(Vec::new()));
         let published = Arc::new(Mutex::new(Published::default()));
+        let parked = Arc::new(Mutex::new(Vec::new()));
         let reactor = Reactor::new(
             bind,
             secret,
@@ -166,6 +168,7 @@ impl<P: InProcess> Plane<P> {
             protocol,
             Arc::clone(&mailbox),
             Arc::clone(&published),
+            Arc::clone(&parked),
         )?;
         let waker = reactor.waker();
         let local = reactor.local_addr()?;
@@ -178,6 +181,7 @@ impl<P: InProcess> Plane<P> {
             mailbox,
             waker,
             published,
+            parked,
             public_key,
             local,
             next_index: AtomicU32::new(1),
@@ -259,7 +263,13 @@ impl<P: InProcess> Plane<P> {
         Ok(index)
     }
 
-    /// Closes a link: its tun device disappears shortly after.
+    /// A device of a closed link, for a new one (see [`tun::reuse`]).
+    pub fn take_parked(&self) -> Option<Tun> {
+        lock(&self.parked).pop()
+    }
+
+    /// Closes a link: its tun device is parked for a later link (up to
+    /// 32), or disappears shortly after.
     pub fn remove_link(&self, index: u32) {
         let _ = self.command(Command::RemoveLink(index));
     }

@@ -23,7 +23,6 @@
 //! share a wake-up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::io::{IoSlice, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -41,7 +40,7 @@ use crate::offload::{split, Gro, Segments, VnetHdr, VNET_HDR_LEN};
 use crate::plane::{
     io, lock, Command, Event, EventSink, LinkStats, NewLink, PlaneError, Published,
 };
-use crate::tun::Offload;
+use crate::tun::{Offload, Tun};
 use crate::udp::{
     enable_gro, enable_timestamps, recv_segments, send_segments, MAX_GSO_BYTES, MAX_SEGMENTS,
 };
@@ -67,12 +66,9 @@ const MAX_PACKET: usize = 65_535;
 
 /// A link's device.
 struct LinkIo {
-    tun: File,
-    ifindex: u32,
+    tun: Tun,
     link_local: Ipv6Addr,
     up: bool,
-    /// Reads and writes carry a virtio-net header.
-    vnet_hdr: bool,
     /// Decrypted packets waiting to be coalesced (None: written one by
     /// one; also after the kernel refused a coalesced write).
     gro: Option<Gro>,
@@ -81,6 +77,8 @@ struct LinkIo {
 /// The virtio-net header of a packet that is neither coalesced nor in
 /// need of a checksum.
 const PLAIN_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+/// Devices of closed links kept for new ones.
+const PARKED: usize = 32;
 /// Room for encrypted datagrams between two sends.
 const OUT_BYTES: usize = 256 * 1024;
 
@@ -96,6 +94,7 @@ pub(crate) struct Reactor<P> {
     protocol: P,
     mailbox: Arc<Mutex<Vec<Command<P>>>>,
     published: Arc<Mutex<Published>>,
+    parked: Arc<Mutex<Vec<Tun>>>,
     events: EventSink,
     /// Descriptors that may have more to read.
     ready: BTreeSet<Token>,
@@ -151,6 +150,7 @@ impl<P: InProcess> Reactor<P> {
         protocol: P,
         mailbox: Arc<Mutex<Vec<Command<P>>>>,
         published: Arc<Mutex<Published>>,
+        parked: Arc<Mutex<Vec<Tun>>>,
     ) -> Result<Self, PlaneError> {
         use socket2::{Domain, Protocol, Type};
         let domain = if bind.is_ipv6() {
@@ -186,6 +186,7 @@ impl<P: InProcess> Reactor<P> {
             protocol,
             mailbox,
             published,
+            parked,
             events,
             ready: BTreeSet::new(),
             dropped: BTreeMap::new(),
@@ -354,11 +355,9 @@ impl<P: InProcess> Reactor<P> {
         self.io.insert(
             index,
             LinkIo {
-                tun: tun.file,
-                ifindex: tun.ifindex,
+                tun,
                 link_local,
                 up: false,
-                vnet_hdr: tun.vnet_hdr,
                 gro,
             },
         );
@@ -374,16 +373,30 @@ impl<P: InProcess> Reactor<P> {
         }
     }
 
-    /// Forgets a link's device; it is closed off this thread, as removing
-    /// a network device waits for the kernel (RTNL, RCU).
+    /// Forgets a link's device: parked for a later link (see
+    /// [`crate::tun::reuse`]), or closed off this thread, as removing a
+    /// network device waits for the kernel (RTNL, RCU).
     fn remove_io(&mut self, index: u32) {
         if let Some(l) = self.io.remove(&index) {
             let _ = self
                 .poll
                 .registry()
-                .deregister(&mut SourceFd(&l.tun.as_raw_fd()));
-            self.by_ifindex.remove(&l.ifindex);
+                .deregister(&mut SourceFd(&l.tun.file.as_raw_fd()));
+            self.by_ifindex.remove(&l.tun.ifindex);
             let tun = l.tun;
+            let tun = {
+                let mut parked = lock(&self.parked);
+                if parked.len() < PARKED {
+                    parked.push(tun);
+                    None
+                } else {
+                    Some(tun)
+                }
+            };
+            let Some(tun) = tun else {
+                self.ready.remove(&Token(TUN | index as usize));
+                return;
+            };
             if std::thread::Builder::new()
                 .name("tun-close".into())
                 .spawn(move || drop(tun))
@@ -446,7 +459,7 @@ impl<P: InProcess> Reactor<P> {
             let Some(l) = self.io.get_mut(&index) else {
                 continue;
             };
-            let (tun, mut refused) = (&l.tun, false);
+            let (tun, mut refused) = (&l.tun.file, false);
             let mut full = 0u64;
             if let Some(gro) = l.gro.as_mut() {
                 gro.flush(|item| match (&*tun).write(item) {
@@ -474,7 +487,7 @@ impl<P: InProcess> Reactor<P> {
         let Some(l) = self.io.get(&index) else {
             return;
         };
-        let ifindex = l.ifindex;
+        let ifindex = l.tun.ifindex;
         if self.protocol.serves(ifindex) {
             if let Some(d) = frame::link_local_udp(packet, self.protocol.port()) {
                 let now = Instant::now();
@@ -486,7 +499,7 @@ impl<P: InProcess> Reactor<P> {
         let Some(l) = self.io.get_mut(&index) else {
             return;
         };
-        let written = match (&mut l.gro, l.vnet_hdr) {
+        let written = match (&mut l.gro, l.tun.vnet_hdr) {
             (Some(gro), _) => {
                 if gro.is_empty() {
                     self.coalescing.push(index);
@@ -495,9 +508,9 @@ impl<P: InProcess> Reactor<P> {
                 Ok(0)
             }
             (None, true) => {
-                (&l.tun).write_vectored(&[IoSlice::new(&PLAIN_HDR), IoSlice::new(packet)])
+                (&l.tun.file).write_vectored(&[IoSlice::new(&PLAIN_HDR), IoSlice::new(packet)])
             }
-            (None, false) => (&l.tun).write(packet),
+            (None, false) => (&l.tun.file).write(packet),
         };
         if written.is_err_and(|e| would_block(&e)) {
             self.drop_count("tun_full");
@@ -518,7 +531,7 @@ impl<P: InProcess> Reactor<P> {
         let (mut drained, mut off, mut malformed) = (false, 0, 0u64);
         self.sizes.clear();
         for _ in 0..TUN_BUDGET {
-            let n = match (&l.tun).read(&mut self.packet) {
+            let n = match (&l.tun.file).read(&mut self.packet) {
                 Ok(0) => {
                     drained = true;
                     break;
@@ -531,7 +544,7 @@ impl<P: InProcess> Reactor<P> {
                 }
             };
             self.segments.clear();
-            let packets: &mut dyn Iterator<Item = &[u8]> = if l.vnet_hdr {
+            let packets: &mut dyn Iterator<Item = &[u8]> = if l.tun.vnet_hdr {
                 let split = VnetHdr::parse(&self.packet[..n])
                     .and_then(|h| split(&h, &self.packet[VNET_HDR_LEN..n], &mut self.segments));
                 if split.is_err() {

@@ -19,6 +19,8 @@ pub struct Tun {
     pub file: File,
     /// Its kernel index.
     pub ifindex: u32,
+    /// Its name.
+    pub name: String,
     /// Whether every read and write starts with a virtio-net header.
     pub vnet_hdr: bool,
     /// The offloads the kernel accepted.
@@ -70,6 +72,13 @@ struct IfReqFlags {
 }
 
 #[repr(C)]
+struct IfReqName {
+    name: [u8; libc::IFNAMSIZ],
+    newname: [u8; libc::IFNAMSIZ],
+    _pad: [u8; 8],
+}
+
+#[repr(C)]
 struct In6IfReq {
     addr: [u8; 16],
     prefixlen: u32,
@@ -98,9 +107,25 @@ fn ioctl_ifreq(
     }
 }
 
-/// Creates and configures a tun device in the current network namespace.
-/// Creates a device; with `offload`, asks for a virtio-net header and
-/// offloads (falling back to plain packets when the kernel refuses).
+fn invalid(what: String) -> PlaneError {
+    PlaneError::Io(what, std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+fn check_name(name: &str) -> Result<(), PlaneError> {
+    if name.is_empty()
+        || name.len() >= libc::IFNAMSIZ
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(format!("interface name {name:?}")));
+    }
+    Ok(())
+}
+
+/// Creates a device in the current network namespace; with `offload`,
+/// asks for a virtio-net header and offloads (falling back to plain
+/// packets when the kernel refuses).
 pub fn create(
     name: &str,
     mtu: u32,
@@ -108,17 +133,7 @@ pub fn create(
     offload: bool,
 ) -> Result<Tun, PlaneError> {
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    if name.is_empty()
-        || name.len() >= libc::IFNAMSIZ
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(PlaneError::Io(
-            format!("interface name {name:?}"),
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        ));
-    }
+    check_name(name)?;
     let file = File::options()
         .read(true)
         .write(true)
@@ -144,6 +159,55 @@ pub fn create(
         let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
         libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
     }
+    let ifindex = configure(name, mtu, link_local)?;
+    Ok(Tun {
+        file,
+        ifindex,
+        name: name.to_string(),
+        vnet_hdr,
+        offload,
+    })
+}
+
+/// A parked device of a closed link, renamed and configured for a new one:
+/// removing a device and creating another both hold the kernel's RTNL
+/// lock, removal for RCU grace periods (~25 ms each here), which a host
+/// of many nodes pays machine-wide.
+pub fn reuse(mut tun: Tun, name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<Tun, PlaneError> {
+    check_name(name)?;
+    if tun.name != name {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(io("control socket"))?;
+        let fd = sock.as_raw_fd();
+        // Only a device that is down can be renamed; down also drops its
+        // addresses and routes.
+        let flags = ioctl_ifreq(fd, libc::SIOCGIFFLAGS, &tun.name, 0)
+            .map_err(io(format!("flags of {}", tun.name)))?;
+        ioctl_ifreq(fd, libc::SIOCSIFFLAGS, &tun.name, flags & !libc::IFF_UP)
+            .map_err(io(format!("bringing {} down", tun.name)))?;
+        let mut r = IfReqName {
+            name: [0; libc::IFNAMSIZ],
+            newname: [0; libc::IFNAMSIZ],
+            _pad: [0; 8],
+        };
+        r.name[..tun.name.len()].copy_from_slice(tun.name.as_bytes());
+        r.newname[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `r` matches `struct ifreq` with `ifr_newname` in the
+        // union, in size and layout; `fd` is an open socket.
+        if unsafe { libc::ioctl(fd, libc::SIOCSIFNAME, &mut r) } < 0 {
+            return Err(PlaneError::Io(
+                format!("renaming {} to {name}", tun.name),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        tun.name = name.to_string();
+    }
+    tun.ifindex = configure(name, mtu, link_local)?;
+    Ok(tun)
+}
+
+/// MTU, up, our link-local address (and no kernel-made one); returns the
+/// device's kernel index.
+fn configure(name: &str, mtu: u32, link_local: Ipv6Addr) -> Result<u32, PlaneError> {
     // No kernel-made link-local address: ours is set below.
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"), "1");
     let sock = UdpSocket::bind("0.0.0.0:0").map_err(io("control socket"))?;
@@ -159,12 +223,7 @@ pub fn create(
         flags | libc::IFF_UP | libc::IFF_MULTICAST,
     )
     .map_err(io(format!("bringing {name} up")))?;
-    let c = std::ffi::CString::new(name).map_err(|_| {
-        PlaneError::Io(
-            name.into(),
-            std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        )
-    })?;
+    let c = std::ffi::CString::new(name).map_err(|_| invalid(name.into()))?;
     // SAFETY: `c` is a valid NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
     let sock6 = UdpSocket::bind(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0))
@@ -176,16 +235,12 @@ pub fn create(
     };
     // SAFETY: `req` matches `struct in6_ifreq`; the socket is open.
     let rc = unsafe { libc::ioctl(sock6.as_raw_fd(), libc::SIOCSIFADDR, &mut req) };
+    // A reused device that kept its address (not renamed) already has it.
     if rc < 0 {
-        return Err(PlaneError::Io(
-            format!("address of {name}"),
-            std::io::Error::last_os_error(),
-        ));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(PlaneError::Io(format!("address of {name}"), e));
+        }
     }
-    Ok(Tun {
-        file,
-        ifindex,
-        vnet_hdr,
-        offload,
-    })
+    Ok(ifindex)
 }

@@ -28,6 +28,9 @@ pub enum Error {
     /// Namespaces need root.
     #[error("network namespaces need root (running as uid {0})")]
     NotRoot(u32),
+    /// A program the harness runs is not installed.
+    #[error("`{0}` is not installed (scripts/deps.sh installs what the tests need)")]
+    MissingTool(String),
     /// A command failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {

@@ -153,6 +153,7 @@ impl Mesh {
         params: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Self> {
+        crate::netns::require_tool("ping")?;
         let net = Net::build(topology)?;
         let base = net.log_dir().to_path_buf();
         let db = base.join("registry.db");

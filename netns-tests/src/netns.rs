@@ -24,6 +24,17 @@ pub fn require_root() -> Result<()> {
     }
 }
 
+/// Fails with [`Error::MissingTool`] unless `program` is on `PATH`, so
+/// that a missing tool is not mistaken for a network that does not work.
+pub fn require_tool(program: &str) -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|d| d.join(program).is_file()) {
+        Ok(())
+    } else {
+        Err(Error::MissingTool(program.to_string()))
+    }
+}
+
 fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
@@ -171,4 +182,18 @@ pub fn sysctl(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
         }
         Ok(())
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn require_tool_finds_programs_on_path_only() {
+        assert!(require_tool("sh").is_ok());
+        assert!(matches!(
+            require_tool("re6st-no-such-tool"),
+            Err(Error::MissingTool(t)) if t == "re6st-no-such-tool"
+        ));
+    }
 }

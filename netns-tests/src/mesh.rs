@@ -240,8 +240,9 @@ impl Mesh {
         Ok(())
     }
 
-    /// Enrols `name` with a fresh token.
-    fn enrol(&mut self, name: &str, flags: &[&str]) -> Result<()> {
+    /// Enrols one more node `name` with a fresh token (not started: see
+    /// [`Mesh::start_node`]); its daemon gets `flags`.
+    pub fn enrol(&mut self, name: &str, flags: &[&str]) -> Result<()> {
         let token = self
             .registry_cmd(&["token", "add", "--comment", name])?
             .trim()

@@ -1,6 +1,8 @@
 //! `re6st-bench-tunnel`: TCP throughput and ping RTT over a direct veth
 //! (MTU 1420 tunnel on top), side by side: the raw veth, boringtun-cli 0.7
-//! (if installed, configured with `wg`), and our data plane.
+//! (if installed, configured with `wg`), our data plane alone (`ours`: two
+//! `Plane`s in this process) and two full nodes (`nodes`: registry,
+//! `re6st-conf` and `re6stnet` on each end, the tunnel over the veth).
 //!
 //! Same method as `shared/anchors/dataplane.sh`: iperf3 a -> b over the
 //! tunnel's inner IPv6 addresses, receiver-side rate, REPS × DUR seconds.
@@ -11,8 +13,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use netns_tests::mesh::Mesh;
 use netns_tests::probe::{parse_ping, wait_until};
-use netns_tests::{cleanup, Host, Net, Process, Topology};
+use netns_tests::{cleanup, Host, LinkParams, Net, Process, Topology};
 use re6st_registry::config::{random_bytes, x25519_public};
 use re6st_tunnel::plane::Plane;
 
@@ -28,8 +31,12 @@ struct Cli {
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
     duration: u32,
-    /// Systems to run: veth, boringtun, ours.
-    #[arg(long, value_delimiter = ',', default_value = "veth,boringtun,ours")]
+    /// Systems to run: veth, boringtun, ours, nodes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth,boringtun,ours,nodes"
+    )]
     systems: Vec<String>,
 }
 
@@ -267,6 +274,37 @@ fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
     Ok((rates, rtt, (idle, rss(&me).1)))
 }
 
+/// Two full nodes: a registry, then `re6st-conf` and `re6stnet` on a and
+/// b. The registry is reached over the emulated Internet, where a and b
+/// cannot reach each other; each announces only its end of the veth, so
+/// their tunnel runs over it. Memory: both daemons.
+fn nodes(cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
+    let mut t = Topology::new("dpnodes");
+    t.host("reg").host("a").host("b").link("a", "b");
+    t.default_wan(LinkParams::delay_ms(1));
+    t.wan_both("a", "b", LinkParams::delay_ms(1).with_blackhole(true));
+    let mut m = Mesh::start(&t, "reg", &[], &[], &[])?;
+    for (name, peer) in [("a", "b"), ("b", "a")] {
+        let ep = format!(
+            "[{}]:326",
+            m.net.host(name)?.iface(&format!("to-{peer}"))?.v6.addr()
+        );
+        m.enrol(name, &["--endpoint", &ep])?;
+    }
+    for i in 0..2 {
+        m.start_node(i)?;
+    }
+    m.wait_full_reachability(Duration::from_secs(60))?;
+    let pids: Vec<String> = (0..2)
+        .filter_map(|i| m.pid(i).map(|p| p.to_string()))
+        .collect();
+    cleanup::sleep(Duration::from_secs(1))?;
+    let idle = rss(&pids).0;
+    let dst = m.nodes[1].address.to_string();
+    let (rates, rtt) = measure(m.host(0)?, m.host(1)?, &dst, cli)?;
+    Ok((rates, rtt, (idle, rss(&pids).1)))
+}
+
 fn med(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -280,16 +318,20 @@ fn main() -> ExitCode {
     }
     let mut rows = Vec::new();
     for sys in &cli.systems {
-        let r = pair().and_then(|net| match sys.as_str() {
-            "veth" => {
-                let (a, b) = (net.host("a")?, net.host("b")?);
-                let dst = b.iface("to-a")?.v6.addr().to_string();
-                measure(a, b, &dst, &cli).map(|(r, t)| (r, t, (0, 0)))
-            }
-            "boringtun" => boringtun(&net, &cli),
-            "ours" => ours(&net, &cli),
-            other => bail!("unknown system {other:?}"),
-        });
+        let r = if sys == "nodes" {
+            nodes(&cli)
+        } else {
+            pair().and_then(|net| match sys.as_str() {
+                "veth" => {
+                    let (a, b) = (net.host("a")?, net.host("b")?);
+                    let dst = b.iface("to-a")?.v6.addr().to_string();
+                    measure(a, b, &dst, &cli).map(|(r, t)| (r, t, (0, 0)))
+                }
+                "boringtun" => boringtun(&net, &cli),
+                "ours" => ours(&net, &cli),
+                other => bail!("unknown system {other:?}"),
+            })
+        };
         match r {
             Ok((mut rates, rtt, mem)) => {
                 let (m, lo, hi) = med(&mut rates);

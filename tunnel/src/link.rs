@@ -107,7 +107,7 @@ impl Link {
         index: u32,
         endpoint: Option<SocketAddr>,
         keepalive: Option<u16>,
-        limiter: Option<Arc<RateLimiter>>,
+        limiter: Arc<RateLimiter>,
     ) -> Self {
         let tunn = Tunn::new(
             StaticSecret::from(*secret),
@@ -115,7 +115,7 @@ impl Link {
             None,
             keepalive,
             index & 0x00ff_ffff,
-            limiter,
+            Some(limiter),
         );
         Self {
             peer,
@@ -203,6 +203,11 @@ pub struct Links {
     by_index: HashMap<u32, Link>,
     by_key: HashMap<[u8; 32], u32>,
     limiter: Arc<RateLimiter>,
+    /// What every link's `Tunn` checks handshakes with again: MAC1 only,
+    /// never under load, as [`Links::receive`] has counted them already
+    /// (sharing `limiter` counted each handshake twice and halved the
+    /// limit; boringtun's own per-tunnel default is never reset here).
+    mac_only: Arc<RateLimiter>,
     /// Dropped datagrams by reason.
     pub dropped: HashMap<Drop, u64>,
 }
@@ -225,6 +230,7 @@ impl Links {
             by_index: HashMap::new(),
             by_key: HashMap::new(),
             limiter: Arc::new(RateLimiter::new(&PublicKey::from(public), HANDSHAKES_PER_S)),
+            mac_only: Arc::new(RateLimiter::new(&PublicKey::from(public), u64::MAX)),
             dropped: HashMap::new(),
         }
     }
@@ -261,7 +267,7 @@ impl Links {
                 index,
                 endpoint,
                 keepalive,
-                Some(Arc::clone(&self.limiter)),
+                Arc::clone(&self.mac_only),
             ),
         );
         self.by_key.insert(peer_key, index);
@@ -473,6 +479,36 @@ mod tests {
         assert!(cookies >= 40, "{cookies} cookie replies under a flood");
         assert_eq!(b.dropped.get(&Drop::UnderLoad).copied(), Some(cookies));
         b.reset_rate();
+    }
+
+    /// Handshakes for a known link are counted once: up to the limit
+    /// per period pass without cookies (they were counted twice, by the
+    /// demux and by the link's `Tunn`, so half of them did).
+    #[test]
+    fn handshakes_of_known_links_count_once() {
+        let (sb, sc) = (key(2), key(3));
+        let mut b = Links::new(sb);
+        let mut c = Links::new(sc);
+        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        b.add(1, peer(3), public(sc), None, None);
+        let mut buf = vec![0u8; BUF];
+        let mut answered = 0;
+        for _ in 0..(HANDSHAKES_PER_S as usize * 9 / 10) {
+            c.add(7, peer(2), public(sb), Some(addr), None);
+            let init = c
+                .get_mut(7)
+                .and_then(|l| l.initiate(&mut buf))
+                .unwrap_or_default();
+            let mut scratch = vec![0u8; BUF];
+            if let Ok((1, out)) = b.receive(addr, &init, &mut scratch) {
+                if let [Output::Network(r)] = &out[..] {
+                    assert_eq!(r[0], 2, "a handshake response");
+                    answered += 1;
+                }
+            }
+        }
+        assert_eq!(b.dropped.get(&Drop::UnderLoad), None);
+        assert_eq!(answered, HANDSHAKES_PER_S as usize * 9 / 10);
     }
 
     #[test]

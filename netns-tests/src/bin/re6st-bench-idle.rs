@@ -200,6 +200,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let emu_cores =
         wan::cpu_time()?.saturating_sub(emu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let routed = m.wait_routes(Duration::from_secs(5)).is_ok();
+    let (stale, links) = sessions(&m);
     let lateness = wan.lateness().since(&lat0);
     let figs = (0..n)
         .map(|i| figures(&m, i, first[i], last[i]))
@@ -254,7 +256,39 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         q(0.5),
         q(0.99)
     );
+    println!(
+        "at the end: {}; {stale} of {links} tunnels without a WireGuard handshake in the last {} s",
+        if routed {
+            "every pair routed"
+        } else {
+            "NOT every pair routed"
+        },
+        STALE_SESSION.as_secs()
+    );
     Ok(())
+}
+
+/// A session older than this has expired (WireGuard's REJECT_AFTER_TIME):
+/// its rekeys failed.
+const STALE_SESSION: Duration = Duration::from_secs(180);
+
+/// Tunnels without a recent handshake, and all tunnels, over the mesh.
+fn sessions(m: &Mesh) -> (usize, usize) {
+    let mut stale = 0;
+    let mut all = 0;
+    for i in 0..m.nodes.len() {
+        let Ok(v) = m.ctl(i, "/tunnels") else {
+            continue;
+        };
+        for t in v.as_array().into_iter().flatten() {
+            all += 1;
+            let age = t["since_handshake_s"].as_u64();
+            if age.is_none_or(|s| s > STALE_SESSION.as_secs()) {
+                stale += 1;
+            }
+        }
+    }
+    (stale, all)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use netns_tests::mesh::Mesh;
 use netns_tests::probe::{parse_ping, wait_until};
-use netns_tests::{cleanup, Host, LinkParams, Net, Process, Topology};
+use netns_tests::{cleanup, process, Host, LinkParams, Net, Process, Topology};
 use re6st_registry::config::{random_bytes, x25519_public};
 use re6st_tunnel::plane::Plane;
 
@@ -53,7 +53,7 @@ fn receiver_bps(json: &str) -> anyhow::Result<f64> {
 /// Resident memory (KiB) of what a system runs: (idle, peak under load).
 type Rss = (u64, u64);
 
-fn status_kib(pid: &str, field: &str) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|t| {
@@ -65,14 +65,27 @@ fn status_kib(pid: &str, field: &str) -> u64 {
 }
 
 /// Sum over `pids` of VmRSS now and VmHWM (peak).
-fn rss(pids: &[String]) -> Rss {
+fn rss(pids: &[u32]) -> Rss {
     (
-        pids.iter().map(|p| status_kib(p, "VmRSS:")).sum(),
-        pids.iter().map(|p| status_kib(p, "VmHWM:")).sum(),
+        pids.iter().map(|&p| status_kib(p, "VmRSS:")).sum(),
+        pids.iter().map(|&p| status_kib(p, "VmHWM:")).sum(),
     )
 }
 
-fn measure(a: &Host, b: &Host, dst: &str, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64)> {
+/// What one system gave: Mbit/s per run, ping RTT (ms), cores per Gbit/s
+/// (user + system time of its processes over the runs; NaN without any).
+struct Measured {
+    rates: Vec<f64>,
+    rtt: f64,
+    cores_per_gbit: f64,
+}
+
+/// CPU time (user + system) of `pids` so far.
+fn cpu(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|&p| process::cpu_time(p)).sum()
+}
+
+fn measure(a: &Host, b: &Host, dst: &str, cli: &Cli, pids: &[u32]) -> anyhow::Result<Measured> {
     let _server = b.spawn("iperf3", "iperf3", &["-s"])?;
     wait_until(
         "the iperf3 server",
@@ -89,6 +102,7 @@ fn measure(a: &Host, b: &Host, dst: &str, cli: &Cli) -> anyhow::Result<(Vec<f64>
         .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
     let mut rates = Vec::new();
     let secs = cli.duration.to_string();
+    let (cpu0, t0) = (cpu(pids), std::time::Instant::now());
     for _ in 0..cli.reps {
         cleanup::check_interrupt()?;
         let mut tries = 0;
@@ -104,7 +118,18 @@ fn measure(a: &Host, b: &Host, dst: &str, cli: &Cli) -> anyhow::Result<(Vec<f64>
         };
         rates.push(bps / 1e6);
     }
-    Ok((rates, rtt))
+    let cores = cpu(pids).saturating_sub(cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let gbit = rates.iter().sum::<f64>() / rates.len().max(1) as f64 / 1000.0;
+    let cores_per_gbit = if pids.is_empty() {
+        f64::NAN
+    } else {
+        cores / gbit
+    };
+    Ok(Measured {
+        rates,
+        rtt,
+        cores_per_gbit,
+    })
 }
 
 fn pair() -> anyhow::Result<Net> {
@@ -113,7 +138,7 @@ fn pair() -> anyhow::Result<Net> {
     Ok(Net::build(&t)?)
 }
 
-fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
+fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Measured, Rss)> {
     let (a, b) = (net.host("a")?, net.host("b")?);
     let tag = std::process::id() % 10_000;
     let (ia, ib) = (format!("bt{tag}a"), format!("bt{tag}b"));
@@ -191,16 +216,16 @@ fn boringtun(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
         )?;
         h.run("ip", &["link", "set", i, "mtu", "1420", "up"])?;
     }
-    let pids: Vec<String> = procs.iter().map(|p| p.pid().to_string()).collect();
+    let pids: Vec<u32> = procs.iter().map(Process::pid).collect();
     cleanup::sleep(Duration::from_secs(1))?;
     let idle = rss(&pids).0;
-    let (rates, rtt) = measure(a, b, "fd00:d9:3::2", cli)?;
+    let got = measure(a, b, "fd00:d9:3::2", cli, &pids)?;
     let peak = rss(&pids).1;
     drop(procs);
-    Ok((rates, rtt, (idle, peak)))
+    Ok((got, (idle, peak)))
 }
 
-fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
+fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Measured, Rss)> {
     let (a, b) = (net.host("a")?, net.host("b")?);
     let (sa, sb) = (random_bytes::<32>()?, random_bytes::<32>()?);
     let (pa, pb): (ipnet::Ipv6Net, ipnet::Ipv6Net) =
@@ -267,18 +292,18 @@ fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
         },
     )?;
     // Both ends run in this process: its memory is theirs (plus the bench's).
-    let me = vec!["self".to_string()];
+    let me = [std::process::id()];
     cleanup::sleep(Duration::from_secs(1))?;
     let idle = rss(&me).0;
-    let (rates, rtt) = measure(a, b, "fd00:d9:4::2", cli)?;
-    Ok((rates, rtt, (idle, rss(&me).1)))
+    let got = measure(a, b, "fd00:d9:4::2", cli, &me)?;
+    Ok((got, (idle, rss(&me).1)))
 }
 
 /// Two full nodes: a registry, then `re6st-conf` and `re6stnet` on a and
 /// b. The registry is reached over the emulated Internet, where a and b
 /// cannot reach each other; each announces only its end of the veth, so
 /// their tunnel runs over it. Memory: both daemons.
-fn nodes(cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
+fn nodes(cli: &Cli) -> anyhow::Result<(Measured, Rss)> {
     let mut t = Topology::new("dpnodes");
     t.host("reg").host("a").host("b").link("a", "b");
     t.default_wan(LinkParams::delay_ms(1));
@@ -295,14 +320,12 @@ fn nodes(cli: &Cli) -> anyhow::Result<(Vec<f64>, f64, Rss)> {
         m.start_node(i)?;
     }
     m.wait_full_reachability(Duration::from_secs(60))?;
-    let pids: Vec<String> = (0..2)
-        .filter_map(|i| m.pid(i).map(|p| p.to_string()))
-        .collect();
+    let pids: Vec<u32> = (0..2).filter_map(|i| m.pid(i)).collect();
     cleanup::sleep(Duration::from_secs(1))?;
     let idle = rss(&pids).0;
     let dst = m.nodes[1].address.to_string();
-    let (rates, rtt) = measure(m.host(0)?, m.host(1)?, &dst, cli)?;
-    Ok((rates, rtt, (idle, rss(&pids).1)))
+    let got = measure(m.host(0)?, m.host(1)?, &dst, cli, &pids)?;
+    Ok((got, (idle, rss(&pids).1)))
 }
 
 fn med(v: &mut [f64]) -> (f64, f64, f64) {
@@ -325,7 +348,7 @@ fn main() -> ExitCode {
                 "veth" => {
                     let (a, b) = (net.host("a")?, net.host("b")?);
                     let dst = b.iface("to-a")?.v6.addr().to_string();
-                    measure(a, b, &dst, &cli).map(|(r, t)| (r, t, (0, 0)))
+                    measure(a, b, &dst, &cli, &[]).map(|got| (got, (0, 0)))
                 }
                 "boringtun" => boringtun(&net, &cli),
                 "ours" => ours(&net, &cli),
@@ -333,12 +356,13 @@ fn main() -> ExitCode {
             })
         };
         match r {
-            Ok((mut rates, rtt, mem)) => {
-                let (m, lo, hi) = med(&mut rates);
+            Ok((mut got, mem)) => {
+                let (m, lo, hi) = med(&mut got.rates);
+                let (rtt, cpu) = (got.rtt, got.cores_per_gbit);
                 eprintln!(
-                    "{sys}: {m:.0} Mbit/s ({lo:.0}-{hi:.0}), RTT {rtt:.3} ms, RSS {mem:?} KiB"
+                    "{sys}: {m:.0} Mbit/s ({lo:.0}-{hi:.0}), RTT {rtt:.3} ms, {cpu:.2} cores per Gbit/s, RSS {mem:?} KiB"
                 );
-                rows.push((sys.clone(), m, lo, hi, rtt, mem));
+                rows.push((sys.clone(), m, lo, hi, rtt, cpu, mem));
             }
             Err(e) => {
                 eprintln!("re6st-bench-tunnel: {sys}: {e:#}");
@@ -351,16 +375,21 @@ fn main() -> ExitCode {
         "iperf3 TCP a -> b, {} x {} s per system, tunnel MTU 1420",
         cli.reps, cli.duration
     );
-    println!("| system | Mbit/s median (min-max) | ping RTT ms avg | ratio to boringtun-cli | RSS KiB idle / peak (both ends) |");
-    println!("|---|---|---|---|---|");
-    for (s, m, lo, hi, rtt, (idle, peak)) in rows {
+    println!("| system | Mbit/s median (min-max) | ping RTT ms avg | ratio to boringtun-cli | cores per Gbit/s (both ends) | RSS KiB idle / peak (both ends) |");
+    println!("|---|---|---|---|---|---|");
+    for (s, m, lo, hi, rtt, cpu, (idle, peak)) in rows {
         let ratio = bt.map_or("-".to_string(), |b| format!("{:.2}", m / b));
         let mem = if peak == 0 {
             "-".to_string()
         } else {
             format!("{idle} / {peak}")
         };
-        println!("| {s} | {m:.0} ({lo:.0}-{hi:.0}) | {rtt:.3} | {ratio} | {mem} |");
+        let cpu = if cpu.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{cpu:.2}")
+        };
+        println!("| {s} | {m:.0} ({lo:.0}-{hi:.0}) | {rtt:.3} | {ratio} | {cpu} | {mem} |");
     }
     ExitCode::SUCCESS
 }

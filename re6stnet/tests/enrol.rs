@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
+use re6st_registry::admin_access::AdminAccess;
 use re6st_registry::config::random_bytes;
 use re6st_registry::server::{now, router, AppState};
 use re6st_registry::store::{InitParams, Store};
@@ -38,8 +39,8 @@ async fn registry(
     let fp = store.ca().cert().fingerprint();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let app =
-        router(AppState::new(store, None)).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(AppState::new(store, AdminAccess::Loopback(None)))
+        .into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

@@ -7,6 +7,7 @@
 //!   node's WireGuard key.
 //! - [`auth`]: node-signed requests and signed peer records.
 
+pub mod admin_access;
 pub mod api;
 pub mod auth;
 pub mod cert;

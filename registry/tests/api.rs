@@ -8,6 +8,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ipnet::Ipv6Net;
+use re6st_registry::admin_access::AdminAccess;
 use re6st_registry::api::{JoinRequest, RenewRequest};
 use re6st_registry::auth::{PeerRecord, SignedPeerRecord};
 use re6st_registry::cert::{generate_key, make_csr, CaCert};
@@ -51,7 +52,7 @@ async fn start() -> anyhow::Result<Registry> {
         },
         now(),
     )?;
-    let state = AppState::new(store, None);
+    let state = AppState::new(store, AdminAccess::Loopback(None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();

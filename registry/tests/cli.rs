@@ -116,6 +116,17 @@ async fn admin_commands_and_https() -> anyhow::Result<()> {
             })
             .await?;
         assert_eq!(issued.prefix, "fd5e:0:0:1::/64");
+        // Without --admin-token-file the admin API is closed, to loopback
+        // clients too (a TLS proxy on this host would make everyone one).
+        let http = reqwest::Client::builder()
+            .tls_certs_merge([reqwest::Certificate::from_pem(tls_cert.pem().as_bytes())?])
+            .build()?;
+        let status = http
+            .get(format!("{url}/v1/admin/nodes"))
+            .send()
+            .await?
+            .status();
+        assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
         anyhow::Ok(())
     }
     .await;

@@ -169,7 +169,8 @@ enum NodeCmd {
         /// Registry URL.
         #[arg(long)]
         registry: String,
-        /// The registry's admin token file (not needed on the registry's host).
+        /// The registry's admin token file (`serve --admin-token-file`); not
+        /// needed on the registry's host if it runs with --admin-loopback.
         #[arg(long)]
         registry_token_file: Option<PathBuf>,
         /// The master URL to put in the printed agent command.

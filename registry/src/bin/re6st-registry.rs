@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use re6st_registry::admin_access::AdminAccess;
 use re6st_registry::server::{housekeeping, now, router, AppState};
 use re6st_registry::store::{InitParams, RevokeTarget, Store};
 
@@ -94,10 +95,17 @@ struct ServeArgs {
     /// TLS private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// File holding a bearer token that lets non-loopback clients use the
-    /// admin API (without it, admin answers loopback only).
+    /// File holding the admin API's bearer token (at least 16 characters):
+    /// every admin request must carry `Authorization: Bearer TOKEN`, from
+    /// loopback too. Without it (and without --admin-loopback) the admin API
+    /// is closed; the subcommands on the database still work.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Loopback clients are admin without a token. UNSAFE behind a reverse
+    /// proxy on the same host (a TLS terminator): every client it forwards
+    /// comes from loopback and would be admin.
+    #[arg(long)]
+    admin_loopback: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -373,8 +381,19 @@ fn serve(db: &Path, a: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let admin = match (admin_token, a.admin_loopback) {
+        (token, true) => {
+            tracing::warn!(
+                "--admin-loopback: loopback clients are admin without a token \
+                 (unsafe behind a reverse proxy on this host)"
+            );
+            AdminAccess::Loopback(token)
+        }
+        (Some(token), false) => AdminAccess::Token(token),
+        (None, false) => AdminAccess::Closed,
+    };
     let network = store.ca().cert().network();
-    let state = AppState::new(store, admin_token);
+    let state = AppState::new(store, admin);
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,13 +5,17 @@
 //! initiator -> responder   Request  {cert, to, ts, nonce, sig}
 //! responder -> initiator   Accept   {cert, nonce, ts, sig}       (then the handshake)
 //!                          Busy     {cert, nonce, ts, peers, sig} (try these instead)
-//!                          Refused  {nonce, reason}
+//!                          Refused  {cert, nonce, ts, reason, sig} (revoked, bad certificate)
 //! ```
 //!
 //! Datagrams start with `R6T1` and a kind byte (WireGuard messages start
 //! with 1..=4 and three zero bytes, so the two never collide), then JSON.
-//! Requests, accepts and busies are signed with the node key over a context
-//! string, the peer they are for, the timestamp and the nonce. The responder
+//! Every message is signed with the node key over a context string, the
+//! kind, the peer it is for, the timestamp, the nonce and what it carries
+//! (a busy's peers, a refusal's reason): a refusal forged by someone on the
+//! path is dropped like any other forgery, and even a genuine one only
+//! says what the responder thinks (a node decides it is revoked from the
+//! CA-signed CRL of the network configuration, never from a peer). The responder
 //! checks size, rate (per source, bounded table), structure, chain, CRL,
 //! freshness, that it is the addressee, the signature, and replay — in that
 //! order, so garbage costs little and only a valid request is remembered.
@@ -99,17 +103,42 @@ struct AcceptMsg {
     sig: String,
 }
 
+/// Why a responder refused a request (a signed claim of the responder's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The initiator's certificate is on the responder's CRL.
+    Revoked,
+    /// The initiator's certificate is not from the responder's CA, or expired.
+    BadCertificate,
+}
+
+impl Refusal {
+    /// The reason as it goes on the wire and in counters.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Revoked => "revoked",
+            Self::BadCertificate => "bad_certificate",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RefusedMsg {
+    cert: String,
     nonce: String,
-    reason: String,
+    ts: i64,
+    reason: Refusal,
+    sig: String,
 }
 
-fn signed_bytes(kind: u8, peer: &str, ts: i64, nonce: &str, peers: &[String]) -> Vec<u8> {
+/// What a message's signature covers; `tail` is what it carries (a
+/// busy's peers, a refusal's reason).
+fn signed_bytes(kind: u8, peer: &str, ts: i64, nonce: &str, tail: &[String]) -> Vec<u8> {
     format!(
         "re6st-rs tunnel setup v1\n{kind}\n{peer}\n{ts}\n{nonce}\n{}",
-        peers.join(",")
+        tail.join(",")
     )
     .into_bytes()
 }
@@ -227,7 +256,49 @@ pub enum Reply {
     /// Full: try these peers.
     Busy(Vec<Ipv6Net>),
     /// Refused, with the responder's reason.
-    Refused(String),
+    Refused(Refusal),
+}
+
+/// The parts of a reply its signature is checked on.
+struct Signed<'a> {
+    kind: u8,
+    cert: &'a str,
+    nonce: &'a str,
+    ts: i64,
+    tail: &'a [String],
+    sig: &'a str,
+}
+
+/// Checks that a reply answers our request `nonce`, is fresh, comes from
+/// a valid certificate for `expected` and is signed by it.
+fn check_signed(
+    ca: &CaCert,
+    crl: &[u64],
+    expected: Ipv6Net,
+    nonce: &str,
+    unix: i64,
+    m: &Signed<'_>,
+) -> Result<NodeCert, SetupError> {
+    if m.nonce != nonce {
+        return Err(SetupError::Unexpected);
+    }
+    if (m.ts - unix).abs() > MAX_SKEW_S {
+        return Err(SetupError::Stale);
+    }
+    let cert = check_cert(ca, crl, m.cert, unix)?;
+    if cert.prefix != expected {
+        return Err(SetupError::Unexpected);
+    }
+    let sig = B64
+        .decode(m.sig)
+        .map_err(|_| SetupError::Malformed("signature is not base64"))?;
+    verify_ed25519(
+        &cert.public_key,
+        &signed_bytes(m.kind, &expected.to_string(), m.ts, m.nonce, m.tail),
+        &sig,
+    )
+    .map_err(|_| SetupError::BadSignature)?;
+    Ok(cert)
 }
 
 /// Checks a reply to our request `nonce` sent to `expected`.
@@ -244,26 +315,15 @@ pub fn check_reply(
         KIND_ACCEPT | KIND_BUSY => {
             let m: AcceptMsg =
                 serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
-            if m.nonce != nonce {
-                return Err(SetupError::Unexpected);
-            }
-            if (m.ts - unix).abs() > MAX_SKEW_S {
-                return Err(SetupError::Stale);
-            }
-            let cert = check_cert(ca, crl, &m.cert, unix)?;
-            if cert.prefix != expected {
-                return Err(SetupError::Unexpected);
-            }
-            let sig = B64
-                .decode(&m.sig)
-                .map_err(|_| SetupError::Malformed("signature is not base64"))?;
-            let me = expected.to_string();
-            verify_ed25519(
-                &cert.public_key,
-                &signed_bytes(kind, &me, m.ts, &m.nonce, &m.peers),
-                &sig,
-            )
-            .map_err(|_| SetupError::BadSignature)?;
+            let signed = Signed {
+                kind,
+                cert: &m.cert,
+                nonce: &m.nonce,
+                ts: m.ts,
+                tail: &m.peers,
+                sig: &m.sig,
+            };
+            let cert = check_signed(ca, crl, expected, nonce, unix, &signed)?;
             if kind == KIND_ACCEPT {
                 Ok(Reply::Accepted(cert))
             } else {
@@ -279,10 +339,17 @@ pub fn check_reply(
         KIND_REFUSED => {
             let m: RefusedMsg =
                 serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
-            if m.nonce != nonce {
-                return Err(SetupError::Unexpected);
-            }
-            Ok(Reply::Refused(m.reason.chars().take(200).collect()))
+            let tail = [m.reason.label().to_string()];
+            let signed = Signed {
+                kind,
+                cert: &m.cert,
+                nonce: &m.nonce,
+                ts: m.ts,
+                tail: &tail,
+                sig: &m.sig,
+            };
+            check_signed(ca, crl, expected, nonce, unix, &signed)?;
+            Ok(Reply::Refused(m.reason))
         }
         _ => Err(SetupError::Malformed("unknown kind")),
     }
@@ -446,12 +513,18 @@ impl Responder {
         Ok((cert, m.nonce))
     }
 
-    /// A signed Accept or Busy, signed over our own prefix (what the
+    /// Our signature over a reply, made over our own prefix (what the
     /// initiator expects).
-    fn signed_reply(&self, kind: u8, nonce: &str, unix: i64, peers: Vec<String>) -> Vec<u8> {
+    fn sign_reply(&self, kind: u8, nonce: &str, unix: i64, tail: &[String]) -> String {
         let me = self.me.cert.prefix.to_string();
-        let sig =
-            sign(&self.me.key, &signed_bytes(kind, &me, unix, nonce, &peers)).unwrap_or_default();
+        B64.encode(
+            sign(&self.me.key, &signed_bytes(kind, &me, unix, nonce, tail)).unwrap_or_default(),
+        )
+    }
+
+    /// A signed Accept or Busy.
+    fn signed_reply(&self, kind: u8, nonce: &str, unix: i64, peers: Vec<String>) -> Vec<u8> {
+        let sig = self.sign_reply(kind, nonce, unix, &peers);
         frame(
             kind,
             &AcceptMsg {
@@ -459,7 +532,22 @@ impl Responder {
                 nonce: nonce.to_string(),
                 ts: unix,
                 peers,
-                sig: B64.encode(sig),
+                sig,
+            },
+        )
+    }
+
+    /// A signed Refused.
+    fn signed_refusal(&self, nonce: &str, unix: i64, reason: Refusal) -> Vec<u8> {
+        let sig = self.sign_reply(KIND_REFUSED, nonce, unix, &[reason.label().to_string()]);
+        frame(
+            KIND_REFUSED,
+            &RefusedMsg {
+                cert: B64.encode(&self.me.cert.der),
+                nonce: nonce.to_string(),
+                ts: unix,
+                reason,
+                sig,
             },
         )
     }
@@ -477,20 +565,14 @@ impl Responder {
         match self.check(now, unix, src, bytes) {
             Err(e) => {
                 *self.stats.dropped.entry(reason(&e)).or_default() += 1;
-                match e {
-                    // A revoked or foreign node is told, so it stops trying.
-                    SetupError::Revoked(_) | SetupError::BadCertificate(_) => {
-                        let nonce = request_nonce(bytes).unwrap_or_default();
-                        Outcome::Reply(frame(
-                            KIND_REFUSED,
-                            &RefusedMsg {
-                                nonce,
-                                reason: reason(&e).to_string(),
-                            },
-                        ))
-                    }
-                    other => Outcome::Dropped(other),
-                }
+                // A revoked or foreign node is told, so it stops trying.
+                let refusal = match e {
+                    SetupError::Revoked(_) => Refusal::Revoked,
+                    SetupError::BadCertificate(_) => Refusal::BadCertificate,
+                    other => return Outcome::Dropped(other),
+                };
+                let nonce = request_nonce(bytes).unwrap_or_default();
+                Outcome::Reply(self.signed_refusal(&nonce, unix, refusal))
             }
             Ok((peer, nonce)) => match decide(&peer) {
                 Decision::Accept => {
@@ -624,17 +706,25 @@ mod tests {
         let Outcome::Reply(r) = resp.handle(t, NOW, src(), &req, |_| Decision::Accept) else {
             panic!("no refusal")
         };
+        // Signed under our CA, which the stranger cannot check.
         assert!(matches!(
             check_reply(other_ca.cert(), &[], b_prefix, &nonce, NOW, &r),
-            Ok(Reply::Refused(_))
+            Err(SetupError::BadCertificate(_))
         ));
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r),
+            Ok(Reply::Refused(Refusal::BadCertificate))
+        );
         // Revoked.
         resp.set_crl(vec![11]);
-        let (req, _) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(
-            resp.handle(t, NOW, src(), &req, |_| Decision::Accept),
-            Outcome::Reply(_)
-        ));
+        let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let Outcome::Reply(r) = resp.handle(t, NOW, src(), &req, |_| Decision::Accept) else {
+            panic!("no refusal")
+        };
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r),
+            Ok(Reply::Refused(Refusal::Revoked))
+        );
         resp.set_crl(Vec::new());
         // A forged signature: the request re-signed by another key.
         let (req, _) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
@@ -661,6 +751,54 @@ mod tests {
             ));
         }
         assert!(resp.stats().dropped.values().sum::<u64>() >= 9);
+    }
+
+    /// Someone on the path answers our request with a refusal: unsigned
+    /// (the old format), signed by another member, or with the reason
+    /// changed. None of them is a reply.
+    #[test]
+    fn forged_refusals_are_not_replies() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let mallory = node(&ca, 3, 13);
+        let b_prefix = b.cert.prefix;
+        let (_, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let unsigned = frame(
+            KIND_REFUSED,
+            &serde_json::json!({"nonce": nonce, "reason": "revoked"}),
+        );
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &unsigned),
+            Err(SetupError::Malformed("bad JSON"))
+        );
+        let by_mallory = Responder::new(ca.cert().clone(), mallory).signed_refusal(
+            &nonce,
+            NOW,
+            Refusal::Revoked,
+        );
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &by_mallory),
+            Err(SetupError::Unexpected),
+            "not from the node asked"
+        );
+        let genuine = Responder::new(ca.cert().clone(), b).signed_refusal(
+            &nonce,
+            NOW,
+            Refusal::BadCertificate,
+        );
+        let mut m: RefusedMsg =
+            serde_json::from_slice(&genuine[5..]).unwrap_or_else(|e| panic!("{e}"));
+        m.reason = Refusal::Revoked;
+        let altered = frame(KIND_REFUSED, &m);
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &altered),
+            Err(SetupError::BadSignature)
+        );
+        assert_eq!(
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &genuine),
+            Ok(Reply::Refused(Refusal::BadCertificate))
+        );
     }
 
     #[test]

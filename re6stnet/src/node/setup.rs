@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use re6st_tunnel::policy::{self, Admission, Peer};
-use re6st_tunnel::setup::{self, Decision, Outcome, Reply};
+use re6st_tunnel::setup::{self, Decision, Outcome, Refusal, Reply};
 
 use super::{Action, FailReason, LossReason, NodeCore, RegistryRequest, Timer, ASK_TIMEOUT};
 use crate::peer::Body;
@@ -170,10 +170,10 @@ impl NodeCore {
             Reply::Accepted(cert) => self.add_tunnel(now, p, &cert, Some(src), true),
             Reply::Busy(_) => self.failed(now, unix, p, FailReason::Busy),
             Reply::Refused(reason) => {
-                tracing::warn!(peer = %p, %reason, "tunnel refused");
-                // A refusal is not signed: it is no proof that we are
-                // revoked, but the registry's configuration is.
-                if reason.contains("revoked") {
+                tracing::warn!(peer = %p, reason = reason.label(), "tunnel refused");
+                // A signed claim of the peer's, no proof that we are
+                // revoked: the registry's CA-signed configuration is.
+                if reason == Refusal::Revoked {
                     self.request(RegistryRequest::Config);
                 }
                 self.unreachable(now, unix, p, FailReason::Refused);

@@ -27,6 +27,11 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// What `ip ARGS` prints in node 0.
+fn ip_show(m: &Mesh, args: &[&str]) -> Result<String> {
+    Ok(String::from_utf8_lossy(&m.host(0)?.run("ip", args)?.stdout).into_owned())
+}
+
 /// Four nodes over a uniform WAN: everyone routes to and pings everyone;
 /// re6stctl answers; a clean stop leaves no route or address behind.
 fn four_nodes_reach_each_other() -> Result<()> {
@@ -59,13 +64,29 @@ fn four_nodes_reach_each_other() -> Result<()> {
         },
     )?;
     check(m.ping(1, 0, 2), "still reachable after garbage")?;
+    // Overlay routes live in their own table, selected for the network
+    // only: nothing in main a member could steer.
+    let ours = ip_show(&m, &["-6", "route", "show", "table", "326", "proto", "113"])?;
+    check(
+        ours.contains(&m.nodes[1].prefix),
+        format!("overlay table: {ours}"),
+    )?;
+    let main = ip_show(
+        &m,
+        &["-6", "route", "show", "table", "main", "proto", "113"],
+    )?;
+    check(main.is_empty(), format!("overlay routes in main: {main}"))?;
+    let rules = ip_show(&m, &["-6", "rule"])?;
+    check(
+        rules.contains("to fd5e:5e::/48 lookup 326"),
+        format!("rules: {rules}"),
+    )?;
     check(m.stop_node(0)?, "clean stop exits 0")?;
     let host = m.host(0)?;
-    let routes = host.run("ip", &["-6", "route", "show", "proto", "113"])?;
-    check(
-        routes.stdout.is_empty(),
-        format!("routes left: {}", String::from_utf8_lossy(&routes.stdout)),
-    )?;
+    let routes = ip_show(&m, &["-6", "route", "show", "table", "all", "proto", "113"])?;
+    check(routes.is_empty(), format!("routes left: {routes}"))?;
+    let rules = ip_show(&m, &["-6", "rule"])?;
+    check(!rules.contains("lookup 326"), format!("rule left: {rules}"))?;
     let addrs = host.run("ip", &["-6", "addr", "show", "dev", "lo"])?;
     check(
         !String::from_utf8_lossy(&addrs.stdout).contains("fd5e:5e"),

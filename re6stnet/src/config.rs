@@ -119,7 +119,10 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
             .or(file.ctl_socket)
             .unwrap_or_else(|| PathBuf::from("/run/re6stnet/ctl.sock")),
         metrics: flags.metrics.or(file.metrics),
-        table: flags.table.or(file.table).unwrap_or(254),
+        table: flags
+            .table
+            .or(file.table)
+            .unwrap_or(crate::overlay_table::DEFAULT_TABLE),
         config_refresh: Duration::from_secs(
             flags.config_refresh.or(file.config_refresh).unwrap_or(60),
         ),

@@ -34,6 +34,7 @@ use crate::ctl::{Snapshot, TunnelInfo};
 use crate::node::{
     hello_interval, Action, CacheChange, CoreConfig, NodeCore, RegistryRequest, RegistryResult,
 };
+use crate::overlay_table::OverlayTable;
 use crate::state::{self, Files};
 use crate::system::{self, NodeAddress};
 
@@ -186,6 +187,7 @@ pub async fn run(
     system::enable_forwarding()?;
     let address = NodeAddress::install(prefix, network).await?;
     tracing::info!(address = %address.addr(), "node address");
+    let overlay_table = OverlayTable::install(network, prefix, cfg.table).await?;
 
     let hmac = state::load_hmac(&cfg.state_dir).filter(|k| k.version == netconf.hmac_version);
     let mut rcfg = RouterConfig::new(router_id(prefix), driver::os_seed()?);
@@ -304,6 +306,9 @@ pub async fn run(
         }
     }
     drop(node.plane);
+    if let Some(t) = overlay_table {
+        t.remove().await.context("removing the overlay rule")?;
+    }
     address
         .remove()
         .await

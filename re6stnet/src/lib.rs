@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod enrol;
 pub mod node;
+pub mod overlay_table;
 pub mod peer;
 pub mod state;
 pub mod system;

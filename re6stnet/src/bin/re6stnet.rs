@@ -58,7 +58,9 @@ struct Cli {
     /// Peer cache and cached network configuration [default: /var/lib/re6stnet].
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Kernel routing table for overlay routes [default: 254, main].
+    /// Kernel routing table for overlay routes, looked up through an `ip
+    /// rule` for the network prefix only [default: 326]; 254 (main): no
+    /// rule, routes in the main table.
     #[arg(long)]
     table: Option<u32>,
     /// Seconds between network-configuration checks with the registry [default: 60].

@@ -1,0 +1,130 @@
+//! The kernel table of overlay routes and the `ip rule` that selects it.
+//!
+//! Babel's routes go to a table of our own ([`DEFAULT_TABLE`] unless
+//! `--table` says otherwise), looked up only for destinations inside the
+//! network prefix (`ip -6 rule add to NETWORK lookup TABLE`): whatever a
+//! member announces, the host's own Internet traffic never reaches that
+//! table. The table also holds the covering `unreachable NETWORK` route
+//! (from the routing side), so overlay traffic without a route is refused
+//! rather than sent to the underlay, and a `throw` route for our own
+//! prefix, so the lookup of our own addresses goes on to `main`, where the
+//! kernel and the operator put them. With `--table 254` (main) nothing of
+//! this is installed and routes go to `main` as before.
+
+use anyhow::Context;
+use futures_util::TryStreamExt;
+use ipnet::Ipv6Net;
+use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+
+/// The default table of overlay routes (re6st's port number; unused by
+/// the usual tables 253–255).
+pub const DEFAULT_TABLE: u32 = 326;
+/// The kernel's main table.
+pub const MAIN_TABLE: u32 = 254;
+/// Priority of our rule: after `local` (0), before `main` (32766).
+pub const RULE_PRIORITY: u32 = 326;
+
+/// Our rule and throw route while the node runs.
+#[derive(Debug)]
+pub struct OverlayTable {
+    handle: Handle,
+    network: Ipv6Net,
+    prefix: Ipv6Net,
+    table: u32,
+}
+
+fn is_ours(m: &RuleMessage, network: Ipv6Net, table: u32) -> bool {
+    let table_of = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    let to_network = m.header.dst_len == network.prefix_len()
+        && m.attributes.iter().any(|a| {
+            matches!(a, RuleAttribute::Destination(std::net::IpAddr::V6(d)) if *d == network.network())
+        });
+    table_of == table && to_network
+}
+
+impl OverlayTable {
+    /// Installs the rule for `network` and the throw route for our
+    /// `prefix` in `table` (rules left by a crashed run are removed
+    /// first); None for the main table.
+    pub async fn install(
+        network: Ipv6Net,
+        prefix: Ipv6Net,
+        table: u32,
+    ) -> anyhow::Result<Option<Self>> {
+        if table == MAIN_TABLE {
+            return Ok(None);
+        }
+        let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+        tokio::spawn(conn);
+        let me = Self {
+            handle,
+            network,
+            prefix,
+            table,
+        };
+        me.remove_rules().await?;
+        me.handle
+            .rule()
+            .add()
+            .v6()
+            .destination_prefix(network.network(), network.prefix_len())
+            .table_id(table)
+            .priority(RULE_PRIORITY)
+            .action(RuleAction::ToTable)
+            .execute()
+            .await
+            .with_context(|| format!("adding the rule `to {network} lookup {table}`"))?;
+        me.handle
+            .route()
+            .add(me.throw_route())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding `throw {prefix}` to table {table}"))?;
+        Ok(Some(me))
+    }
+
+    fn throw_route(&self) -> rtnetlink::packet_route::route::RouteMessage {
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(self.prefix.network(), self.prefix.prefix_len())
+            .table_id(self.table)
+            .protocol(RouteProtocol::Static)
+            .kind(RouteType::Throw)
+            .build()
+    }
+
+    async fn remove_rules(&self) -> anyhow::Result<()> {
+        let mut ours = Vec::new();
+        let mut rules = self.handle.rule().get(IpVersion::V6).execute();
+        while let Some(m) = rules.try_next().await.context("listing rules")? {
+            if is_ours(&m, self.network, self.table) {
+                ours.push(m);
+            }
+        }
+        for m in ours {
+            self.handle
+                .rule()
+                .del(m)
+                .execute()
+                .await
+                .context("removing a rule")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the rule and the throw route (clean shutdown).
+    pub async fn remove(self) -> anyhow::Result<()> {
+        self.remove_rules().await?;
+        let _ = self.handle.route().del(self.throw_route()).execute().await;
+        Ok(())
+    }
+}

@@ -69,6 +69,21 @@ impl Book {
         }
     }
 
+    /// Drops the peers whose record no longer verifies (revoked by `crl`,
+    /// or expired); returns them.
+    pub fn prune(&mut self, ca: &CaCert, crl: &[u64], unix: i64) -> Vec<Peer> {
+        let gone: Vec<Peer> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| e.record.verify(ca, unix, crl).is_err())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            self.peers.remove(p);
+        }
+        gone
+    }
+
     /// Verifies and stores a record; returns the peers evicted to make
     /// room, or None when the record was refused or older than ours.
     pub fn insert(

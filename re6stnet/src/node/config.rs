@@ -247,6 +247,12 @@ impl NodeCore {
             }
             self.lost(now, unix, p, LossReason::Revoked);
         }
+        // Revoked peers we have no tunnel with: out of the cache, and no
+        // attempt towards them goes on.
+        for p in self.book.prune(&self.ca, &self.netconf.crl, unix) {
+            self.forget_attempt(p);
+            self.persist(CacheChange::Remove(p));
+        }
         if old.hello_interval_ms != self.netconf.hello_interval_ms {
             let interval = hello_interval(&self.netconf);
             let names: Vec<String> = self

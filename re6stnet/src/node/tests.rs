@@ -506,6 +506,54 @@ fn revocation_of_a_peer_and_of_ourselves() {
     assert_eq!(sim.count(me, |a| matches!(a, Action::Send { .. })), sent);
 }
 
+/// A peer whose CRL names us refuses our requests with a signed
+/// "revoked": we ask the registry for the configuration and stay up (the
+/// CA-signed CRL decides, not a peer).
+#[test]
+fn a_peer_saying_we_are_revoked_is_not_believed() {
+    let mut sim = Sim::new(2, &netconf(1, |c| c.client_count = 1));
+    let c2 = netconf(2, |c| {
+        c.client_count = 1;
+        c.crl = vec![sim.nodes[0].serial];
+    });
+    // Node 1 starts from a configuration that revokes node 0 (its cached
+    // record of node 0 is dropped: it never asks node 0 for a tunnel).
+    sim.restart(1, &c2);
+    sim.run_until(Duration::from_secs(10));
+    let victim = sim.nodes[0].prefix;
+    assert_eq!(
+        sim.count(1, |a| *a == Action::Persist(CacheChange::Remove(victim))),
+        1
+    );
+    assert!(!sim.cores[0].revoked());
+    assert!(
+        sim.tunnels(0).is_empty(),
+        "{:?} {:?}",
+        sim.tunnels(0),
+        sim.tunnels(1)
+    );
+    assert!(
+        sim.count(0, |a| *a == Action::Registry(RegistryRequest::Config)) >= 1,
+        "the refusal makes us check the configuration"
+    );
+}
+
+/// A node restarted from a cached configuration that revokes it stays
+/// revoked: it opens nothing.
+#[test]
+fn a_cached_revocation_holds_across_a_restart() {
+    let mut sim = Sim::new(3, &netconf(1, |c| c.client_count = 2));
+    let c2 = netconf(2, |c| {
+        c.client_count = 2;
+        c.crl = vec![sim.nodes[0].serial];
+    });
+    sim.restart(0, &c2);
+    sim.run_until(Duration::from_secs(30));
+    assert!(sim.cores[0].revoked());
+    assert_eq!(sim.count(0, |a| *a == Action::Revoked), 1);
+    assert_eq!(sim.count(0, |a| matches!(a, Action::OpenTunnel { .. })), 0);
+}
+
 /// A newer configuration is applied (saved, forwarded as ConfigVersion,
 /// Hello interval changed on every tunnel and LAN interface); an older
 /// one is ignored.

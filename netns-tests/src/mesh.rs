@@ -247,7 +247,11 @@ impl Mesh {
             .registry_cmd(&["token", "add", "--comment", name])?
             .trim()
             .to_string();
+        let fingerprint = self.registry_cmd(&["fingerprint"])?.trim().to_string();
         let dir = self.net.log_dir().join(name);
+        let token_file = self.net.log_dir().join(format!("{name}.token"));
+        std::fs::write(&token_file, &token)
+            .map_err(|e| Error::io(format!("writing {name}'s token"), e))?;
         let host = self.net.host(name)?;
         let conf = crate::binary("re6st-conf")?;
         let o = host.output(
@@ -255,8 +259,10 @@ impl Mesh {
             &[
                 "--registry",
                 &self.url,
-                "--token",
-                &token,
+                "--token-file",
+                &token_file.to_string_lossy(),
+                "--ca-fingerprint",
+                &fingerprint,
                 "--dir",
                 &dir.to_string_lossy(),
             ],

@@ -1,6 +1,7 @@
 //! Enrolment: what `re6st-conf` does.
 //!
-//! Fetch the CA (checking a pinned fingerprint, or an existing `ca.crt`),
+//! Fetch the CA (checking a pinned fingerprint, or an existing `ca.crt`;
+//! without either only when trust on first use is asked for),
 //! make or reuse the node's Ed25519 key and WireGuard key (files 0600), then
 //! join with a token, or, when a certificate of this identity is already
 //! there, renew it. Files are written atomically; a different identity in
@@ -43,6 +44,9 @@ pub struct EnrolOptions {
     pub ca_fingerprint: Option<String>,
     /// Replace a different identity (new key, new join).
     pub force: bool,
+    /// Trust the registry's CA without a fingerprint or an existing
+    /// `ca.crt` (trust on first use: whoever answers at the URL first).
+    pub insecure_first_use: bool,
     /// Extra TLS root (PEM) for an HTTPS registry with a private TLS CA.
     pub tls_root: Option<String>,
 }
@@ -153,6 +157,11 @@ pub async fn enrol(opts: &EnrolOptions) -> anyhow::Result<EnrolReport> {
                 );
             }
         }
+        None if opts.ca_fingerprint.is_none() && !opts.insecure_first_use => bail!(
+            "no CA to trust: give --ca-fingerprint (the operator's `re6st-registry fingerprint`), \
+             or --insecure-first-use to trust {fp}, whoever answers at {}",
+            opts.registry
+        ),
         None if opts.ca_fingerprint.is_none() => warnings.push(format!(
             "the CA was not pinned (--ca-fingerprint); trusting {fp} on first use"
         )),

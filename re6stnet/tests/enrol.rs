@@ -63,6 +63,7 @@ async fn join_keep_pin_and_refuse_other_identities() -> anyhow::Result<()> {
         dir: node_dir.clone(),
         ca_fingerprint: Some(fp.to_uppercase()),
         force: false,
+        insecure_first_use: false,
         tls_root: None,
     };
     let first = enrol(&opts).await?;
@@ -100,7 +101,7 @@ async fn join_keep_pin_and_refuse_other_identities() -> anyhow::Result<()> {
     let (url2, db2, _) = registry(&root.0.join("reg2"), "fd5e:2a1:88::/48").await?;
     let token2 = Store::open(&db2)?.add_token(None, None, None, now())?;
     let other = EnrolOptions {
-        registry: url2,
+        registry: url2.clone(),
         token: Some(token2),
         ca_fingerprint: None,
         ..opts.clone()
@@ -122,5 +123,31 @@ async fn join_keep_pin_and_refuse_other_identities() -> anyhow::Result<()> {
     assert!(forced.joined);
     assert_eq!(forced.cert.prefix.to_string(), "fd5e:2a1:88:1::/64");
     assert_ne!(forced.cert.public_key, first.cert.public_key);
+
+    // A first enrolment with nothing to pin the CA to is refused, unless
+    // trust on first use is asked for.
+    let token3 = Store::open(&db2)?.add_token(None, None, None, now())?;
+    let fresh = EnrolOptions {
+        registry: url2,
+        token: Some(token3),
+        dir: root.0.join("fresh"),
+        ca_fingerprint: None,
+        force: false,
+        insecure_first_use: false,
+        tls_root: None,
+    };
+    let err = enrol(&fresh)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(err.contains("--ca-fingerprint"), "{err}");
+    assert!(!root.0.join("fresh").join("node.key").exists());
+    let tofu = enrol(&EnrolOptions {
+        insecure_first_use: true,
+        ..fresh
+    })
+    .await?;
+    assert!(tofu.joined && !tofu.warnings.is_empty());
     Ok(())
 }

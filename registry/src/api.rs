@@ -51,7 +51,7 @@ pub struct TokenRequest {
     /// Free text.
     #[serde(default)]
     pub comment: Option<String>,
-    /// Seconds until the token expires.
+    /// Seconds until the token expires (default: 7 days).
     #[serde(default)]
     pub expires_in_s: Option<i64>,
     /// Prefix length for the node (default: the network's).

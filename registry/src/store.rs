@@ -21,6 +21,11 @@ use crate::error::{Error, Result};
 use crate::prefix::{Allocator, Block};
 
 /// Schema version (`PRAGMA user_version`).
+/// How long a join token is valid unless its creator says otherwise (a
+/// token that leaks from a shell history or a ticket does not stay a key
+/// to the network for ever).
+pub const DEFAULT_TOKEN_LIFETIME_S: i64 = 7 * 86_400;
+
 pub const SCHEMA_VERSION: i64 = 1;
 /// A certificate is renewable this long before it expires.
 pub const RENEW_BEFORE_S: i64 = 30 * 86_400;
@@ -354,7 +359,8 @@ impl Store {
         Ok(next)
     }
 
-    /// Creates a join token; returns it.
+    /// Creates a join token valid `expires_in_s` seconds (default
+    /// [`DEFAULT_TOKEN_LIFETIME_S`]); returns it.
     pub fn add_token(
         &mut self,
         comment: Option<&str>,
@@ -390,7 +396,13 @@ impl Store {
         let token = hex::encode(random_bytes::<16>()?);
         self.conn.execute(
             "INSERT INTO token(token, comment, prefix_len, created, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![token, comment, len, now, expires_in_s.map(|s| now + s)],
+            params![
+                token,
+                comment,
+                len,
+                now,
+                now.saturating_add(expires_in_s.unwrap_or(DEFAULT_TOKEN_LIFETIME_S))
+            ],
         )?;
         Ok(token)
     }
@@ -1077,6 +1089,17 @@ mod tests {
         ));
         assert!(matches!(
             f.store.join("nope", &other, [1; 32], NOW),
+            Err(Error::Forbidden(_))
+        ));
+        // Without an expiry a token still expires, after a week.
+        let default = f.store.add_token(None, None, None, NOW)?;
+        assert!(matches!(
+            f.store.join(
+                &default,
+                &other,
+                [1; 32],
+                NOW + DEFAULT_TOKEN_LIFETIME_S + 1
+            ),
             Err(Error::Forbidden(_))
         ));
         let late = f.store.add_token(None, Some(10), None, NOW)?;

@@ -16,16 +16,26 @@ struct Cli {
     /// Registry base URL (http://host:port or https://...).
     #[arg(long)]
     registry: String,
-    /// One-time join token from the registry's operator (not needed to renew).
-    #[arg(long)]
+    /// One-time join token from the registry's operator (not needed to
+    /// renew). Other local users can read it in the process list: prefer
+    /// --token-file.
+    #[arg(long, conflicts_with = "token_file")]
     token: Option<String>,
+    /// File holding the join token (`-`: standard input).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Configuration directory: ca.crt, node.crt, node.key, wg.key, re6stnet.toml.
     #[arg(long, default_value = "/etc/re6stnet")]
     dir: PathBuf,
-    /// SHA-256 fingerprint of the registry's CA (from `re6st-registry fingerprint`);
-    /// strongly recommended on first enrolment.
+    /// SHA-256 fingerprint of the registry's CA (from `re6st-registry
+    /// fingerprint`): needed on first enrolment (no ca.crt in --dir yet)
+    /// unless --insecure-first-use.
     #[arg(long)]
     ca_fingerprint: Option<String>,
+    /// Trust whatever CA the registry URL answers with on first enrolment
+    /// (anyone on the path to it could then be the CA of this node).
+    #[arg(long)]
+    insecure_first_use: bool,
     /// Replace a different identity already in --dir (new key, new join).
     #[arg(long)]
     force: bool,
@@ -45,6 +55,25 @@ fn fmt_time(ts: i64) -> String {
         .unwrap_or_else(|| ts.to_string())
 }
 
+/// The token from the command line, or read from a file or stdin (`-`).
+fn read_token(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    let Some(path) = file else {
+        return Ok(token);
+    };
+    let text = if path == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the token from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    let t = text.trim();
+    anyhow::ensure!(!t.is_empty(), "the token file is empty");
+    Ok(Some(t.to_string()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let tls_root = match cli
@@ -59,10 +88,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let token = match read_token(cli.token, cli.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("re6st-conf: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = EnrolOptions {
         tls_root,
         registry: cli.registry,
-        token: cli.token,
+        token,
+        insecure_first_use: cli.insecure_first_use,
         dir: cli.dir,
         ca_fingerprint: cli.ca_fingerprint,
         force: cli.force,

@@ -118,7 +118,7 @@ enum TokenCmd {
         /// Free text (who it is for).
         #[arg(long)]
         comment: Option<String>,
-        /// Validity, e.g. 3600, 90m, 12h, 7d (default: no expiry).
+        /// Validity, e.g. 3600, 90m, 12h, 30d [default: 7d].
         #[arg(long)]
         expires_in: Option<String>,
         /// Prefix length for the node (default: the network's).
@@ -427,6 +427,14 @@ fn serve(db: &Path, a: ServeArgs) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("listening on {}", a.listen))?;
                 tracing::info!(listen = %a.listen, %network, "serving HTTP");
+                if !a.listen.ip().is_loopback() {
+                    tracing::warn!(
+                        listen = %a.listen,
+                        "plain HTTP on a non-loopback address: join tokens, admin tokens and \
+                         signed requests cross the network in clear; serve HTTPS \
+                         (--tls-cert/--tls-key) or listen on loopback behind a TLS proxy"
+                    );
+                }
                 axum::serve(listener, app)
                     .with_graceful_shutdown(shutdown_signal())
                     .await

@@ -20,13 +20,13 @@ use crate::config::{random_bytes, HmacKeys, NetworkConfig, SignedConfig};
 use crate::error::{Error, Result};
 use crate::prefix::{Allocator, Block};
 
-/// Schema version (`PRAGMA user_version`).
 /// How long a join token is valid unless its creator says otherwise (a
 /// token that leaks from a shell history or a ticket does not stay a key
 /// to the network for ever).
 pub const DEFAULT_TOKEN_LIFETIME_S: i64 = 7 * 86_400;
 
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 2;
 /// A certificate is renewable this long before it expires.
 pub const RENEW_BEFORE_S: i64 = 30 * 86_400;
 /// Peer records older than this are not handed out.
@@ -66,6 +66,12 @@ CREATE TABLE token(
 ) STRICT;
 CREATE TABLE peer(prefix TEXT PRIMARY KEY, payload TEXT NOT NULL, signature TEXT NOT NULL, timestamp INTEGER NOT NULL) STRICT;
 CREATE TABLE nonce(nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL) STRICT;
+";
+
+/// Version 2: prefixes held back from reuse until every certificate
+/// issued for them has expired.
+const SCHEMA_V2: &str = "
+CREATE TABLE quarantine(prefix TEXT PRIMARY KEY, until INTEGER NOT NULL) STRICT;
 ";
 
 /// Parameters of `re6st-registry init`.
@@ -231,6 +237,7 @@ impl Store {
         let mut conn = open_conn(db)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(SCHEMA_V2)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let abs = |f: &Path| -> Result<String> {
             let a = std::fs::canonicalize(f)
@@ -282,8 +289,15 @@ impl Store {
                 db.display()
             )));
         }
-        let conn = open_conn(db)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut conn = open_conn(db)?;
+        let mut version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == 1 {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA_V2)?;
+            tx.pragma_update(None, "user_version", 2)?;
+            tx.commit()?;
+            version = 2;
+        }
         if version != SCHEMA_VERSION {
             return Err(Error::Corrupt(format!(
                 "{} has schema version {version}, this registry knows {SCHEMA_VERSION}",
@@ -721,8 +735,11 @@ impl Store {
         })
     }
 
-    /// Revokes; frees the prefix; bumps the config (the CRL changes).
-    /// Returns the serials added to the CRL.
+    /// Revokes every valid certificate of the node (given by prefix, or
+    /// by the serial of any of its valid certificates: a renewed node's
+    /// older certificate is revoked with it); frees the prefix (held in
+    /// quarantine until its certificates expire); bumps the config (the
+    /// CRL changes). Returns the serials added to the CRL.
     pub fn revoke(&mut self, target: &RevokeTarget, now: i64) -> Result<Vec<u64>> {
         let ca = &self.ca;
         let tx = self
@@ -730,14 +747,22 @@ impl Store {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let prefix = match target {
             RevokeTarget::Prefix(p) => p.trunc().to_string(),
-            RevokeTarget::Serial(s) => tx
-                .query_row(
-                    "SELECT prefix FROM cert WHERE serial = ?1",
-                    params![to_i64(*s, "serial")?],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .ok_or_else(|| Error::NotFound(format!("no certificate with serial {s}")))?,
+            RevokeTarget::Serial(s) => {
+                let (prefix, not_after): (String, i64) = tx
+                    .query_row(
+                        "SELECT prefix, not_after FROM cert WHERE serial = ?1",
+                        params![to_i64(*s, "serial")?],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?
+                    .ok_or_else(|| Error::NotFound(format!("no certificate with serial {s}")))?;
+                // An expired certificate says nothing about who holds the
+                // prefix now (it may have been handed on since).
+                if not_after < now {
+                    return Err(Error::NotFound(format!("certificate {s} has expired")));
+                }
+                prefix
+            }
         };
         let serials: Vec<(i64, i64)> = {
             let mut st = tx.prepare(
@@ -746,13 +771,6 @@ impl Store {
             )?;
             let rows = st.query_map(params![prefix, now], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<Result<_, _>>()?
-        };
-        let serials: Vec<(i64, i64)> = match target {
-            RevokeTarget::Serial(s) => {
-                let s = to_i64(*s, "serial")?;
-                serials.into_iter().filter(|(x, _)| *x == s).collect()
-            }
-            RevokeTarget::Prefix(_) => serials,
         };
         let current: Option<i64> = tx
             .query_row(
@@ -770,12 +788,8 @@ impl Store {
                 params![s, not_after, now],
             )?;
         }
-        let frees_node = match target {
-            RevokeTarget::Prefix(_) => current.is_some(),
-            RevokeTarget::Serial(s) => current == Some(to_i64(*s, "serial")?),
-        };
-        if frees_node {
-            free_node(&tx, &prefix)?;
+        if current.is_some() {
+            free_node(&tx, &prefix, now)?;
         }
         let mut config = load_config(&tx, ca)?;
         config.crl = load_crl(&tx, now)?;
@@ -947,15 +961,38 @@ fn load_crl(conn: &Connection, now: i64) -> Result<Vec<u64>> {
     Ok(out)
 }
 
-fn free_node(conn: &Connection, prefix: &str) -> Result<()> {
+/// Forgets the node of `prefix`; the prefix goes back to the pool once
+/// no certificate issued for it is valid any more (until then a node
+/// with an old CRL could still take a revoked certificate of it for the
+/// prefix's next owner).
+fn free_node(conn: &Connection, prefix: &str, now: i64) -> Result<()> {
+    conn.execute("DELETE FROM node WHERE prefix = ?1", params![prefix])?;
+    conn.execute("DELETE FROM peer WHERE prefix = ?1", params![prefix])?;
+    let until: Option<i64> = conn.query_row(
+        "SELECT MAX(not_after) FROM cert WHERE prefix = ?1",
+        params![prefix],
+        |r| r.get(0),
+    )?;
+    match until {
+        Some(u) if u >= now => {
+            conn.execute(
+                "INSERT OR REPLACE INTO quarantine(prefix, until) VALUES (?1, ?2)",
+                params![prefix, u],
+            )?;
+            Ok(())
+        }
+        _ => release_prefix(conn, prefix),
+    }
+}
+
+fn release_prefix(conn: &Connection, prefix: &str) -> Result<()> {
     let net: Ipv6Net = prefix
         .parse()
         .map_err(|_| Error::Corrupt(format!("stored prefix {prefix}")))?;
     let mut alloc = load_free(conn)?;
     alloc.release(Block::from_net(net)?)?;
     save_free(conn, &alloc)?;
-    conn.execute("DELETE FROM node WHERE prefix = ?1", params![prefix])?;
-    conn.execute("DELETE FROM peer WHERE prefix = ?1", params![prefix])?;
+    conn.execute("DELETE FROM quarantine WHERE prefix = ?1", params![prefix])?;
     Ok(())
 }
 
@@ -967,7 +1004,15 @@ fn expire_locked(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
         rows.collect::<Result<_, _>>()?
     };
     for prefix in &gone {
-        free_node(conn, prefix)?;
+        free_node(conn, prefix, now)?;
+    }
+    let released: Vec<String> = {
+        let mut st = conn.prepare("SELECT prefix FROM quarantine WHERE until < ?1")?;
+        let rows = st.query_map(params![now], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for prefix in &released {
+        release_prefix(conn, prefix)?;
     }
     conn.execute(
         "DELETE FROM token WHERE expires IS NOT NULL AND expires < ?1 AND used_by IS NULL",
@@ -1128,9 +1173,17 @@ mod tests {
         let cfg = f.store.config()?;
         assert_eq!(cfg.crl, vec![a.serial]);
         assert!(cfg.version > v0);
-        // The prefix is free again: the next join gets it.
+        // The prefix is held back while a certificate of it is valid: a
+        // node with an old CRL could take a's for its next owner.
         let (_, b) = join(&mut f.store, NOW)?;
-        assert_eq!(b.prefix, a.prefix);
+        assert_ne!(b.prefix, a.prefix);
+        let not_after = NodeCert::from_pem(&a.cert)?.not_after;
+        f.store.expire(not_after)?;
+        let (_, c) = join(&mut f.store, not_after)?;
+        assert_ne!(c.prefix, a.prefix, "still valid at its last second");
+        f.store.expire(not_after + 1)?;
+        let (_, d) = join(&mut f.store, not_after + 1)?;
+        assert_eq!(d.prefix, a.prefix, "back in the pool once expired");
         // The revoked node can no longer authenticate.
         let h = sign_request(&key, a.serial, "POST", "/v1/renew", b"", NOW)?;
         let auth = RequestAuth::parse(&h)?;
@@ -1140,6 +1193,55 @@ mod tests {
             Err(Error::Forbidden(_))
         ));
         assert!(f.store.revoke(&RevokeTarget::Serial(999), NOW).is_err());
+        Ok(())
+    }
+
+    /// A database of schema version 1 gains the quarantine table on open.
+    #[test]
+    fn schema_1_is_migrated() -> Result<()> {
+        let f = fixture()?;
+        let db = f.store.path.clone();
+        f.store
+            .conn
+            .execute_batch("DROP TABLE quarantine; PRAGMA user_version = 1;")?;
+        drop(f.store);
+        let mut store = Store::open(&db)?;
+        let (_, a) = join(&mut store, NOW)?;
+        store.revoke(&RevokeTarget::Serial(a.serial), NOW)?;
+        let held: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?;
+        assert_eq!(held, 1);
+        Ok(())
+    }
+
+    /// Revoking any valid serial of a renewed node revokes all of them.
+    #[test]
+    fn revoking_an_old_serial_revokes_the_renewed_one_too() -> Result<()> {
+        let mut f = fixture()?;
+        let (key, a) = join(&mut f.store, NOW)?;
+        let later = NOW + 340 * 86_400;
+        let h = sign_request(&key, a.serial, "POST", "/v1/renew", b"", later)?;
+        let node = f.store.authenticate(
+            &RequestAuth::parse(&h)?,
+            "POST",
+            "/v1/renew",
+            b"",
+            later,
+            true,
+        )?;
+        let renewed = f.store.renew(&node, None, later)?;
+        assert!(renewed.renewed);
+        let mut revoked = f.store.revoke(&RevokeTarget::Serial(a.serial), later)?;
+        revoked.sort_unstable();
+        assert_eq!(revoked, vec![a.serial, renewed.serial]);
+        assert!(f.store.list_nodes()?.is_empty());
+        // An expired serial revokes nothing (its prefix may be another's).
+        assert!(matches!(
+            f.store
+                .revoke(&RevokeTarget::Serial(a.serial), NOW + 2 * 365 * 86_400),
+            Err(Error::NotFound(_))
+        ));
         Ok(())
     }
 

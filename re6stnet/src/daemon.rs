@@ -546,6 +546,7 @@ impl Driver {
         };
         let serial = self.core.certificate().serial;
         let secret = self.files.wg_secret;
+        let ca = self.files.ca.clone();
         let tx = self.tasks.clone();
         tokio::spawn(async move {
             let id = ClientId { key: &key, serial };
@@ -556,7 +557,7 @@ impl Driver {
                     r.hmac_keys(&id)
                         .await
                         .map_err(text)
-                        .and_then(|s| open_hmac(&secret, &s)),
+                        .and_then(|s| open_hmac(&ca, &secret, &s)),
                 ),
                 RegistryRequest::Bootstrap => {
                     RegistryResult::Bootstrap(r.bootstrap(Some(&id)).await.map_err(text))
@@ -645,12 +646,18 @@ impl Driver {
 }
 
 /// Opens the registry's sealed Babel keys.
+/// Opens a key set sealed to us and checks the CA's signature for us.
 fn open_hmac(
+    ca: &re6st_registry::cert::CaCert,
     secret: &[u8; 32],
     sealed: &re6st_registry::config::Sealed,
 ) -> Result<HmacKeys, String> {
     let plain = re6st_registry::config::open(secret, sealed).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+    let signed: re6st_registry::config::SignedHmacKeys =
+        serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    signed
+        .verify(ca, &re6st_registry::config::x25519_public(secret))
+        .map_err(|e| e.to_string())
 }
 
 /// A failed registry request of `kind`.

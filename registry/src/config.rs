@@ -254,6 +254,53 @@ impl SignedConfig {
     }
 }
 
+/// A Babel key set as the registry sends it (sealed to one node): signed
+/// by the CA for that node's WireGuard key, so that nobody who knows the
+/// node's public key (anyone) can seal it another set, and a set for one
+/// node is no set for another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedHmacKeys {
+    /// The JSON text of the [`HmacKeys`], exactly as signed.
+    pub payload: String,
+    /// Ed25519 signature by the CA key, base64.
+    pub signature: String,
+}
+
+fn hmac_keys_message(recipient: &[u8; 32], payload: &str) -> Vec<u8> {
+    let mut msg = b"re6st-rs hmac keys v1\n".to_vec();
+    msg.extend_from_slice(B64.encode(recipient).as_bytes());
+    msg.push(b'\n');
+    msg.extend_from_slice(payload.as_bytes());
+    msg
+}
+
+impl SignedHmacKeys {
+    /// Signs `keys` for the node whose WireGuard key is `recipient`.
+    pub fn sign(
+        keys: &HmacKeys,
+        recipient: &[u8; 32],
+        sign: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Self> {
+        let payload = serde_json::to_string(keys)
+            .map_err(|e| Error::Corrupt(format!("serialising keys: {e}")))?;
+        let signature = B64.encode(sign(&hmac_keys_message(recipient, &payload))?);
+        Ok(Self { payload, signature })
+    }
+
+    /// Checks the CA's signature for us (`recipient`) and parses the keys.
+    pub fn verify(&self, ca: &CaCert, recipient: &[u8; 32]) -> Result<HmacKeys> {
+        let sig = B64
+            .decode(&self.signature)
+            .map_err(|_| Error::Invalid("key set signature is not base64".into()))?;
+        ca.verify(&hmac_keys_message(recipient, &self.payload), &sig)
+            .map_err(|_| {
+                Error::Unauthenticated("Babel key set not signed by the CA for us".into())
+            })?;
+        serde_json::from_str(&self.payload).map_err(|e| Error::Invalid(format!("key set: {e}")))
+    }
+}
+
 /// One Babel HMAC key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -501,6 +548,39 @@ mod tests {
         assert_eq!((d.sign.id, d.accept.len(), d.valid_until), (2, 1, None));
         assert_eq!(d.version, 4);
         assert_eq!(d.sign.key, a.accept[1].key);
+        Ok(())
+    }
+
+    #[test]
+    fn key_sets_verify_only_from_the_ca_for_their_node() -> Result<()> {
+        let ca = crate::cert::Ca::generate(
+            "fd5e::/48"
+                .parse()
+                .map_err(|_| Error::Invalid("n".into()))?,
+            1_790_000_000,
+            10,
+        )?;
+        let other = crate::cert::Ca::generate(
+            "fd5e::/48"
+                .parse()
+                .map_err(|_| Error::Invalid("n".into()))?,
+            1_790_000_000,
+            10,
+        )?;
+        let keys = HmacKeys::generate(3)?;
+        let me = [7u8; 32];
+        let signed = SignedHmacKeys::sign(&keys, &me, |m| ca.sign(m))?;
+        assert_eq!(signed.verify(ca.cert(), &me)?, keys);
+        assert!(
+            signed.verify(ca.cert(), &[8u8; 32]).is_err(),
+            "another node's"
+        );
+        assert!(signed.verify(other.cert(), &me).is_err(), "another CA");
+        let forged = SignedHmacKeys::sign(&keys, &me, |m| other.sign(m))?;
+        assert!(forged.verify(ca.cert(), &me).is_err());
+        let mut altered = signed.clone();
+        altered.payload = altered.payload.replace("\"version\":3", "\"version\":9");
+        assert!(altered.verify(ca.cert(), &me).is_err());
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use crate::api::{
 };
 use crate::auth::{RequestAuth, SignedPeerRecord};
 use crate::cert::NodeCert;
-use crate::config::seal;
+use crate::config::{seal, SignedHmacKeys};
 use crate::error::Error;
 use crate::store::{parse_wg_key, RevokeTarget, Store};
 
@@ -281,8 +281,11 @@ async fn get_hmac_keys(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let node = node_auth(&st, &headers, &method, &uri, b"", false).await?;
-    let keys = st.with_store(|s| s.hmac_keys()).await?;
-    let plain = serde_json::to_vec(&keys).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let wg = node.wg_key;
+    let signed = st
+        .with_store(move |s| SignedHmacKeys::sign(&s.hmac_keys()?, &wg, |m| s.ca().sign(m)))
+        .await?;
+    let plain = serde_json::to_vec(&signed).map_err(|e| Error::Corrupt(e.to_string()))?;
     Ok(json(seal(&node.wg_key, &plain)?))
 }
 

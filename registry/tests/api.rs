@@ -13,7 +13,7 @@ use re6st_registry::api::{JoinRequest, RenewRequest};
 use re6st_registry::auth::{PeerRecord, SignedPeerRecord};
 use re6st_registry::cert::{generate_key, make_csr, CaCert};
 use re6st_registry::client::{Identity, RegistryClient};
-use re6st_registry::config::{open, random_bytes, x25519_public, HmacKeys};
+use re6st_registry::config::{open, random_bytes, x25519_public, HmacKeys, SignedHmacKeys};
 use re6st_registry::server::{now, router, AppState};
 use re6st_registry::store::{InitParams, Store};
 use re6st_registry::Error;
@@ -289,7 +289,8 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
         serial: a.serial,
     };
     let sealed = client.hmac_keys(&id).await?;
-    let keys: HmacKeys = serde_json::from_slice(&open(&a.wg_secret, &sealed)?)?;
+    let signed: SignedHmacKeys = serde_json::from_slice(&open(&a.wg_secret, &sealed)?)?;
+    let keys: HmacKeys = signed.verify(&ca, &x25519_public(&a.wg_secret))?;
     assert_eq!(keys.version, config.hmac_version);
     assert!(
         open(&nodes[1].wg_secret, &sealed).is_err(),

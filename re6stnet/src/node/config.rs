@@ -96,7 +96,18 @@ impl NodeCore {
     }
 
     fn on_hmac(&mut self, now: Instant, r: Result<HmacKeys, String>) {
+        // A key set older than the configuration's or ours is a replay
+        // (rolling keys back would cut us off the mesh).
+        let floor = self.hmac.as_ref().map_or(self.netconf.hmac_version, |k| {
+            k.version.max(self.netconf.hmac_version)
+        });
         let checked = r.and_then(|k| {
+            if k.version < floor {
+                return Err(format!(
+                    "key set version {} is older than {floor}: refused",
+                    k.version
+                ));
+            }
             crate::state::auth_config(&k)
                 .map(|_| k)
                 .map_err(|e| format!("{e:#}"))

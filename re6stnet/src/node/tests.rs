@@ -538,6 +538,29 @@ fn a_peer_saying_we_are_revoked_is_not_believed() {
     );
 }
 
+/// Babel key sets older than the configuration's or the node's own are
+/// refused (a replayed sealed set must not roll the keys back).
+#[test]
+fn older_babel_key_sets_are_refused() {
+    let mut sim = Sim::new(1, &netconf(1, |c| c.hmac_version = 5));
+    let keys = |v| re6st_registry::config::HmacKeys::generate(v).unwrap();
+    let set = |sim: &Sim| sim.count(0, |a| matches!(a, Action::SetBabelKeys(_)));
+    let (k5, k4, k6) = (keys(5), keys(4), keys(6));
+    sim.answer(0, RegistryResult::Hmac(Ok(k5)));
+    sim.deliver();
+    assert_eq!(set(&sim), 1);
+    sim.answer(0, RegistryResult::Hmac(Ok(k4)));
+    sim.deliver();
+    assert_eq!(set(&sim), 1, "older than the configuration's");
+    sim.answer(0, RegistryResult::Hmac(Ok(k6.clone())));
+    sim.deliver();
+    assert_eq!(set(&sim), 2);
+    sim.answer(0, RegistryResult::Hmac(Ok(keys(5))));
+    sim.deliver();
+    assert_eq!(set(&sim), 2, "older than ours");
+    assert!(sim.count(0, |a| *a == Action::SetBabelKeys(k6.clone())) == 1);
+}
+
 /// A node restarted from a cached configuration that revokes it stays
 /// revoked: it opens nothing.
 #[test]

@@ -357,18 +357,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let keys: HmacKeys = serde_json::from_str(&meta(&tx, "hmac")?)
-            .map_err(|e| Error::Corrupt(format!("stored HMAC keys: {e}")))?;
-        let next = keys.rotate(now)?;
-        set_meta(
-            &tx,
-            "hmac",
-            &serde_json::to_string(&next).map_err(|e| Error::Corrupt(e.to_string()))?,
-        )?;
-        let mut config = load_config(&tx, &self.ca)?;
-        config.hmac_version = next.version;
-        bump(&mut config, now);
-        save_config(&tx, &self.ca, &config)?;
+        let next = rotate_locked(&tx, &self.ca, now)?;
         tx.commit()?;
         Ok(next)
     }
@@ -795,17 +784,22 @@ impl Store {
         config.crl = load_crl(&tx, now)?;
         bump(&mut config, now);
         save_config(&tx, ca, &config)?;
+        if !serials.is_empty() {
+            rekey_after_revocation(&tx, ca, now)?;
+        }
         tx.commit()?;
         serials.iter().map(|(s, _)| to_u64(*s, "serial")).collect()
     }
 
     /// Frees the prefixes of nodes expired longer than the grace period,
-    /// deletes expired tokens and drops expired certificates from the CRL.
+    /// deletes expired tokens, drops expired certificates from the CRL,
+    /// and moves a Babel key rotation on once its phase is over.
     pub fn expire(&mut self, now: i64) -> Result<()> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         expire_locked(&tx, &self.ca, now)?;
+        advance_hmac(&tx, &self.ca, now)?;
         tx.commit()?;
         Ok(())
     }
@@ -959,6 +953,57 @@ fn load_crl(conn: &Connection, now: i64) -> Result<Vec<u64>> {
         out.push(to_u64(r?, "serial")?);
     }
     Ok(out)
+}
+
+fn load_hmac(conn: &Connection) -> Result<HmacKeys> {
+    serde_json::from_str(&meta(conn, "hmac")?)
+        .map_err(|e| Error::Corrupt(format!("stored HMAC keys: {e}")))
+}
+
+/// One rotation step of the Babel keys, with the config that announces it.
+fn rotate_locked(conn: &Connection, ca: &Ca, now: i64) -> Result<HmacKeys> {
+    let next = load_hmac(conn)?.rotate(now)?;
+    set_meta(
+        conn,
+        "hmac",
+        &serde_json::to_string(&next).map_err(|e| Error::Corrupt(e.to_string()))?,
+    )?;
+    let mut config = load_config(conn, ca)?;
+    config.hmac_version = next.version;
+    bump(&mut config, now);
+    save_config(conn, ca, &config)?;
+    Ok(next)
+}
+
+/// Meta key: a revocation happened during a rotation, whose new key the
+/// revoked node may have fetched: another rotation follows it.
+const REKEY_PENDING: &str = "hmac_rekey_pending";
+
+/// A revoked node knows the Babel keys: a rotation to a key it never saw
+/// starts now, or after the rotation under way (see [`advance_hmac`]).
+fn rekey_after_revocation(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
+    if load_hmac(conn)?.accept.len() == 1 {
+        rotate_locked(conn, ca, now)?;
+    } else {
+        set_meta(conn, REKEY_PENDING, "1")?;
+    }
+    Ok(())
+}
+
+/// Moves a rotation on once its phase is over (`valid_until` passed), and
+/// starts the one a revocation asked for once the keys are stable.
+fn advance_hmac(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
+    let keys = load_hmac(conn)?;
+    if keys.valid_until.is_some_and(|t| t <= now) {
+        rotate_locked(conn, ca, now)?;
+    } else if keys.valid_until.is_none()
+        && keys.accept.len() == 1
+        && meta(conn, REKEY_PENDING).is_ok_and(|v| v == "1")
+    {
+        conn.execute("DELETE FROM meta WHERE key = ?1", params![REKEY_PENDING])?;
+        rotate_locked(conn, ca, now)?;
+    }
+    Ok(())
 }
 
 /// Forgets the node of `prefix`; the prefix goes back to the pool once
@@ -1212,6 +1257,53 @@ mod tests {
             .conn
             .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?;
         assert_eq!(held, 1);
+        Ok(())
+    }
+
+    /// A revocation rotates the Babel keys to one the revoked node never
+    /// fetched; housekeeping moves the rotation on phase by phase. During
+    /// a rotation (whose new key it may know) another one follows.
+    #[test]
+    fn revocation_rotates_the_babel_keys() -> Result<()> {
+        let mut f = fixture()?;
+        let (_, a) = join(&mut f.store, NOW)?;
+        let (_, b) = join(&mut f.store, NOW)?;
+        let before = f.store.hmac_keys()?;
+        f.store.revoke(&RevokeTarget::Serial(a.serial), NOW)?;
+        let k = f.store.hmac_keys()?;
+        let ids = |k: &HmacKeys| k.accept.iter().map(|k| k.id).collect::<Vec<_>>();
+        assert_eq!((k.sign.id, ids(&k)), (1, vec![1, 2]), "announced");
+        assert_eq!(f.store.config()?.hmac_version, k.version);
+        let phase = k.valid_until.unwrap_or_default();
+        f.store.expire(phase - 1)?;
+        assert_eq!(f.store.hmac_keys()?, k, "not before the phase ends");
+        f.store.expire(phase)?;
+        let k = f.store.hmac_keys()?;
+        assert_eq!((k.sign.id, ids(&k)), (2, vec![2, 1]), "switched");
+        f.store.expire(k.valid_until.unwrap_or_default())?;
+        let k = f.store.hmac_keys()?;
+        assert_eq!(
+            (ids(&k), k.valid_until),
+            (vec![2], None),
+            "the old key is gone"
+        );
+        assert!(!before.accept.iter().any(|o| o.key == k.sign.key));
+
+        // Revoked in the middle of a rotation: one more after it.
+        f.store.rotate_hmac(NOW)?;
+        f.store.revoke(&RevokeTarget::Serial(b.serial), NOW)?;
+        let mid = f.store.hmac_keys()?;
+        assert_eq!(ids(&mid), vec![2, 3], "the rotation under way goes on");
+        let mut t = NOW;
+        for _ in 0..6 {
+            t += 3600;
+            f.store.expire(t)?;
+        }
+        let k = f.store.hmac_keys()?;
+        assert!(
+            k.sign.id >= 4,
+            "a key newer than the one b could fetch: {k:?}"
+        );
         Ok(())
     }
 

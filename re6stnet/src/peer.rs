@@ -5,9 +5,10 @@
 //! sender's certificate (so any node can check a message without prior
 //! state), the addressee's prefix, a timestamp, a random nonce, the body, and
 //! an Ed25519 signature over all of it. The receiver checks, cheapest first:
-//! size, structure, freshness (±60 s), addressee, chain and CRL, that the
-//! source address lies in the sender's prefix, the signature, and replay (a
-//! bounded set of recent nonces).
+//! size, rate (per source /64), structure, freshness (±60 s), addressee,
+//! the certificate's claims (CRL, that the source address lies in its
+//! prefix) before its chain, the signature, and replay (a bounded set of
+//! recent nonces).
 //!
 //! Bodies: ask for endpoints / the signed peer record; announce a network
 //! config version / ask for / carry the CA-signed config (so a new config
@@ -16,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -24,6 +26,7 @@ use re6st_registry::auth::SignedPeerRecord;
 use re6st_registry::cert::{sign, verify_ed25519, CaCert, NodeCert};
 use re6st_registry::config::{random_bytes, SignedConfig};
 use re6st_tunnel::setup::Identity;
+use re6st_tunnel::source_limit::SourceLimiter;
 use serde::{Deserialize, Serialize};
 
 /// First bytes of every peer-protocol datagram.
@@ -32,6 +35,10 @@ pub const MAGIC: &[u8; 4] = b"R6P1";
 pub const MAX_SIZE: usize = 8192;
 /// Largest clock difference accepted.
 pub const MAX_SKEW_S: i64 = 60;
+/// Messages per second per source network (burst: twice that).
+pub const RATE_PER_S: f64 = 20.0;
+/// Source networks tracked by the rate limiter, at most.
+pub const RATE_SLOTS: usize = 1024;
 /// Remembered nonces, at most.
 pub const REPLAY_SLOTS: usize = 16_384;
 
@@ -115,6 +122,9 @@ pub enum PeerError {
     /// Seen before.
     #[error("replayed message")]
     Replay,
+    /// The source network sends too fast.
+    #[error("rate limited")]
+    RateLimited,
 }
 
 fn signed_bytes(to: &str, ts: i64, nonce: &str, body: &str) -> Vec<u8> {
@@ -128,6 +138,7 @@ pub struct PeerProtocol {
     me: Identity,
     crl: Vec<u64>,
     seen: HashMap<String, i64>,
+    rate: SourceLimiter,
 }
 
 impl PeerProtocol {
@@ -138,6 +149,7 @@ impl PeerProtocol {
             me,
             crl: Vec::new(),
             seen: HashMap::new(),
+            rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
         }
     }
 
@@ -182,12 +194,16 @@ impl PeerProtocol {
     /// sender's certificate and the body.
     pub fn open(
         &mut self,
+        now: Instant,
         src: IpAddr,
         bytes: &[u8],
         unix: i64,
     ) -> Result<(NodeCert, Body), PeerError> {
         if bytes.len() > MAX_SIZE {
             return Err(PeerError::Malformed("too large"));
+        }
+        if !self.rate.allow(now, src) {
+            return Err(PeerError::RateLimited);
         }
         let json = bytes
             .strip_prefix(MAGIC)
@@ -206,6 +222,20 @@ impl PeerProtocol {
         let der = B64
             .decode(&env.cert)
             .map_err(|_| PeerError::Malformed("certificate is not base64"))?;
+        // What the certificate claims, checked before its chain (a
+        // signature check) is: a lie there fails the chain anyway.
+        let claimed = NodeCert::from_der(der.clone())
+            .map_err(|e| PeerError::BadCertificate(e.to_string()))?;
+        if self.crl.contains(&claimed.serial) {
+            return Err(PeerError::Revoked(claimed.serial));
+        }
+        let inside = match src {
+            IpAddr::V6(a) => claimed.prefix.contains(&a),
+            IpAddr::V4(_) => false,
+        };
+        if !inside {
+            return Err(PeerError::Spoofed(src));
+        }
         let pem = format!(
             "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
             B64.encode(&der)
@@ -214,16 +244,6 @@ impl PeerProtocol {
             .ca
             .verify_node(&pem, Some(unix))
             .map_err(|e| PeerError::BadCertificate(e.to_string()))?;
-        if self.crl.contains(&cert.serial) {
-            return Err(PeerError::Revoked(cert.serial));
-        }
-        let inside = match src {
-            IpAddr::V6(a) => cert.prefix.contains(&a),
-            IpAddr::V4(_) => false,
-        };
-        if !inside {
-            return Err(PeerError::Spoofed(src));
-        }
         let sig = B64
             .decode(&env.sig)
             .map_err(|_| PeerError::Malformed("signature is not base64"))?;
@@ -299,11 +319,41 @@ mod tests {
                 .seal(b.prefix(), &body, NOW)
                 .unwrap_or_else(|e| panic!("{e}"));
             let (from, got) = b
-                .open(addr("fd5e:0:0:1::1"), &d, NOW)
+                .open(Instant::now(), addr("fd5e:0:0:1::1"), &d, NOW)
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(from.prefix, a.prefix());
             assert_eq!(got, body);
         }
+    }
+
+    /// A member flooding from the addresses of its /64 gets one budget; a
+    /// fresh network gets its own (and a source outside the sender's
+    /// prefix is still refused).
+    #[test]
+    fn floods_are_limited_per_network() {
+        let ca = ca();
+        let a = PeerProtocol::new(ca.cert().clone(), node(&ca, 1));
+        let mut b = PeerProtocol::new(ca.cert().clone(), node(&ca, 2));
+        let t = Instant::now();
+        let mut limited = 0;
+        for i in 0..100u16 {
+            let d = a
+                .seal(b.prefix(), &Body::DrainRequest, NOW)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let src = addr(&format!("fd5e:0:0:1::{:x}", i + 1));
+            if b.open(t, src, &d, NOW) == Err(PeerError::RateLimited) {
+                limited += 1;
+            }
+        }
+        assert_eq!(limited, 100 - 2 * RATE_PER_S as usize);
+        let d = a
+            .seal(b.prefix(), &Body::DrainRequest, NOW)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let elsewhere = addr("fd5e:0:0:3::1");
+        assert_eq!(
+            b.open(t, elsewhere, &d, NOW),
+            Err(PeerError::Spoofed(elsewhere))
+        );
     }
 
     #[test]
@@ -315,12 +365,12 @@ mod tests {
         let d = a
             .seal(b.prefix(), &Body::DrainRequest, NOW)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(b.open(src, &d, NOW).is_ok());
-        assert_eq!(b.open(src, &d, NOW), Err(PeerError::Replay));
+        assert!(b.open(Instant::now(), src, &d, NOW).is_ok());
+        assert_eq!(b.open(Instant::now(), src, &d, NOW), Err(PeerError::Replay));
         let d = a
             .seal(b.prefix(), &Body::DrainRequest, NOW - 120)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(b.open(src, &d, NOW), Err(PeerError::Stale));
+        assert_eq!(b.open(Instant::now(), src, &d, NOW), Err(PeerError::Stale));
         let d = a
             .seal(
                 "fd5e:0:0:9::/64".parse().unwrap_or_default(),
@@ -328,22 +378,31 @@ mod tests {
                 NOW,
             )
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(b.open(src, &d, NOW), Err(PeerError::NotForUs));
+        assert_eq!(
+            b.open(Instant::now(), src, &d, NOW),
+            Err(PeerError::NotForUs)
+        );
         let d = a
             .seal(b.prefix(), &Body::DrainRequest, NOW)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            b.open(addr("fd5e:0:0:7::1"), &d, NOW),
+            b.open(Instant::now(), addr("fd5e:0:0:7::1"), &d, NOW),
             Err(PeerError::Spoofed(addr("fd5e:0:0:7::1")))
         );
         b.set_crl(vec![1]);
-        assert_eq!(b.open(src, &d, NOW), Err(PeerError::Revoked(1)));
+        assert_eq!(
+            b.open(Instant::now(), src, &d, NOW),
+            Err(PeerError::Revoked(1))
+        );
         b.set_crl(Vec::new());
         // Tampered body.
         let tampered = String::from_utf8_lossy(&d)
             .replace("drain_request", "drain_ack")
             .into_bytes();
-        assert_eq!(b.open(src, &tampered, NOW), Err(PeerError::BadSignature));
+        assert_eq!(
+            b.open(Instant::now(), src, &tampered, NOW),
+            Err(PeerError::BadSignature)
+        );
         // Another CA.
         let other = Ca::generate("fd5e::/48".parse().unwrap_or_default(), NOW - 100, 10)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -352,12 +411,12 @@ mod tests {
             .seal(b.prefix(), &Body::DrainRequest, NOW)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
-            b.open(addr("fd5e:0:0:3::1"), &d, NOW),
+            b.open(Instant::now(), addr("fd5e:0:0:3::1"), &d, NOW),
             Err(PeerError::BadCertificate(_))
         ));
         for junk in [&b""[..], b"R6P1", b"R6P1{}", b"R6T1{}", &[b'R'; 9000]] {
             assert!(matches!(
-                b.open(src, junk, NOW),
+                b.open(Instant::now(), src, junk, NOW),
                 Err(PeerError::Malformed(_))
             ));
         }
@@ -372,7 +431,7 @@ mod tests {
             if magic {
                 d.splice(0..0, MAGIC.iter().copied());
             }
-            let _ = b.open(addr("fd5e:0:0:1::1"), &d, NOW);
+            let _ = b.open(Instant::now(), addr("fd5e:0:0:1::1"), &d, NOW);
         }
     }
 }

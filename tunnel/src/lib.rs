@@ -12,6 +12,7 @@
 //! - [`tun`]: tun devices.
 //! - [`offload`]: tun offloads (virtio-net header, segmentation, GRO).
 //! - [`udp`]: UDP GSO/GRO helpers.
+//! - [`source_limit`]: rate limits of unauthenticated work per source network.
 
 pub mod cache;
 pub mod frame;
@@ -22,5 +23,6 @@ pub mod plane;
 pub mod policy;
 mod reactor;
 pub mod setup;
+pub mod source_limit;
 pub mod tun;
 pub mod udp;

@@ -32,6 +32,8 @@ use re6st_registry::cert::{sign, verify_ed25519, CaCert, NodeCert};
 use re6st_registry::config::random_bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::source_limit::SourceLimiter;
+
 /// First bytes of every set-up datagram.
 pub const MAGIC: &[u8; 4] = b"R6T1";
 /// Largest set-up datagram.
@@ -40,9 +42,9 @@ pub const MAX_SIZE: usize = 1400;
 pub const MAX_SKEW_S: i64 = 60;
 /// Remembered request nonces (replay protection), at most.
 pub const REPLAY_SLOTS: usize = 8192;
-/// Sources tracked by the rate limiter, at most.
+/// Source networks tracked by the rate limiter, at most.
 pub const RATE_SLOTS: usize = 1024;
-/// Requests per second per source (burst: twice that).
+/// Requests per second per source network (/64 or /24; burst: twice that).
 pub const RATE_PER_S: f64 = 5.0;
 
 const KIND_REQUEST: u8 = 1;
@@ -398,7 +400,7 @@ pub struct Responder {
     me: Identity,
     crl: Vec<u64>,
     replay: HashMap<String, i64>,
-    rate: HashMap<IpAddr, (f64, Instant)>,
+    rate: SourceLimiter,
     stats: ResponderStats,
 }
 
@@ -424,7 +426,7 @@ impl Responder {
             me,
             crl: Vec::new(),
             replay: HashMap::new(),
-            rate: HashMap::new(),
+            rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
             stats: ResponderStats::default(),
         }
     }
@@ -439,30 +441,6 @@ impl Responder {
         &self.stats
     }
 
-    fn rate_ok(&mut self, now: Instant, src: IpAddr) -> bool {
-        if !self.rate.contains_key(&src) && self.rate.len() >= RATE_SLOTS {
-            // Forget the source idle longest (bounded state).
-            if let Some(old) = self
-                .rate
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k)
-            {
-                self.rate.remove(&old);
-            }
-        }
-        let (tokens, last) = self.rate.entry(src).or_insert((2.0 * RATE_PER_S, now));
-        let refill = now.duration_since(*last).as_secs_f64() * RATE_PER_S;
-        *tokens = (*tokens + refill).min(2.0 * RATE_PER_S);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
     fn check(
         &mut self,
         now: Instant,
@@ -474,7 +452,7 @@ impl Responder {
         if kind != KIND_REQUEST {
             return Err(SetupError::Unexpected);
         }
-        if !self.rate_ok(now, src) {
+        if !self.rate.allow(now, src) {
             return Err(SetupError::RateLimited);
         }
         let m: RequestMsg =

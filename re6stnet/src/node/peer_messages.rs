@@ -35,6 +35,7 @@ fn error_kind(e: &PeerError) -> &'static str {
         PeerError::Spoofed(_) => "peer_spoofed",
         PeerError::BadSignature => "peer_bad_signature",
         PeerError::Replay => "peer_replay",
+        PeerError::RateLimited => "peer_rate_limited",
     }
 }
 
@@ -46,7 +47,7 @@ impl NodeCore {
         src: SocketAddr,
         bytes: &[u8],
     ) {
-        let (cert, body) = match self.peers.open(src.ip(), bytes, unix) {
+        let (cert, body) = match self.peers.open(now, src.ip(), bytes, unix) {
             Ok(x) => x,
             Err(e) => {
                 *self

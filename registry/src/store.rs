@@ -183,6 +183,7 @@ fn write_new_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
         .open(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
@@ -234,6 +235,9 @@ impl Store {
         let ca = Ca::generate(p.network, now, 10 * 365)?;
         write_new_file(&p.ca_key, &ca.key_pem(), 0o600)?;
         write_new_file(&p.ca_cert, ca.cert().pem(), 0o644)?;
+        // The database holds the Babel keys: readable by us only (SQLite
+        // gives its -wal and -shm files the database's mode).
+        write_new_file(db, "", 0o600)?;
         let mut conn = open_conn(db)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA)?;
@@ -1238,6 +1242,24 @@ mod tests {
             Err(Error::Forbidden(_))
         ));
         assert!(f.store.revoke(&RevokeTarget::Serial(999), NOW).is_err());
+        Ok(())
+    }
+
+    /// What `init` writes holds secrets (the CA key, the Babel keys in the
+    /// database): readable by the registry's user only.
+    #[test]
+    fn init_files_are_private() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fixture()?;
+        let dir = f._dir.0.clone();
+        for (name, mode) in [("registry.db", 0o600), ("ca.key", 0o600), ("ca.crt", 0o644)] {
+            let m = std::fs::metadata(dir.join(name))
+                .map_err(|e| Error::io(name, e))?
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(m, mode, "{name}");
+        }
         Ok(())
     }
 

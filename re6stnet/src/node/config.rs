@@ -229,6 +229,30 @@ impl NodeCore {
         self.signed = signed;
         self.metrics.config_changes += 1;
         self.policy.set_config(policy_config(&self.netconf), now);
+        self.apply_crl(now, unix);
+        if old.hello_interval_ms != self.netconf.hello_interval_ms {
+            let interval = hello_interval(&self.netconf);
+            let names: Vec<String> = self
+                .tunnels
+                .values()
+                .map(|t| t.name.clone())
+                .chain(self.interfaces.iter().cloned())
+                .collect();
+            for name in names {
+                self.push(Action::SetHelloInterval { name, interval });
+            }
+        }
+        self.request_hmac();
+        let version = self.netconf.version;
+        for p in self.tunnel_peers() {
+            self.send_peer(unix, p, &Body::ConfigVersion { version });
+        }
+    }
+
+    /// Applies the CRL of the configuration (new, or cached at start): we
+    /// stop if it names us; tunnels of revoked peers close; revoked peers
+    /// leave the cache and no attempt towards them goes on.
+    pub(super) fn apply_crl(&mut self, now: Instant, unix: i64) {
         self.responder.set_crl(self.netconf.crl.clone());
         self.peers.set_crl(self.netconf.crl.clone());
         if self.netconf.crl.contains(&self.cert.serial) && !self.revoked {
@@ -258,28 +282,10 @@ impl NodeCore {
             }
             self.lost(now, unix, p, LossReason::Revoked);
         }
-        // Revoked peers we have no tunnel with: out of the cache, and no
-        // attempt towards them goes on.
+        // Revoked peers we have no tunnel with.
         for p in self.book.prune(&self.ca, &self.netconf.crl, unix) {
             self.forget_attempt(p);
             self.persist(CacheChange::Remove(p));
-        }
-        if old.hello_interval_ms != self.netconf.hello_interval_ms {
-            let interval = hello_interval(&self.netconf);
-            let names: Vec<String> = self
-                .tunnels
-                .values()
-                .map(|t| t.name.clone())
-                .chain(self.interfaces.iter().cloned())
-                .collect();
-            for name in names {
-                self.push(Action::SetHelloInterval { name, interval });
-            }
-        }
-        self.request_hmac();
-        let version = self.netconf.version;
-        for p in self.tunnel_peers() {
-            self.send_peer(unix, p, &Body::ConfigVersion { version });
         }
     }
 

@@ -230,13 +230,7 @@ impl NodeCore {
             actions: VecDeque::new(),
         };
         // A cached configuration may already revoke us or some peers.
-        if core.netconf.crl.contains(&core.cert.serial) {
-            core.revoked = true;
-            core.push(Action::Revoked);
-        }
-        for p in core.book.prune(&core.ca, &core.netconf.crl, unix) {
-            core.persist(CacheChange::Remove(p));
-        }
+        core.apply_crl(now, unix);
         if core.registry {
             core.timers.set(Timer::Config, now + Duration::from_secs(1));
         }

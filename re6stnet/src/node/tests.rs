@@ -532,9 +532,20 @@ fn a_peer_saying_we_are_revoked_is_not_believed() {
         sim.tunnels(0),
         sim.tunnels(1)
     );
+    // Node 0 asks for the configuration on its own schedule too (1 s after
+    // start): the refusal must make it ask at once, before that.
+    let first_config = |sim: &Sim| {
+        sim.log
+            .iter()
+            .find(|(i, _, a)| *i == 0 && *a == Action::Registry(RegistryRequest::Config))
+            .map(|(_, at, _)| *at)
+    };
+    let mut calm = Sim::new(2, &netconf(1, |c| c.client_count = 1));
+    calm.run_until(Duration::from_secs(10));
+    let (refused, scheduled) = (first_config(&sim), first_config(&calm));
     assert!(
-        sim.count(0, |a| *a == Action::Registry(RegistryRequest::Config)) >= 1,
-        "the refusal makes us check the configuration"
+        refused.is_some_and(|r| scheduled.is_some_and(|s| r < s)),
+        "the refusal makes us check the configuration: {refused:?} vs {scheduled:?}"
     );
 }
 

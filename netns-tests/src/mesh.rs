@@ -99,6 +99,8 @@ pub struct Mesh {
     pub url: String,
     /// File with the registry's admin bearer token.
     pub admin_token: PathBuf,
+    /// The CA's fingerprint, which nodes pin when they enrol.
+    ca_fingerprint: String,
     registry: Option<Process>,
     registry_host: String,
     // Last: the network goes after the processes.
@@ -185,9 +187,15 @@ impl Mesh {
                 &admin_token.to_string_lossy(),
             ],
         )?;
+        let ca = std::fs::read_to_string(base.join("ca.crt"))
+            .map_err(|e| Error::io("reading the registry's CA", e))?;
+        let ca_fingerprint = re6st_registry::cert::CaCert::from_pem(&ca)
+            .map_err(|e| Error::Measure(format!("the registry's CA: {e}")))?
+            .fingerprint();
         let mut mesh = Self {
             nodes: Vec::new(),
             admin_token,
+            ca_fingerprint,
             db,
             url,
             registry: Some(registry),
@@ -247,7 +255,6 @@ impl Mesh {
             .registry_cmd(&["token", "add", "--comment", name])?
             .trim()
             .to_string();
-        let fingerprint = self.registry_cmd(&["fingerprint"])?.trim().to_string();
         let dir = self.net.log_dir().join(name);
         let token_file = self.net.log_dir().join(format!("{name}.token"));
         std::fs::write(&token_file, &token)
@@ -262,7 +269,7 @@ impl Mesh {
                 "--token-file",
                 &token_file.to_string_lossy(),
                 "--ca-fingerprint",
-                &fingerprint,
+                &self.ca_fingerprint,
                 "--dir",
                 &dir.to_string_lossy(),
             ],

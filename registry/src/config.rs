@@ -553,20 +553,13 @@ mod tests {
 
     #[test]
     fn key_sets_verify_only_from_the_ca_for_their_node() -> Result<()> {
-        let ca = crate::cert::Ca::generate(
-            "fd5e::/48"
+        let new_ca = || -> Result<crate::cert::Ca> {
+            let network = "fd5e::/48"
                 .parse()
-                .map_err(|_| Error::Invalid("n".into()))?,
-            1_790_000_000,
-            10,
-        )?;
-        let other = crate::cert::Ca::generate(
-            "fd5e::/48"
-                .parse()
-                .map_err(|_| Error::Invalid("n".into()))?,
-            1_790_000_000,
-            10,
-        )?;
+                .map_err(|_| Error::Invalid("n".into()))?;
+            crate::cert::Ca::generate(network, 1_790_000_000, 10)
+        };
+        let (ca, other) = (new_ca()?, new_ca()?);
         let keys = HmacKeys::generate(3)?;
         let me = [7u8; 32];
         let signed = SignedHmacKeys::sign(&keys, &me, |m| ca.sign(m))?;

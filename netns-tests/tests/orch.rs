@@ -60,10 +60,15 @@ impl Orch {
         )
     }
 
-    /// An HTTP GET from node `i`; the status line.
+    /// An HTTP GET of `/` from node `i`; the status line.
     fn get(&self, i: usize, url_host: &str, port: &str) -> String {
+        self.get_path(i, url_host, port, "/")
+    }
+
+    /// An HTTP GET of `path` from node `i`; the status line.
+    fn get_path(&self, i: usize, url_host: &str, port: &str, path: &str) -> String {
         let script = format!(
-            "exec 3<>/dev/tcp/{url_host}/{port} && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && head -c 15 <&3"
+            "exec 3<>/dev/tcp/{url_host}/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && head -c 15 <&3"
         );
         self.m
             .host(i)
@@ -173,6 +178,24 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         )?;
     }
 
+    // A path parameter that leaves the instance directory is refused.
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "http-static",
+            "keys",
+            "--node",
+            "n2",
+            "--param",
+            "root=/",
+        ],
+    )?;
+    check(
+        !out.status.success() && text(&out).contains("not a relative path"),
+        format!("root=/: {}", text(&out)),
+    )?;
+
     // A static server on n2, whose direct path to m is broken.
     let started = Instant::now();
     let out = o.cli(
@@ -200,6 +223,16 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         o.get(0, &n2, "8080").starts_with("HTTP/1.0 200"),
         "the URL answers from m",
     )?;
+    // The static server never serves outside its root (axum decodes %2F).
+    let key = o.m.nodes[2].dir.join("node.key");
+    let encoded = key.to_string_lossy().replace('/', "%2F");
+    for path in [format!("/{encoded}"), "/..%2F..%2Fnode.key".to_string()] {
+        let got = o.get_path(0, &n2, "8080", &path);
+        check(
+            got.starts_with("HTTP/1.0 404"),
+            format!("GET {path}: {got:?}"),
+        )?;
+    }
     let again = o.cli(0, &["request", "http-static", "web", "--node", "n2"])?;
     check(
         text(&again).contains("ready"),

@@ -62,6 +62,9 @@ pub enum ParamType {
     Port,
     /// true or false.
     Bool,
+    /// A path inside the instance directory: relative, without `..`
+    /// (symlinks out of it are refused where the path is used).
+    Path,
 }
 
 /// A declared parameter.
@@ -218,6 +221,12 @@ fn check_value(kind: ParamType, v: &str) -> Result<String, String> {
             "false" | "no" | "0" => Ok("false".into()),
             _ => Err(format!("{v:?} is not true or false")),
         },
+        ParamType::Path => crate::static_files::relative_path(v)
+            .map(|p| match p.to_string_lossy() {
+                t if t.is_empty() => ".".to_string(),
+                t => t.into_owned(),
+            })
+            .ok_or_else(|| format!("{v:?} is not a relative path inside the instance directory")),
     }
 }
 
@@ -255,7 +264,7 @@ impl Descriptor {
             if let Some(d) = &p.default {
                 let ok = matches!(
                     (p.kind, d),
-                    (ParamType::String, toml::Value::String(_))
+                    (ParamType::String | ParamType::Path, toml::Value::String(_))
                         | (ParamType::Integer, toml::Value::Integer(_))
                         | (ParamType::Port, toml::Value::Integer(_))
                         | (ParamType::Bool, toml::Value::Boolean(_))
@@ -429,6 +438,26 @@ url = "http://[{address}]:{port}/"
                 .map(|v| v["port"].clone()),
             Ok("81".to_string())
         );
+    }
+
+    #[test]
+    fn path_parameters_stay_in_the_instance_directory() {
+        let d = Descriptor::parse(
+            "name = \"s\"\ncommand = [\"serve\", \"{root}\"]\n[parameters.root]\ntype = \"path\"\ndefault = \".\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let root = |v: &str| d.resolve(&map(&[("root", v)])).map(|r| r["root"].clone());
+        assert_eq!(
+            d.resolve(&map(&[])).map(|r| r["root"].clone()),
+            Ok(".".into())
+        );
+        assert_eq!(root("./www/"), Ok("www".into()));
+        for bad in ["/", "/etc/re6stnet", "../x", "a/../../b", ".ssh"] {
+            assert!(
+                matches!(root(bad), Err(ref e) if e.to_string().contains("not a relative path")),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod agent;
 pub mod client;
 pub mod descriptor;
 pub mod master;
+pub mod static_files;
 pub mod store;

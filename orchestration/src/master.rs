@@ -1,8 +1,10 @@
-//! The master's HTTP API (axum). Agents and node requesters authenticate
-//! with their node certificate: the `X-Re6st-Cert` header (base64 PEM) and
-//! a request signature (`Authorization: Re6st ...`, as for the registry),
-//! from a source address inside the certificate's prefix, so they can only
-//! talk to the master over the overlay. Operators may use a bearer token.
+//! The master's HTTP API (axum). Agents authenticate with their node
+//! certificate: the `X-Re6st-Cert` header (base64 PEM) and a request
+//! signature (`Authorization: Re6st ...`, as for the registry), from a
+//! source address inside the certificate's prefix, so they can only talk to
+//! the master over the overlay; they may only greet, read their own
+//! assignments and report on their own instances. Operating (request, list,
+//! show, destroy, nodes) needs the operator's bearer token.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -234,24 +236,48 @@ fn call(
     Ok(Call { caller, body })
 }
 
+/// The certificate of a caller acting as an agent: only node certificates
+/// may greet, read their own assignments and report.
+pub fn agent_cert(caller: &Caller) -> Result<&NodeCert, ApiError> {
+    match caller {
+        Caller::Node(cert) => Ok(cert),
+        Caller::Admin => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "agents only: the operator token does not act as a node".into(),
+        )),
+    }
+}
+
+/// Checks that the caller is an operator. A member node is not one: it can
+/// neither place instances (which would run code on any node) nor read or
+/// destroy anyone's.
+pub fn operator(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Admin => Ok(()),
+        Caller::Node(cert) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "operators only: node {} is a member, not an operator (use --admin-token-file)",
+                cert.prefix
+            ),
+        )),
+    }
+}
+
 fn parse<T: for<'a> Deserialize<'a>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
 }
 
 fn node_of(m: &Master, c: &Caller) -> Result<(String, Ipv6Net), ApiError> {
-    match c {
-        Caller::Node(cert) => {
-            let name = m.store().node_by_prefix(cert.prefix)?.ok_or_else(|| {
-                ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("no node registered for {}", cert.prefix),
-                )
-            })?;
-            Ok((name, cert.prefix))
-        }
-        Caller::Admin => Err(ApiError(StatusCode::FORBIDDEN, "agents only".into())),
-    }
+    let cert = agent_cert(c)?;
+    let name = m.store().node_by_prefix(cert.prefix)?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no node registered for {}", cert.prefix),
+        )
+    })?;
+    Ok((name, cert.prefix))
 }
 
 /// An agent's greeting: its name and its routing (metric per prefix).
@@ -307,9 +333,7 @@ pub struct RequestBody {
 }
 
 async fn hello(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
-    let Caller::Node(cert) = &c.caller else {
-        return Err(ApiError(StatusCode::FORBIDDEN, "agents only".into()));
-    };
+    let cert = agent_cert(&c.caller)?;
     let h: Hello = parse(&c.body)?;
     let t = now();
     let mut s = m.store();
@@ -347,6 +371,7 @@ async fn report(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> 
 }
 
 async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
     let r: RequestBody = parse(&c.body)?;
     let placement = match (r.node, r.near) {
         (Some(_), Some(_)) => {
@@ -370,19 +395,22 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
     Ok(Json(i).into_response())
 }
 
-async fn list(State(m): State<Shared>, _: Call) -> Result<Response, ApiError> {
+async fn list(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
     Ok(Json(m.store().instances(None)?).into_response())
 }
 
-async fn nodes(State(m): State<Shared>, _: Call) -> Result<Response, ApiError> {
+async fn nodes(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
     Ok(Json(m.store().nodes()?).into_response())
 }
 
 async fn show(
     State(m): State<Shared>,
     UrlPath(name): UrlPath<String>,
-    _: Call,
+    c: Call,
 ) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
     let s = m.store();
     let i = s
         .instance(&name)?
@@ -398,8 +426,9 @@ async fn show(
 async fn destroy(
     State(m): State<Shared>,
     UrlPath(name): UrlPath<String>,
-    _: Call,
+    c: Call,
 ) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
     Ok(Json(m.store().destroy(&name, now())?).into_response())
 }
 
@@ -528,6 +557,21 @@ mod tests {
             "Re6st garbage".parse().unwrap_or_else(|e| panic!("{e}")),
         );
         assert!(m.authenticate(&h, &Method::GET, &uri, b"", inside).is_err());
+        let member = m
+            .authenticate(
+                &headers(&pem, &key, "GET", "/v1/agent/instances", b""),
+                &Method::GET,
+                &uri,
+                b"",
+                inside,
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(agent_cert(&member).is_ok());
+        assert!(
+            matches!(operator(&member), Err(ApiError(StatusCode::FORBIDDEN, ref d)) if d.contains("operators only"))
+        );
+        assert!(operator(&Caller::Admin).is_ok());
+        assert!(agent_cert(&Caller::Admin).is_err());
         let _ = std::fs::remove_file(path);
 
         let (m, pem, key, path) = setup(vec![42]);

@@ -32,12 +32,10 @@ struct Who {
     /// The master's URL (http://[overlay address]:port).
     #[arg(long, default_value = "http://[::1]:7080")]
     master: String,
-    /// Node identity (re6st-conf directory) to sign requests with.
-    #[arg(long, default_value = "/etc/re6stnet")]
-    dir: PathBuf,
-    /// Use the operator token in this file instead of the node identity.
-    #[arg(long)]
-    admin_token_file: Option<PathBuf>,
+    /// The operator token (the master's --admin-token-file). A node's own
+    /// identity is not enough: members are not operators.
+    #[arg(long, default_value = "/etc/re6st-orch/admin.token")]
+    admin_token_file: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,16 +178,10 @@ enum NodeCmd {
 }
 
 fn client(who: &Who) -> anyhow::Result<MasterClient> {
-    let creds = match &who.admin_token_file {
-        Some(f) => Credentials::Admin(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("reading {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => Credentials::from_dir(&who.dir)?,
-    };
-    MasterClient::new(&who.master, creds)
+    let f = &who.admin_token_file;
+    let token = std::fs::read_to_string(f)
+        .with_context(|| format!("reading the operator token {}", f.display()))?;
+    MasterClient::new(&who.master, Credentials::Admin(token.trim().to_string()))
 }
 
 fn print_instance(i: &re6st_orchestration::store::Instance) {
@@ -437,20 +429,23 @@ async fn serve_static(listen: SocketAddr, root: PathBuf) -> anyhow::Result<()> {
     use axum::extract::Path as UrlPath;
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
-    let root = Arc::new(root);
+    use re6st_orchestration::static_files::resolve;
+    let root = Arc::new(
+        std::fs::canonicalize(&root).with_context(|| format!("--root {}", root.display()))?,
+    );
     let get_file = move |path: Option<UrlPath<String>>| {
         let root = Arc::clone(&root);
         async move {
             let rel = path.map(|UrlPath(p)| p).unwrap_or_default();
-            if rel.split('/').any(|c| c == ".." || c.starts_with('.')) {
+            let Some(p) = resolve(&root, &rel) else {
                 return (StatusCode::NOT_FOUND, Vec::new()).into_response();
-            }
-            let p = root.join(&rel);
+            };
             if p.is_dir() {
                 let mut names: Vec<String> = std::fs::read_dir(&p)
                     .map(|d| {
                         d.filter_map(|e| e.ok())
                             .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .filter(|n| !n.starts_with('.'))
                             .collect()
                     })
                     .unwrap_or_default();

@@ -277,7 +277,18 @@ fn processes_are_logged_and_killed() -> Result<()> {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "process gone",
     )?;
-    check(netns::netns_pids(a.ns())?.is_empty(), "whole group gone")
+    // SIGKILL to the group is asynchronous for the grandchild: it leaves the
+    // namespace a moment after the leader has been reaped.
+    wait_until(
+        "whole group gone",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || match netns::netns_pids(a.ns()) {
+            Ok(pids) if pids.is_empty() => Some(()),
+            _ => None,
+        },
+    )?;
+    Ok(())
 }
 
 /// A network dropped while a panic unwinds removes all its namespaces and

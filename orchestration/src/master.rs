@@ -34,7 +34,7 @@ pub const CERT_HEADER: &str = "x-re6st-cert";
 pub struct Master {
     store: Mutex<Store>,
     ca: CaCert,
-    crl: Box<dyn Fn() -> Vec<u64> + Send + Sync>,
+    crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
     admin_token: Option<String>,
     seen: Mutex<HashMap<String, i64>>,
 }
@@ -62,6 +62,7 @@ impl IntoResponse for ApiError {
             StatusCode::FORBIDDEN => "forbidden",
             StatusCode::NOT_FOUND => "not_found",
             StatusCode::BAD_REQUEST => "invalid",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             _ => "internal",
         };
         (
@@ -98,11 +99,13 @@ pub enum Caller {
 
 impl Master {
     /// A master over `store`, trusting `ca`; `crl` gives the revoked serials
-    /// now (from the network configuration the node daemon keeps).
+    /// now (from the last verified network configuration the node daemon
+    /// keeps), `None` while there is none: agents are then refused, since
+    /// revocations cannot be checked.
     pub fn new(
         store: Store,
         ca: CaCert,
-        crl: Box<dyn Fn() -> Vec<u64> + Send + Sync>,
+        crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
         admin_token: Option<String>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -153,7 +156,13 @@ impl Master {
         if cert.serial != ra.serial {
             return Err(unauth("signature serial is not the certificate's"));
         }
-        if (self.crl)().contains(&cert.serial) {
+        let crl = (self.crl)().ok_or_else(|| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no verified network configuration yet: revocations cannot be checked".into(),
+            )
+        })?;
+        if crl.contains(&cert.serial) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "revoked certificate".into(),
@@ -456,7 +465,9 @@ mod tests {
     use re6st_registry::auth::sign_request;
     use re6st_registry::cert::Ca;
 
-    fn setup(revoked: Vec<u64>) -> (Arc<Master>, String, rcgen::KeyPair, std::path::PathBuf) {
+    fn setup(
+        revoked: Option<Vec<u64>>,
+    ) -> (Arc<Master>, String, rcgen::KeyPair, std::path::PathBuf) {
         let t = now();
         let ca = Ca::generate("fd5e:5e::/48".parse().unwrap_or_default(), t - 10, 10)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -472,7 +483,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!(
             "orch-auth-{}-{}.db",
             std::process::id(),
-            revoked.len()
+            revoked.as_ref().map_or(9, Vec::len)
         ));
         let _ = std::fs::remove_file(&path);
         let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -507,7 +518,7 @@ mod tests {
 
     #[test]
     fn callers_are_checked() {
-        let (m, pem, key, path) = setup(Vec::new());
+        let (m, pem, key, path) = setup(Some(Vec::new()));
         let uri: Uri = "/v1/agent/instances".parse().unwrap_or_default();
         let inside: IpAddr = "fd5e:5e:0:2::1"
             .parse()
@@ -574,11 +585,21 @@ mod tests {
         assert!(agent_cert(&Caller::Admin).is_err());
         let _ = std::fs::remove_file(path);
 
-        let (m, pem, key, path) = setup(vec![42]);
+        let (m, pem, key, path) = setup(Some(vec![42]));
         let h = headers(&pem, &key, "GET", "/v1/agent/instances", b"");
         let revoked = m.authenticate(&h, &Method::GET, &uri, b"", inside);
         assert!(
             matches!(revoked, Err(ApiError(StatusCode::FORBIDDEN, ref d)) if d.contains("revoked"))
+        );
+        let _ = std::fs::remove_file(path);
+
+        // No verified configuration: not "nothing is revoked" but "cannot tell".
+        let (m, pem, key, path) = setup(None);
+        let h = headers(&pem, &key, "GET", "/v1/agent/instances", b"");
+        let unknown = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(unknown, Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, _))),
+            "{unknown:?}"
         );
         let _ = std::fs::remove_file(path);
     }

@@ -248,15 +248,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()?;
             let ca2 = ca.clone();
+            // The last CRL that verified: a missing, unreadable or forged file
+            // never empties it.
+            let last = std::sync::Mutex::new(None::<Vec<u64>>);
             let crl = Box::new(move || {
-                std::fs::read_to_string(&network_config)
+                let fresh = std::fs::read_to_string(&network_config)
                     .ok()
                     .and_then(|t| {
                         serde_json::from_str::<re6st_registry::config::SignedConfig>(&t).ok()
                     })
                     .and_then(|s| s.verify(&ca2).ok())
-                    .map(|c| c.crl)
-                    .unwrap_or_default()
+                    .map(|c| c.crl);
+                let mut last = last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if fresh.is_some() {
+                    *last = fresh;
+                }
+                last.clone()
             });
             let m = Master::new(store, ca, crl, admin);
             let listener = tokio::net::TcpListener::bind(listen)

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod crl_source;
 pub mod descriptor;
 pub mod master;
 pub mod static_files;

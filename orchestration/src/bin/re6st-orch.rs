@@ -247,26 +247,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|t| t.trim().to_string())
                 })
                 .transpose()?;
-            let ca2 = ca.clone();
-            // The last CRL that verified: a missing, unreadable or forged file
-            // never empties it.
-            let last = std::sync::Mutex::new(None::<Vec<u64>>);
-            let crl = Box::new(move || {
-                let fresh = std::fs::read_to_string(&network_config)
-                    .ok()
-                    .and_then(|t| {
-                        serde_json::from_str::<re6st_registry::config::SignedConfig>(&t).ok()
-                    })
-                    .and_then(|s| s.verify(&ca2).ok())
-                    .map(|c| c.crl);
-                let mut last = last
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if fresh.is_some() {
-                    *last = fresh;
-                }
-                last.clone()
-            });
+            let source =
+                re6st_orchestration::crl_source::LastVerifiedCrl::new(network_config, ca.clone());
+            let crl = Box::new(move || source.current());
             let m = Master::new(store, ca, crl, admin);
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -3,21 +3,34 @@
 //! environment, restart with back-off, stop on destroy), runs its promises,
 //! and reports status and connection parameters. It keeps running its
 //! instances when the master is unreachable.
+//!
+//! It runs only what the master signed for this node in answer to this
+//! poll (see [`crate::assignment`]), and only software its own catalogue
+//! describes, at the version the master names, with the parameters checked
+//! again against its own descriptor.
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ipnet::Ipv6Net;
+use re6st_registry::cert::CaCert;
 
+use crate::assignment::{Assigned, AssignmentError, Expected, SignedAssignments};
+use crate::catalog::Catalog;
 use crate::client::MasterClient;
 use crate::descriptor::{render, Descriptor, Promise};
-use crate::master::Report;
+use crate::store::Report;
+
+/// The revoked serials now, `None` while no network configuration verified.
+pub type CrlSource = Arc<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
 
 /// Agent settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentConfig {
     /// This node's name at the master.
     pub name: String,
@@ -25,6 +38,17 @@ pub struct AgentConfig {
     pub base_dir: PathBuf,
     /// The node's overlay address (the `{address}` of descriptors).
     pub address: Ipv6Addr,
+    /// The node's prefix (whose assignments it accepts).
+    pub node: Ipv6Net,
+    /// Where the master is (the address of `--master`): assignments must be
+    /// signed by the node holding it.
+    pub master: Ipv6Addr,
+    /// The network CA.
+    pub ca: CaCert,
+    /// Revocations, for the master's certificate.
+    pub crl: CrlSource,
+    /// What this node can run.
+    pub catalog: Catalog,
     /// re6stnet's control socket, to report routing for `--near` placement.
     pub ctl_socket: Option<PathBuf>,
     /// Period of the loop.
@@ -205,6 +229,34 @@ impl Running {
         }
     }
 
+    /// Reports the status when it changed, or every 10 s.
+    async fn report(&mut self, name: &str, client: &MasterClient, now: Instant) {
+        let status = self.status();
+        let due = self
+            .reported
+            .as_ref()
+            .is_none_or(|(s, at)| s != status || now.duration_since(*at) > Duration::from_secs(10));
+        if !due {
+            return;
+        }
+        let connection = self
+            .descriptor
+            .connection
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), render(v, &self.values).ok()?)))
+            .collect();
+        let report = Report {
+            name: name.to_string(),
+            generation: self.generation,
+            status: status.to_string(),
+            connection,
+            detail: String::new(),
+        };
+        if client.report(&report).await.is_ok() {
+            self.reported = Some((status.to_string(), now));
+        }
+    }
+
     fn status(&self) -> &'static str {
         if self.child.is_none() {
             return if self.restarts > 0 {
@@ -250,6 +302,156 @@ fn routes(ctl: &std::path::Path) -> BTreeMap<String, u16> {
         .collect()
 }
 
+/// Checks the master's answer to the poll with `nonce`.
+fn verify(
+    cfg: &AgentConfig,
+    signed: &SignedAssignments,
+    nonce: &str,
+) -> anyhow::Result<Vec<Assigned>> {
+    let crl = (cfg.crl)().context(
+        "no verified network configuration yet: the master's certificate cannot be checked",
+    )?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let a = signed.verify(&Expected {
+        ca: &cfg.ca,
+        crl: &crl,
+        now,
+        master: cfg.master,
+        node: cfg.node,
+        nonce,
+    })?;
+    Ok(a.instances)
+}
+
+/// What to run for an assigned instance: its descriptor from this node's
+/// catalogue, at the assigned version, and its parameters checked against
+/// it. The error says why not, for the master's history.
+fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Running, String> {
+    let i = &a.instance;
+    let d = cfg.catalog.get(&i.software).ok_or_else(|| {
+        format!(
+            "software {:?} is not in this node's catalogue (it has: {})",
+            i.software,
+            cfg.catalog.names().join(", ")
+        )
+    })?;
+    if d.version != a.version {
+        return Err(format!(
+            "software {} version {} is assigned; this node's catalogue has version {}",
+            i.software, a.version, d.version
+        ));
+    }
+    let mut values = d.resolve(&i.params).map_err(|e| e.to_string())?;
+    let dir = cfg.base_dir.join(&i.name);
+    values.insert("address".into(), cfg.address.to_string());
+    values.insert("instance".into(), i.name.clone());
+    values.insert("dir".into(), dir.to_string_lossy().into_owned());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(Running {
+        generation: i.generation,
+        promises: d
+            .promises
+            .iter()
+            .map(|p| PromiseState {
+                promise: p.clone(),
+                next: now,
+                failures: 0,
+                ever_ok: false,
+            })
+            .collect(),
+        descriptor: d.clone(),
+        values,
+        child: None,
+        started: now,
+        restarts: 0,
+        next_start: now,
+        reported: None,
+    })
+}
+
+/// Follows a verified assignment list: stops what was destroyed, changed
+/// or dropped, prepares what is new, and reports what cannot run here.
+async fn apply(
+    cfg: &AgentConfig,
+    client: &MasterClient,
+    list: &[Assigned],
+    running: &mut BTreeMap<String, Running>,
+    refused: &mut BTreeMap<String, (i64, String)>,
+    now: Instant,
+) {
+    let wanted: Vec<&str> = list.iter().map(|a| a.instance.name.as_str()).collect();
+    refused.retain(|n, _| wanted.contains(&n.as_str()));
+    for a in list {
+        let i = &a.instance;
+        if i.state == "destroyed" {
+            if let Some(mut r) = running.remove(&i.name) {
+                r.stop().await;
+            }
+            let report = Report {
+                name: i.name.clone(),
+                generation: i.generation,
+                status: "stopped".into(),
+                connection: BTreeMap::new(),
+                detail: String::new(),
+            };
+            if client.report(&report).await.is_ok() {
+                tracing::info!(instance = %i.name, "destroyed");
+            }
+            continue;
+        }
+        let stale = running
+            .get(&i.name)
+            .is_some_and(|r| r.generation != i.generation);
+        if stale {
+            if let Some(mut r) = running.remove(&i.name) {
+                r.stop().await;
+            }
+        }
+        if running.contains_key(&i.name) {
+            continue;
+        }
+        match prepare_run(cfg, a, now) {
+            Ok(r) => {
+                tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
+                refused.remove(&i.name);
+                running.insert(i.name.clone(), r);
+            }
+            Err(why) => {
+                let known = refused
+                    .get(&i.name)
+                    .is_some_and(|(g, w)| *g == i.generation && *w == why);
+                if known {
+                    continue;
+                }
+                tracing::warn!(instance = %i.name, reason = %why, "cannot run this instance");
+                let report = Report {
+                    name: i.name.clone(),
+                    generation: i.generation,
+                    status: "failing".into(),
+                    connection: BTreeMap::new(),
+                    detail: why.clone(),
+                };
+                if client.report(&report).await.is_ok() {
+                    refused.insert(i.name.clone(), (i.generation, why));
+                }
+            }
+        }
+    }
+    // Instances the master no longer has: stop them.
+    let gone: Vec<String> = running
+        .keys()
+        .filter(|n| !wanted.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    for n in gone {
+        if let Some(mut r) = running.remove(&n) {
+            r.stop().await;
+        }
+    }
+}
+
 /// Runs the agent until `shutdown`; stops every instance on the way out.
 pub async fn run(
     cfg: AgentConfig,
@@ -264,6 +466,9 @@ pub async fn run(
         .build()
         .context("HTTP client for promises")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    // Assigned instances this node cannot run, with the generation and the
+    // reason already reported.
+    let mut refused: BTreeMap<String, (i64, String)> = BTreeMap::new();
     let mut tick = tokio::time::interval(cfg.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_hello = Instant::now();
@@ -281,118 +486,26 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "master unreachable"),
             }
         }
-        match client.assignments().await {
-            Ok(list) => {
-                let wanted: Vec<String> = list.iter().map(|a| a.instance.name.clone()).collect();
-                for a in list {
-                    let i = a.instance;
-                    let dir = cfg.base_dir.join(&i.name);
-                    if i.state == "destroyed" {
-                        if let Some(mut r) = running.remove(&i.name) {
-                            r.stop().await;
-                        }
-                        let report = Report {
-                            name: i.name.clone(),
-                            generation: i.generation,
-                            status: "stopped".into(),
-                            connection: BTreeMap::new(),
-                        };
-                        if client.report(&report).await.is_ok() {
-                            tracing::info!(instance = %i.name, "destroyed");
-                        }
-                        continue;
-                    }
-                    let stale = running
-                        .get(&i.name)
-                        .is_some_and(|r| r.generation != i.generation);
-                    if stale {
-                        if let Some(mut r) = running.remove(&i.name) {
-                            r.stop().await;
-                        }
-                    }
-                    if !running.contains_key(&i.name) {
-                        let d = match Descriptor::parse(&a.descriptor) {
-                            Ok(d) => d,
-                            Err(e) => {
-                                tracing::warn!(instance = %i.name, error = %e, "bad descriptor");
-                                continue;
-                            }
-                        };
-                        if let Err(e) = std::fs::create_dir_all(&dir) {
-                            tracing::warn!(instance = %i.name, error = %e, "cannot create its directory");
-                            continue;
-                        }
-                        let mut values = i.params.clone();
-                        values.insert("address".into(), cfg.address.to_string());
-                        values.insert("instance".into(), i.name.clone());
-                        values.insert("dir".into(), dir.to_string_lossy().into_owned());
-                        tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
-                        running.insert(
-                            i.name.clone(),
-                            Running {
-                                generation: i.generation,
-                                promises: d
-                                    .promises
-                                    .iter()
-                                    .map(|p| PromiseState {
-                                        promise: p.clone(),
-                                        next: now,
-                                        failures: 0,
-                                        ever_ok: false,
-                                    })
-                                    .collect(),
-                                descriptor: d,
-                                values,
-                                child: None,
-                                started: now,
-                                restarts: 0,
-                                next_start: now,
-                                reported: None,
-                            },
-                        );
-                    }
-                }
-                // Instances the master no longer has: stop them.
-                let gone: Vec<String> = running
-                    .keys()
-                    .filter(|n| !wanted.contains(n))
-                    .cloned()
-                    .collect();
-                for n in gone {
-                    if let Some(mut r) = running.remove(&n) {
-                        r.stop().await;
-                    }
-                }
-            }
+        let nonce = hex::encode(re6st_registry::config::random_bytes::<16>()?);
+        let verified = match client.assignments(&nonce).await {
+            Ok(signed) => verify(&cfg, &signed, &nonce)
+                .map_err(|e| {
+                    let forged = e.downcast_ref::<AssignmentError>().is_some();
+                    tracing::warn!(error = %format!("{e:#}"), forged, "refusing the master's answer: keeping instances as they are");
+                })
+                .ok(),
             Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "master unreachable: keeping instances as they are")
+                tracing::debug!(error = %format!("{e:#}"), "master unreachable: keeping instances as they are");
+                None
             }
+        };
+        if let Some(list) = verified {
+            apply(&cfg, &client, &list, &mut running, &mut refused, now).await;
         }
         for (name, r) in &mut running {
-            let dir = cfg.base_dir.join(name);
-            r.supervise(&dir, now);
+            r.supervise(&cfg.base_dir.join(name), now);
             r.run_promises(&http, now).await;
-            let status = r.status();
-            let due = r.reported.as_ref().is_none_or(|(s, at)| {
-                s != status || now.duration_since(*at) > Duration::from_secs(10)
-            });
-            if due {
-                let connection = r
-                    .descriptor
-                    .connection
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.clone(), render(v, &r.values).ok()?)))
-                    .collect();
-                let report = Report {
-                    name: name.clone(),
-                    generation: r.generation,
-                    status: status.to_string(),
-                    connection,
-                };
-                if client.report(&report).await.is_ok() {
-                    r.reported = Some((status.to_string(), now));
-                }
-            }
+            r.report(name, &client, now).await;
         }
     }
     for (_, mut r) in running {

@@ -2,18 +2,18 @@
 //! node) or the operator's bearer token.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use re6st_registry::auth::sign_request;
-use re6st_registry::cert::load_key;
 use serde::de::DeserializeOwned;
 
-use crate::master::{Assignment, Hello, Report, RequestBody, CERT_HEADER};
-use crate::store::{Instance, Node};
+use crate::assignment::{SignedAssignments, MAX_PAYLOAD};
+use crate::identity::NodeIdentity;
+use crate::master::{Hello, RequestBody, CERT_HEADER};
+use crate::store::{Instance, Node, Report};
 
 /// Makes ring rustls's crypto provider (reqwest is built without one);
 /// call before building any HTTP client.
@@ -23,15 +23,8 @@ pub fn install_crypto() {
 
 /// How the client proves who it is.
 pub enum Credentials {
-    /// The node's certificate (PEM) and key, with its serial.
-    Node {
-        /// Certificate PEM.
-        cert_pem: String,
-        /// Node key.
-        key: Box<rcgen::KeyPair>,
-        /// Certificate serial.
-        serial: u64,
-    },
+    /// The node's identity (agents).
+    Node(Box<NodeIdentity>),
     /// The operator's token.
     Admin(String),
 }
@@ -39,28 +32,9 @@ pub enum Credentials {
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Node { serial, .. } => write!(f, "Node(serial {serial})"),
+            Self::Node(id) => write!(f, "Node({id:?})"),
             Self::Admin(_) => write!(f, "Admin"),
         }
-    }
-}
-
-impl Credentials {
-    /// The node identity in a re6st-conf directory.
-    pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .with_context(|| format!("reading {}", dir.join(f).display()))
-        };
-        let ca = re6st_registry::cert::CaCert::from_pem(&read("ca.crt")?)?;
-        let cert_pem = read("node.crt")?;
-        let cert = ca.verify_node(&cert_pem, None)?;
-        let key = Box::new(load_key(&read("node.key")?)?);
-        Ok(Self::Node {
-            cert_pem,
-            key,
-            serial: cert.serial,
-        })
     }
 }
 
@@ -101,18 +75,14 @@ impl MasterClient {
         let body = body.unwrap_or_default();
         let mut req = self.http.request(method.clone(), &url);
         match &self.creds {
-            Credentials::Node {
-                cert_pem,
-                key,
-                serial,
-            } => {
+            Credentials::Node(id) => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
-                let h = sign_request(key, *serial, method.as_str(), path, &body, now)?;
+                let h = sign_request(&id.key, id.cert.serial, method.as_str(), path, &body, now)?;
                 req = req
                     .header("authorization", h)
-                    .header(CERT_HEADER, B64.encode(cert_pem));
+                    .header(CERT_HEADER, B64.encode(&id.cert_pem));
             }
             Credentials::Admin(t) => req = req.header("authorization", format!("Bearer {t}")),
         }
@@ -124,7 +94,16 @@ impl MasterClient {
             .await
             .with_context(|| format!("{method} {url}"))?;
         let status = resp.status();
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_PAYLOAD as u64)
+        {
+            bail!("{method} {url}: answer larger than {MAX_PAYLOAD} bytes");
+        }
         let bytes = resp.bytes().await.context("reading the answer")?;
+        if bytes.len() > MAX_PAYLOAD {
+            bail!("{method} {url}: answer larger than {MAX_PAYLOAD} bytes");
+        }
         if !status.is_success() {
             let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
@@ -151,10 +130,15 @@ impl MasterClient {
             .map(|_| ())
     }
 
-    /// Agent: what to run.
-    pub async fn assignments(&self) -> anyhow::Result<Vec<Assignment>> {
-        self.send(reqwest::Method::GET, "/v1/agent/instances", None)
-            .await
+    /// Agent: what to run, signed by the master for this poll's `nonce`
+    /// (32 hexadecimal digits); the caller verifies it.
+    pub async fn assignments(&self, nonce: &str) -> anyhow::Result<SignedAssignments> {
+        self.send(
+            reqwest::Method::GET,
+            &format!("/v1/agent/instances?nonce={nonce}"),
+            None,
+        )
+        .await
     }
 
     /// Agent: report on an instance.

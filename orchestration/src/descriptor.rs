@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! name = "http-static"
+//! version = 1
 //! description = "A static HTTP file server"
 //! command = ["python3", "-m", "http.server", "--bind", "{address}", "{port}"]
 //!
@@ -96,6 +97,10 @@ pub struct Promise {
     pub failures: u32,
 }
 
+fn default_version() -> u32 {
+    1
+}
+
 fn default_period() -> u64 {
     10
 }
@@ -110,6 +115,11 @@ fn default_failures() -> u32 {
 pub struct Descriptor {
     /// Software name (what `request SOFTWARE` names).
     pub name: String,
+    /// Version of this descriptor (default 1). Bump it when what runs
+    /// changes: an agent runs an instance only when its own catalogue has
+    /// the version the master assigns.
+    #[serde(default = "default_version")]
+    pub version: u32,
     /// One line for people.
     pub description: Option<String>,
     /// Program and arguments (placeholders allowed).
@@ -253,6 +263,9 @@ impl Descriptor {
                 "name {:?}: letters, digits, - and _ only",
                 self.name
             ));
+        }
+        if self.version == 0 {
+            return bad("version: must be 1 or more".into());
         }
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             return bad("command: must name a program".into());
@@ -399,6 +412,8 @@ url = "http://[{address}]:{port}/"
             ("name = \"x\"\ncommand = [\"a\"]\nbogus = 1\n", "bogus"),
             ("name = \"a b\"\ncommand = [\"a\"]\n", "name"),
             ("name = \"x\"\ncommand = []\n", "command"),
+            ("name = \"x\"\nversion = 0\ncommand = [\"a\"]\n", "version"),
+            ("name = \"x\"\nversion = -1\ncommand = [\"a\"]\n", "integer `-1`"),
             ("name = \"x\"\ncommand = [\"a\", \"{nope}\"]\n", "{nope}"),
             ("name = \"x\"\ncommand = [\"a\", \"{oops\"]\n", "unclosed"),
             (

@@ -3,9 +3,12 @@
 //! `docs/orchestration.md`).
 
 pub mod agent;
+pub mod assignment;
+pub mod catalog;
 pub mod client;
 pub mod crl_source;
 pub mod descriptor;
+pub mod identity;
 pub mod master;
 pub mod static_files;
 pub mod store;

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,10 +20,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ipnet::Ipv6Net;
 use re6st_registry::auth::RequestAuth;
-use re6st_registry::cert::{CaCert, NodeCert};
+use re6st_registry::cert::NodeCert;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Instance, Placement, Store, StoreError};
+use crate::assignment::{Assigned, Assignments, SignedAssignments};
+use crate::identity::NodeIdentity;
+use crate::store::{Placement, Report, Store, StoreError};
 
 /// Largest accepted body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -33,7 +35,7 @@ pub const CERT_HEADER: &str = "x-re6st-cert";
 /// The master's shared state.
 pub struct Master {
     store: Mutex<Store>,
-    ca: CaCert,
+    identity: NodeIdentity,
     crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
     admin_token: Option<String>,
     seen: Mutex<HashMap<String, i64>>,
@@ -98,19 +100,20 @@ pub enum Caller {
 }
 
 impl Master {
-    /// A master over `store`, trusting `ca`; `crl` gives the revoked serials
+    /// A master over `store`, with the node `identity` it runs on (its CA
+    /// signs callers, its key signs assignments); `crl` gives the revoked serials
     /// now (from the last verified network configuration the node daemon
     /// keeps), `None` while there is none: agents are then refused, since
     /// revocations cannot be checked.
     pub fn new(
         store: Store,
-        ca: CaCert,
+        identity: NodeIdentity,
         crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
         admin_token: Option<String>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store: Mutex::new(store),
-            ca,
+            identity,
             crl,
             admin_token,
             seen: Mutex::new(HashMap::new()),
@@ -150,6 +153,7 @@ impl Master {
             .ok_or_else(|| unauth(format!("no {CERT_HEADER} header")))?;
         let t = now();
         let cert = self
+            .identity
             .ca
             .verify_node(&pem, Some(t))
             .map_err(|e| unauth(format!("certificate: {e}")))?;
@@ -300,28 +304,12 @@ pub struct Hello {
     pub routes: BTreeMap<String, u16>,
 }
 
-/// What an agent must run: the instances with their descriptors.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Assignment {
-    /// The instance.
-    pub instance: Instance,
-    /// Its software's descriptor (TOML text).
-    pub descriptor: String,
-}
-
-/// An agent's report on an instance.
+/// An agent's poll: the nonce the signed answer must carry.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Report {
-    /// Instance name.
-    pub name: String,
-    /// The generation the report is about.
-    pub generation: i64,
-    /// starting, ready, failing, stopped.
-    pub status: String,
-    /// Connection parameters.
-    #[serde(default)]
-    pub connection: BTreeMap<String, String>,
+pub struct Poll {
+    /// 32 hexadecimal digits, fresh for each poll.
+    pub nonce: String,
 }
 
 /// A request for an instance.
@@ -351,31 +339,43 @@ async fn hello(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     Ok(Json(serde_json::json!({"node": h.name})).into_response())
 }
 
-async fn assignments(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
-    let (node, _) = node_of(&m, &c.caller)?;
-    let s = m.store();
-    let mut out = Vec::new();
-    for i in s.instances(Some(&node))? {
-        let d = s.software_text(&i.software)?;
-        out.push(Assignment {
-            instance: i,
-            descriptor: d,
-        });
+async fn assignments(
+    State(m): State<Shared>,
+    Query(poll): Query<Poll>,
+    c: Call,
+) -> Result<Response, ApiError> {
+    let (node, prefix) = node_of(&m, &c.caller)?;
+    if poll.nonce.len() != 32 || !poll.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "nonce: 32 hexadecimal digits".into(),
+        ));
     }
-    Ok(Json(out).into_response())
+    let instances = {
+        let s = m.store();
+        s.instances(Some(&node))?
+            .into_iter()
+            .map(|instance| {
+                let version = s.software(&instance.software)?.version;
+                Ok(Assigned { instance, version })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+    };
+    let a = Assignments {
+        node: prefix,
+        nonce: poll.nonce,
+        issued_at: now(),
+        instances,
+    };
+    let signed = SignedAssignments::sign(&a, &m.identity)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("signing: {e:#}")))?;
+    Ok(Json(signed).into_response())
 }
 
 async fn report(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let (node, _) = node_of(&m, &c.caller)?;
     let r: Report = parse(&c.body)?;
-    m.store().report(
-        &node,
-        &r.name,
-        r.generation,
-        &r.status,
-        &r.connection,
-        now(),
-    )?;
+    m.store().report(&node, &r, now())?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -489,7 +489,7 @@ mod tests {
         let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let m = Master::new(
             store,
-            ca.cert().clone(),
+            crate::assignment::tests::identity(&ca, 1, 41),
             Box::new(move || revoked.clone()),
             Some("tok".into()),
         );

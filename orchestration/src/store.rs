@@ -75,6 +75,25 @@ pub struct Instance {
     pub updated_at: i64,
 }
 
+/// An agent's report on an instance.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Instance name.
+    pub name: String,
+    /// The generation the report is about.
+    pub generation: i64,
+    /// starting, ready, failing, stopped.
+    pub status: String,
+    /// Connection parameters.
+    #[serde(default)]
+    pub connection: BTreeMap<String, String>,
+    /// Why, for people (e.g. what is missing on the node); kept in the
+    /// instance's history.
+    #[serde(default)]
+    pub detail: String,
+}
+
 /// A node as the master knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -493,15 +512,14 @@ impl Store {
 
     /// An agent's report on one of its instances. Reports from another node
     /// are refused; "stopped" for a destroyed instance removes it.
-    pub fn report(
-        &mut self,
-        node: &str,
-        name: &str,
-        generation: i64,
-        status: &str,
-        connection: &BTreeMap<String, String>,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub fn report(&mut self, node: &str, r: &Report, now: i64) -> Result<(), StoreError> {
+        let (name, generation, status, connection, detail) = (
+            &r.name,
+            r.generation,
+            r.status.as_str(),
+            &r.connection,
+            &r.detail,
+        );
         if !["starting", "ready", "failing", "stopped"].contains(&status) {
             return Err(StoreError::Invalid(format!("unknown status {status:?}")));
         }
@@ -526,7 +544,12 @@ impl Store {
                 "UPDATE instance SET status = ?1, connection = ?2, updated_at = ?3 WHERE name = ?4",
                 params![status, json(connection)?, now, name],
             )?;
-            self.log(name, now, status, "reported by the agent")?;
+            let detail = if detail.is_empty() {
+                "reported by the agent"
+            } else {
+                detail
+            };
+            self.log(name, now, status, detail)?;
         }
         Ok(())
     }
@@ -579,6 +602,21 @@ url = "http://[{address}]:{port}/"
             s.register_node(n, p, 100).unwrap_or_else(|e| panic!("{e}"));
         }
         Db(path, s)
+    }
+
+    fn rep(
+        name: &str,
+        generation: i64,
+        status: &str,
+        connection: &BTreeMap<String, String>,
+    ) -> Report {
+        Report {
+            name: name.into(),
+            generation,
+            status: status.into(),
+            connection: connection.clone(),
+            detail: String::new(),
+        }
     }
 
     fn kv(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -700,11 +738,16 @@ url = "http://[{address}]:{port}/"
         );
         let url = kv(&[("url", "http://[fd5e:5e:0:2::1]:8080/")]);
         assert!(
-            s.report("n1", "web", 1, "ready", &url, 2).is_err(),
+            s.report("n1", &rep("web", 1, "ready", &url), 2).is_err(),
             "wrong node"
         );
-        assert!(s.report("n2", "web", 1, "bogus", &url, 2).is_err());
-        assert!(s.report("n2", "web", 1, "ready", &url, 2).is_ok());
+        assert!(s.report("n2", &rep("web", 1, "bogus", &url), 2).is_err());
+        let mut why = rep("web", 1, "failing", &url);
+        why.detail = "software \"x\" is not in this node's catalogue".into();
+        assert!(s.report("n2", &why, 2).is_ok());
+        let h = s.history("web").unwrap_or_default();
+        assert_eq!(h.last().map(|x| x.2.as_str()), Some(why.detail.as_str()));
+        assert!(s.report("n2", &rep("web", 1, "ready", &url), 2).is_ok());
         let reopened = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let w = reopened.instance("web").ok().flatten();
         assert!(
@@ -719,13 +762,13 @@ url = "http://[{address}]:{port}/"
             &Placement::Auto,
             3,
         );
-        let _ = s.report("n2", "web", 1, "failing", &url, 4);
+        let _ = s.report("n2", &rep("web", 1, "failing", &url), 4);
         assert_eq!(
             s.instance("web").ok().flatten().map(|w| w.status),
             Some("pending".into())
         );
         let _ = s.destroy("web", 5);
-        let _ = s.report("n2", "web", 2, "stopped", &BTreeMap::new(), 6);
+        let _ = s.report("n2", &rep("web", 2, "stopped", &BTreeMap::new()), 6);
         assert_eq!(s.instance("web").ok().flatten(), None);
         let h = s.history("web").unwrap_or_default();
         assert_eq!(h.last().map(|x| x.1.as_str()), Some("destroyed"), "{h:?}");

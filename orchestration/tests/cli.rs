@@ -32,6 +32,17 @@ fn bad_setups_are_refused_before_serving() {
     let ca = re6st_registry::cert::Ca::generate("fd5e:5e::/48".parse().unwrap_or_default(), t, 10)
         .unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(dir.0.join("ca.crt"), ca.cert().pem()).unwrap_or_else(|e| panic!("{e}"));
+    let (key, cert) = ca
+        .issue_with_new_key(
+            "fd5e:5e:0:1::/64".parse().unwrap_or_default(),
+            [1; 32],
+            7,
+            t,
+            t + 86_400,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.0.join("node.crt"), cert).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.0.join("node.key"), key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
     let d = dir.0.to_string_lossy().into_owned();
     let db = format!("{d}/master.db");
 
@@ -71,6 +82,42 @@ fn bad_setups_are_refused_before_serving() {
     let (code, err) = run(&["master", "--listen", "[::1]:17080", "--dir", "/nonexistent"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+
+    // Another node's overlay address: agents would refuse its assignments.
+    let (code, err) = run(&[
+        "master",
+        "--listen",
+        "[fd5e:5e:0:9::1]:17080",
+        "--dir",
+        &d,
+        "--db",
+        &db,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not an overlay address of this node"), "{err}");
+
+    // An agent needs the master's overlay address and a valid catalogue.
+    let agent = |master: &str| {
+        run(&[
+            "agent",
+            "--master",
+            master,
+            "--name",
+            "n1",
+            "--dir",
+            &d,
+            "--catalog",
+            &catalog,
+            "--state",
+            &d,
+        ])
+    };
+    let (code, err) = agent("http://master.example:7080");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("OVERLAY ADDRESS"), "{err}");
+    let (code, err) = agent("http://[fd5e:5e:0:1::1]:7080");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("bad.toml") && err.contains("{nope}"), "{err}");
 
     let (code, _) = run(&["request", "http-static"]);
     assert_eq!(code, Some(2), "missing NAME is bad usage");

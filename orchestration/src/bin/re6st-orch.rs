@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use re6st_orchestration::catalog::Catalog;
 use re6st_orchestration::client::{Credentials, MasterClient};
+use re6st_orchestration::crl_source::LastVerifiedCrl;
+use re6st_orchestration::identity::NodeIdentity;
 use re6st_orchestration::master::{self, Master, RequestBody};
 use re6st_orchestration::store::Store;
-use re6st_registry::cert::CaCert;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,7 +53,8 @@ enum Cmd {
         /// Directory of service descriptors (*.toml), loaded at start.
         #[arg(long)]
         catalog: Option<PathBuf>,
-        /// This node's re6st-conf directory (the CA that signs callers).
+        /// This node's re6st-conf directory: the CA that signs callers, and
+        /// the node key that signs assignments.
         #[arg(long, default_value = "/etc/re6stnet")]
         dir: PathBuf,
         /// The network configuration re6stnet keeps (its CRL is enforced).
@@ -75,6 +78,14 @@ enum Cmd {
         /// This node's re6st-conf directory.
         #[arg(long, default_value = "/etc/re6stnet")]
         dir: PathBuf,
+        /// The software this node runs: a directory of descriptors (*.toml).
+        /// Assignments name software from it; nothing else runs.
+        #[arg(long, default_value = "/usr/local/share/re6st-orch/catalog")]
+        catalog: PathBuf,
+        /// The network configuration re6stnet keeps (its CRL is checked
+        /// against the master's certificate).
+        #[arg(long, default_value = "/var/lib/re6stnet/network.json")]
+        network_config: PathBuf,
         /// Where instance directories go.
         #[arg(long, default_value = "/var/lib/re6st-orch/instances")]
         state: PathBuf,
@@ -184,6 +195,19 @@ fn client(who: &Who) -> anyhow::Result<MasterClient> {
     MasterClient::new(&who.master, Credentials::Admin(token.trim().to_string()))
 }
 
+/// The IPv6 address in a master URL (`http://[ADDRESS]:PORT`): the agent
+/// accepts assignments only from the node whose prefix holds it.
+fn master_address(url: &str) -> anyhow::Result<std::net::Ipv6Addr> {
+    let host = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.strip_prefix('['))
+        .and_then(|rest| rest.split_once(']'))
+        .map(|(host, _)| host);
+    host.and_then(|h| h.parse().ok()).with_context(|| {
+        format!("--master {url:?}: expected http://[OVERLAY ADDRESS]:PORT (the master is named by its overlay address)")
+    })
+}
+
 fn print_instance(i: &re6st_orchestration::store::Instance) {
     println!(
         "{} ({} on {}): {} [{}]",
@@ -205,18 +229,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             admin_token_file,
             allow_underlay,
         } => {
-            let ca = CaCert::from_pem(
-                &std::fs::read_to_string(dir.join("ca.crt"))
-                    .with_context(|| format!("reading {}", dir.join("ca.crt").display()))?,
-            )?;
-            let overlay = match listen.ip() {
-                IpAddr::V6(a) => ca.network().contains(&a),
+            let identity = NodeIdentity::from_dir(&dir)?;
+            let ca = identity.ca.clone();
+            let own = match listen.ip() {
+                IpAddr::V6(a) => identity.cert.prefix.contains(&a),
                 IpAddr::V4(_) => false,
             };
-            if !overlay && !allow_underlay {
+            if !own && !allow_underlay {
                 bail!(
-                    "--listen {listen} is not an overlay address (inside {}); the master must only be reachable over the overlay (--allow-underlay to override)",
-                    ca.network()
+                    "--listen {listen} is not an overlay address of this node (inside {}); the master must only be reachable over the overlay, and agents accept assignments only from the node holding the master's address (--allow-underlay to override)",
+                    identity.cert.prefix
                 );
             }
             if let Some(parent) = db.parent() {
@@ -225,18 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut store = Store::open(&db)?;
             if let Some(c) = &catalog {
-                let mut files: Vec<PathBuf> = std::fs::read_dir(c)
-                    .with_context(|| format!("reading {}", c.display()))?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                    .collect();
-                files.sort();
-                for f in files {
-                    let text = std::fs::read_to_string(&f)
-                        .with_context(|| format!("reading {}", f.display()))?;
-                    let name = store
-                        .add_software(&text)
-                        .with_context(|| format!("descriptor {}", f.display()))?;
+                for (name, text) in Catalog::load(c)?.texts() {
+                    store.add_software(text)?;
                     tracing::info!(software = %name, "catalogue");
                 }
             }
@@ -247,10 +259,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|t| t.trim().to_string())
                 })
                 .transpose()?;
-            let source =
-                re6st_orchestration::crl_source::LastVerifiedCrl::new(network_config, ca.clone());
+            let source = LastVerifiedCrl::new(network_config, ca);
             let crl = Box::new(move || source.current());
-            let m = Master::new(store, ca, crl, admin);
+            let m = Master::new(store, identity, crl, admin);
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -268,20 +279,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             master,
             name,
             dir,
+            catalog,
+            network_config,
             state,
             ctl_socket,
             period_ms,
         } => {
-            let ca = CaCert::from_pem(&std::fs::read_to_string(dir.join("ca.crt"))?)?;
-            let cert = ca.verify_node(&std::fs::read_to_string(dir.join("node.crt"))?, None)?;
-            let client = MasterClient::new(&master, Credentials::from_dir(&dir)?)?;
+            let identity = NodeIdentity::from_dir(&dir)?;
+            let master_address = master_address(&master)?;
+            let catalog = Catalog::load(&catalog)?;
+            let source = LastVerifiedCrl::new(network_config, identity.ca.clone());
             let cfg = re6st_orchestration::agent::AgentConfig {
                 name,
                 base_dir: state,
-                address: cert.address,
+                address: identity.cert.address,
+                node: identity.cert.prefix,
+                master: master_address,
+                ca: identity.ca.clone(),
+                crl: Arc::new(move || source.current()),
+                catalog,
                 ctl_socket: Some(ctl_socket),
                 period: Duration::from_millis(period_ms.max(100)),
             };
+            let client = MasterClient::new(&master, Credentials::Node(Box::new(identity)))?;
             re6st_orchestration::agent::run(cfg, client, re6stnet::shutdown_signal()).await
         }
         Cmd::Request {

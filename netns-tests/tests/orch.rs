@@ -25,6 +25,121 @@ struct Orch {
     orch: String,
     url: String,
     token: String,
+    catalog: String,
+}
+
+/// First partition uid of the agent on node `i` (disjoint per node: the
+/// nodes share one host, its /proc and its cgroups).
+fn uid_base(i: usize) -> u32 {
+    1_900_000_000 + 1000 * i as u32
+}
+
+/// The address of partition `slot` of the node with `prefix` (as
+/// `re6st_orchestration::partition::address`).
+fn partition_address(prefix: &str, slot: u32) -> String {
+    let p: ipnet::Ipv6Net = prefix.parse().unwrap_or_default();
+    std::net::Ipv6Addr::from(u128::from(p.network()) + 0x1_0000 + u128::from(slot)).to_string()
+}
+
+/// The cgroup v1 directories of partition `uid` (as the agents, children
+/// of this process, make them), for the checks and the clean-up.
+fn cgroup_dirs(uid: u32) -> Vec<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    ["cpu", "memory", "pids"]
+        .iter()
+        .filter_map(|c| {
+            own.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, ctl, path) = (parts.next()?, parts.next()?, parts.next()?);
+                ctl.split(',').any(|x| x == *c).then(|| {
+                    std::path::Path::new("/sys/fs/cgroup")
+                        .join(ctl)
+                        .join(path.trim_start_matches('/'))
+                        .join("re6st-orch")
+                        .join(format!("partition-{uid}"))
+                })
+            })
+        })
+        .collect()
+}
+
+/// Removes the partition cgroups the agents may leave when the test fails
+/// (they live on the host, not in the namespaces).
+struct CgroupCleanup;
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        let dirs: Vec<_> = (1..5)
+            .flat_map(|i| (0..10).map(move |slot| uid_base(i) + slot))
+            .flat_map(cgroup_dirs)
+            .collect();
+        // The instances die with their agents' process groups; a group can
+        // only go once its last process has.
+        let start = Instant::now();
+        while dirs.iter().any(|d| d.exists()) && start.elapsed() < Duration::from_secs(5) {
+            for d in &dirs {
+                let _ = std::fs::remove_dir(d);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let parents: std::collections::BTreeSet<_> =
+            dirs.iter().filter_map(|d| d.parent()).collect();
+        for p in parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// Shell commands that mount the host's cgroup v1 hierarchies for cpu,
+/// memory and pids again under /sys/fs/cgroup: `ip netns exec` gives the
+/// namespace a fresh /sys without them, where the agent would find no
+/// cgroups (a real node has them).
+fn cgroup_mounts() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut script = String::from("mount -t tmpfs r6t-cgroup /sys/fs/cgroup || exit 1;");
+    for l in info.lines() {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(point), Some("cgroup"), Some(opts)) = (
+            fields.get(4),
+            fields.get(dash + 1).copied(),
+            fields.get(dash + 3),
+        ) else {
+            continue;
+        };
+        let wanted = opts
+            .split(',')
+            .any(|o| ["cpu", "memory", "pids"].contains(&o));
+        if wanted {
+            script.push_str(&format!(
+                " mkdir -p {point} && mount -t cgroup -o {opts} cgroup {point} || exit 1;"
+            ));
+        }
+    }
+    script
+}
+
+/// Whether the host has the cgroup v1 hierarchies the agent uses.
+fn cgroup_v1() -> bool {
+    ["cpu", "memory", "pids"].iter().all(|c| {
+        std::path::Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("cgroup.procs")
+            .exists()
+    })
+}
+
+/// The real and effective uid of process `pid`.
+fn uid_of(pid: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Orch {
@@ -38,7 +153,7 @@ impl Orch {
     fn master(&self) -> Result<Process> {
         let n = &self.m.nodes[0];
         let dir = n.dir.to_string_lossy().into_owned();
-        let catalog = concat!(env!("CARGO_MANIFEST_DIR"), "/../orchestration/catalog");
+        let catalog = self.catalog.as_str();
         self.m.host(0)?.spawn(
             "master",
             &self.orch,
@@ -96,11 +211,26 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         .to_string_lossy()
         .into_owned();
     let url = format!("http://[{}]:{PORT}", m.nodes[0].address);
+    // The shipped catalogue, and a probe that tries to read a file.
+    let catalog = m.net.log_dir().join("catalog");
+    std::fs::create_dir_all(&catalog).map_err(|e| Error::io("creating the catalogue", e))?;
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../orchestration/catalog");
+    for f in ["http-static.toml", "kv.toml", "re6st-registry.toml"] {
+        std::fs::copy(format!("{shipped}/{f}"), catalog.join(f))
+            .map_err(|e| Error::io(format!("copying {f}"), e))?;
+    }
+    std::fs::write(
+        catalog.join("probe.toml"),
+        "name = \"probe\"\ncommand = [\"sh\", \"-c\", \"id -u; cat \\\"$RE6ST_FILE\\\"; exec sleep 600\"]\n[parameters.file]\ntype = \"string\"\n",
+    )
+    .map_err(|e| Error::io("writing the probe", e))?;
+    let _cleanup = CgroupCleanup;
     let o = Orch {
         m,
         orch,
         url,
         token: token.to_string_lossy().into_owned(),
+        catalog: catalog.to_string_lossy().into_owned(),
     };
 
     // The master refuses an underlay address.
@@ -127,8 +257,11 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         let dir = n.dir.to_string_lossy().into_owned();
         agents.push(o.m.host(i)?.spawn(
             "agent",
-            &o.orch,
+            "sh",
             &[
+                "-c",
+                &format!("{} exec \"$0\" \"$@\"", cgroup_mounts()),
+                &o.orch,
                 "agent",
                 "--master",
                 &o.url,
@@ -137,7 +270,11 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
                 "--dir",
                 &dir,
                 "--catalog",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../orchestration/catalog"),
+                &o.catalog,
+                "--uid-base",
+                &uid_base(i).to_string(),
+                "--partitions",
+                "10",
                 "--network-config",
                 &format!("{dir}/state/network.json"),
                 "--state",
@@ -217,11 +354,35 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     )?;
     let ready_after = started.elapsed();
     check(out.status.success(), format!("request: {}", text(&out)))?;
-    let n2 = o.m.nodes[2].address.to_string();
+    // It runs in partition 0 of n2: its own address, user and cgroup.
+    let n2 = partition_address(&o.m.nodes[2].prefix, 0);
     check(
         text(&out).contains(&format!("url = http://[{n2}]:8080/")),
         format!("connection parameters: {}", text(&out)),
     )?;
+    let pattern = format!("serve-static --listen \\[{n2}\\]:8080");
+    let pgrep = o.m.host(2)?.output("pgrep", &["-f", &pattern])?;
+    let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_string();
+    check(
+        uid_of(&pid) == Some(uid_base(2)),
+        format!("serve-static (pid {pid:?}) runs as {:?}", uid_of(&pid)),
+    )?;
+    if cgroup_v1() {
+        let in_group = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        check(
+            in_group.contains(&format!("re6st-orch/partition-{}", uid_base(2))),
+            format!("serve-static's cgroups: {in_group}"),
+        )?;
+        let pids_max = cgroup_dirs(uid_base(2))
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
+        check(
+            pids_max.as_deref().map(str::trim) == Some("512"),
+            format!("pids.max {pids_max:?}"),
+        )?;
+    } else {
+        eprintln!("NOT CHECKED: this host has no cgroup v1 cpu/memory/pids hierarchies; partition limits are not applied (cgroup v2 is not supported yet)");
+    }
     eprintln!("http-static on n2 ready {ready_after:?} after the request");
     check(
         o.get(0, &n2, "8080").starts_with("HTTP/1.0 200"),
@@ -243,8 +404,62 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         format!("the same request again: {}", text(&again)),
     )?;
 
+    // An instance cannot read the node's key: it is not root.
+    let key = o.m.nodes[2].dir.join("node.key");
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "probe",
+            "probe",
+            "--node",
+            "n2",
+            "--param",
+            &format!("file={}", key.display()),
+            "--wait",
+            "--timeout",
+            "30",
+        ],
+    )?;
+    check(out.status.success(), format!("probe: {}", text(&out)))?;
+    let probe_dir = o.m.nodes[2].dir.join("instances/probe");
+    let (log, _) = wait_until(
+        "the probe's output",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let log = std::fs::read_to_string(probe_dir.join("instance.log")).ok()?;
+            log.contains("denied").then_some(log)
+        },
+    )?;
+    check(
+        log.contains(&(uid_base(2) + 1).to_string()) && !log.contains("PRIVATE KEY"),
+        format!("the probe read the node key: {log}"),
+    )?;
+    let out = o.cli(0, &["destroy", "probe"])?;
+    check(
+        out.status.success(),
+        format!("destroy probe: {}", text(&out)),
+    )?;
+    let probe_address = partition_address(&o.m.nodes[2].prefix, 1);
+    wait_until(
+        "the probe's partition removed",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let lo =
+                o.m.host(2)
+                    .ok()?
+                    .output("ip", &["-6", "addr", "show", "dev", "lo"])
+                    .ok()?;
+            let gone = !probe_dir.exists()
+                && !text(&lo).contains(&probe_address)
+                && cgroup_dirs(uid_base(2) + 1).iter().all(|d| !d.exists());
+            gone.then_some(())
+        },
+    )?;
+
     // Kill the instance's process: the agent restarts it.
-    let pattern = format!("serve-static --listen \\[{n2}\\]:8080");
     o.m.host(2)?.output("pkill", &["-f", &pattern])?;
     let killed = Instant::now();
     wait_until(

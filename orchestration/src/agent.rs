@@ -22,8 +22,10 @@ use re6st_registry::cert::CaCert;
 
 use crate::assignment::{Assigned, AssignmentError, Expected, SignedAssignments};
 use crate::catalog::Catalog;
+use crate::cgroup::{self, Cgroup};
 use crate::client::MasterClient;
 use crate::descriptor::{render, Descriptor, Promise};
+use crate::partition::{confine, kill_all, Partition, Partitions};
 use crate::store::Report;
 
 /// The revoked serials now, `None` while no network configuration verified.
@@ -49,6 +51,12 @@ pub struct AgentConfig {
     pub crl: CrlSource,
     /// What this node can run.
     pub catalog: Catalog,
+    /// Where instances run: partitions (own user, directory, address and
+    /// cgroup each; the agent must be root), or `None` to run them as the
+    /// agent's own user in `base_dir/NAME` on the node address, which only
+    /// tests and development without root may do: instances can then read
+    /// everything the agent can, the node key included.
+    pub partitions: Option<Partitions>,
     /// re6stnet's control socket, to report routing for `--near` placement.
     pub ctl_socket: Option<PathBuf>,
     /// Period of the loop.
@@ -62,7 +70,58 @@ struct PromiseState {
     ever_ok: bool,
 }
 
+/// Where and as whom an instance runs.
+struct Place {
+    dir: PathBuf,
+    address: Ipv6Addr,
+    partition: Option<Partition>,
+    cgroup: Option<Cgroup>,
+}
+
+impl Place {
+    /// A command for `argv0`, started inside the partition.
+    fn command(&self, argv0: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(program(argv0));
+        match &self.partition {
+            Some(p) => confine(
+                &mut cmd,
+                p,
+                self.cgroup.as_ref().map_or(&[], Cgroup::procs_files),
+            ),
+            None => {
+                cmd.current_dir(&self.dir);
+            }
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Opens a file of the instance directory for appending, as root, never
+    /// through a symbolic link the instance may have put there.
+    fn append(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Kills every process of the partition.
+    fn kill(&self) {
+        if let Some(p) = &self.partition {
+            let n = kill_all(p.uid);
+            if n > 0 {
+                tracing::info!(uid = p.uid, processes = n, "partition processes killed");
+            }
+        }
+    }
+}
+
 struct Running {
+    place: Place,
     generation: i64,
     descriptor: Descriptor,
     values: BTreeMap<String, String>,
@@ -89,9 +148,9 @@ fn program(cmd: &str) -> PathBuf {
 
 impl Running {
     /// Runs the descriptor's `prepare` command once per instance directory.
-    fn prepare(&self, dir: &std::path::Path) -> anyhow::Result<()> {
-        let marker = dir.join(".prepared");
-        if self.descriptor.prepare.is_empty() || marker.exists() {
+    fn prepare(&self) -> anyhow::Result<()> {
+        let marker = self.place.dir.join(".prepared");
+        if self.descriptor.prepare.is_empty() || marker.symlink_metadata().is_ok() {
             return Ok(());
         }
         let argv: Vec<String> = self
@@ -100,35 +159,29 @@ impl Running {
             .iter()
             .map(|a| render(a, &self.values))
             .collect::<Result<_, _>>()?;
-        let status = std::process::Command::new(program(&argv[0]))
+        let status = self
+            .place
+            .command(&argv[0])
             .args(&argv[1..])
-            .current_dir(dir)
-            .stdin(Stdio::null())
             .status()
             .with_context(|| format!("running {}", argv[0]))?;
         if !status.success() {
             anyhow::bail!("prepare command {} failed ({status})", argv[0]);
         }
-        std::fs::write(&marker, b"").context("marking the instance prepared")
+        self.place.append(".prepared").map(drop)
     }
 
-    fn start(&mut self, dir: &std::path::Path) -> anyhow::Result<()> {
-        self.prepare(dir)?;
+    fn start(&mut self) -> anyhow::Result<()> {
+        self.prepare()?;
         let argv: Vec<String> = self
             .descriptor
             .command
             .iter()
             .map(|a| render(a, &self.values))
             .collect::<Result<_, _>>()?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("instance.log"))
-            .context("opening the instance log")?;
-        let mut cmd = tokio::process::Command::new(program(&argv[0]));
+        let log = self.place.append("instance.log")?;
+        let mut cmd = tokio::process::Command::from(self.place.command(&argv[0]));
         cmd.args(&argv[1..])
-            .current_dir(dir)
-            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
@@ -151,14 +204,16 @@ impl Running {
         Ok(())
     }
 
+    /// Stops the instance's process and whatever else runs in its partition.
     async fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill().await;
         }
+        self.place.kill();
     }
 
     /// Restart with back-off when the process exited.
-    fn supervise(&mut self, dir: &std::path::Path, now: Instant) {
+    fn supervise(&mut self, now: Instant) {
         if let Some(c) = &mut self.child {
             match c.try_wait() {
                 Ok(Some(status)) => {
@@ -176,7 +231,7 @@ impl Running {
             }
         }
         if self.child.is_none() && now >= self.next_start {
-            if let Err(e) = self.start(dir) {
+            if let Err(e) = self.start() {
                 tracing::warn!(error = %format!("{e:#}"), "cannot start the instance");
                 self.next_start = now + MAX_BACKOFF;
             }
@@ -203,9 +258,8 @@ impl Running {
                         cmd.iter().map(|a| render(a, &self.values)).collect();
                     match argv {
                         Ok(argv) if !argv.is_empty() => {
-                            let run = tokio::process::Command::new(program(&argv[0]))
+                            let run = tokio::process::Command::from(self.place.command(&argv[0]))
                                 .args(&argv[1..])
-                                .stdin(Stdio::null())
                                 .stdout(Stdio::null())
                                 .stderr(Stdio::null())
                                 .kill_on_drop(true)
@@ -328,7 +382,7 @@ fn verify(
 /// What to run for an assigned instance: its descriptor from this node's
 /// catalogue, at the assigned version, and its parameters checked against
 /// it. The error says why not, for the master's history.
-fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Running, String> {
+async fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Running, String> {
     let i = &a.instance;
     let d = cfg.catalog.get(&i.software).ok_or_else(|| {
         format!(
@@ -344,12 +398,12 @@ fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Running,
         ));
     }
     let mut values = d.resolve(&i.params).map_err(|e| e.to_string())?;
-    let dir = cfg.base_dir.join(&i.name);
-    values.insert("address".into(), cfg.address.to_string());
+    let place = place(cfg, &i.name, d).await.map_err(|e| format!("{e:#}"))?;
+    values.insert("address".into(), place.address.to_string());
     values.insert("instance".into(), i.name.clone());
-    values.insert("dir".into(), dir.to_string_lossy().into_owned());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    values.insert("dir".into(), place.dir.to_string_lossy().into_owned());
     Ok(Running {
+        place,
         generation: i.generation,
         promises: d
             .promises
@@ -371,6 +425,47 @@ fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Running,
     })
 }
 
+/// The instance's partition: its directory, user, address on `lo` and
+/// cgroup with the descriptor's limits (or, without partitions, a directory
+/// under the base directory and the node address).
+async fn place(cfg: &AgentConfig, name: &str, d: &Descriptor) -> anyhow::Result<Place> {
+    let Some(parts) = &cfg.partitions else {
+        let dir = cfg.base_dir.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        return Ok(Place {
+            dir,
+            address: cfg.address,
+            partition: None,
+            cgroup: None,
+        });
+    };
+    let p = parts.open(name)?;
+    re6stnet::system::add_instance_address(p.address).await?;
+    let cgroup = match cgroup::layout() {
+        cgroup::Layout::V1 => Some(Cgroup::create(p.uid, &d.limits)?),
+        _ => None,
+    };
+    Ok(Place {
+        dir: p.dir.clone(),
+        address: p.address,
+        partition: Some(p),
+        cgroup,
+    })
+}
+
+/// Removes a destroyed instance's partition: processes, directory, cgroup
+/// and address.
+async fn wipe(parts: &Partitions, p: &Partition, name: &str) {
+    if let Err(e) = parts.wipe(p) {
+        tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove the partition");
+    }
+    if let Err(e) = re6stnet::system::remove_instance_address(p.address).await {
+        tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove its address");
+    }
+    Cgroup::remove(p.uid);
+    tracing::info!(instance = %name, uid = p.uid, "partition removed");
+}
+
 /// Follows a verified assignment list: stops what was destroyed, changed
 /// or dropped, prepares what is new, and reports what cannot run here.
 async fn apply(
@@ -389,6 +484,7 @@ async fn apply(
             if let Some(mut r) = running.remove(&i.name) {
                 r.stop().await;
             }
+            remove_partition(cfg, &i.name).await;
             let report = Report {
                 name: i.name.clone(),
                 generation: i.generation,
@@ -412,7 +508,7 @@ async fn apply(
         if running.contains_key(&i.name) {
             continue;
         }
-        match prepare_run(cfg, a, now) {
+        match prepare_run(cfg, a, now).await {
             Ok(r) => {
                 tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
                 refused.remove(&i.name);
@@ -439,7 +535,8 @@ async fn apply(
             }
         }
     }
-    // Instances the master no longer has: stop them.
+    // Instances the master no longer has (the signed list is the truth):
+    // stop them and remove their partitions.
     let gone: Vec<String> = running
         .keys()
         .filter(|n| !wanted.contains(&n.as_str()))
@@ -449,6 +546,29 @@ async fn apply(
         if let Some(mut r) = running.remove(&n) {
             r.stop().await;
         }
+    }
+    let leftover: Vec<(String, Partition)> = cfg
+        .partitions
+        .as_ref()
+        .and_then(|parts| parts.existing().ok())
+        .into_iter()
+        .flatten()
+        .filter(|(n, _)| !wanted.contains(&n.as_str()))
+        .collect();
+    if let Some(parts) = &cfg.partitions {
+        for (n, p) in leftover {
+            wipe(parts, &p, &n).await;
+        }
+    }
+}
+
+/// Removes the partition of `name` if there is one.
+async fn remove_partition(cfg: &AgentConfig, name: &str) {
+    let Some(parts) = &cfg.partitions else {
+        return;
+    };
+    if let Some(p) = parts.existing().ok().and_then(|mut e| e.remove(name)) {
+        wipe(parts, &p, name).await;
     }
 }
 
@@ -460,6 +580,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.base_dir)
         .with_context(|| format!("creating {}", cfg.base_dir.display()))?;
+    if let Some(parts) = &cfg.partitions {
+        // Processes left by an agent that was killed: start afresh.
+        for (name, p) in parts.existing()? {
+            let n = kill_all(p.uid);
+            if n > 0 {
+                tracing::info!(instance = %name, processes = n, "killed what an earlier agent left running");
+            }
+        }
+        if cgroup::layout() != cgroup::Layout::V1 {
+            tracing::warn!("no cgroup v1 hierarchies for cpu, memory and pids: instance limits are not applied (cgroup v2 is not supported yet)");
+        }
+    }
     crate::client::install_crypto();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -503,7 +635,7 @@ pub async fn run(
             apply(&cfg, &client, &list, &mut running, &mut refused, now).await;
         }
         for (name, r) in &mut running {
-            r.supervise(&cfg.base_dir.join(name), now);
+            r.supervise(now);
             r.run_promises(&http, now).await;
             r.report(name, &client, now).await;
         }

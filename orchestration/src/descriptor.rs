@@ -20,7 +20,7 @@
 //!
 //! Placeholders `{NAME}` in the command, the environment, promises and
 //! connection parameters are parameters of the descriptor or the built-ins
-//! `address` (the node's overlay address), `instance` (the instance name)
+//! `address` (the instance's own overlay address), `instance` (the instance name)
 //! and `dir` (its working directory). A descriptor that uses an unknown
 //! placeholder, declares a default of the wrong type or has unknown keys is
 //! refused when loaded, not when an instance starts.
@@ -140,6 +140,9 @@ pub struct Descriptor {
     /// Connection parameters published for the requester.
     #[serde(default)]
     pub connection: BTreeMap<String, String>,
+    /// What the instance's partition may use (CPU, memory, processes).
+    #[serde(default)]
+    pub limits: crate::cgroup::Limits,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -267,6 +270,7 @@ impl Descriptor {
         if self.version == 0 {
             return bad("version: must be 1 or more".into());
         }
+        self.limits.check().map_err(DescriptorError::Invalid)?;
         if self.command.is_empty() || self.command[0].trim().is_empty() {
             return bad("command: must name a program".into());
         }
@@ -414,6 +418,8 @@ url = "http://[{address}]:{port}/"
             ("name = \"x\"\ncommand = []\n", "command"),
             ("name = \"x\"\nversion = 0\ncommand = [\"a\"]\n", "version"),
             ("name = \"x\"\nversion = -1\ncommand = [\"a\"]\n", "integer `-1`"),
+            ("name = \"x\"\ncommand = [\"a\"]\n[limits]\npids = 0\n", "limits.pids"),
+            ("name = \"x\"\ncommand = [\"a\"]\n[limits]\nswap = 1\n", "swap"),
             ("name = \"x\"\ncommand = [\"a\", \"{nope}\"]\n", "{nope}"),
             ("name = \"x\"\ncommand = [\"a\", \"{oops\"]\n", "unclosed"),
             (

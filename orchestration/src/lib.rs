@@ -5,10 +5,12 @@
 pub mod agent;
 pub mod assignment;
 pub mod catalog;
+pub mod cgroup;
 pub mod client;
 pub mod crl_source;
 pub mod descriptor;
 pub mod identity;
 pub mod master;
+pub mod partition;
 pub mod static_files;
 pub mod store;

@@ -180,6 +180,9 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
             })
         }),
         catalog: Catalog::load(&dir.0.join("catalog")).unwrap_or_else(|e| panic!("{e:#}")),
+        // Loopback only, on the host: no partitions (they would add an
+        // address to the host's lo); netns-tests/tests/orch.rs has them.
+        partitions: None,
         ctl_socket: None,
         period: Duration::from_millis(100),
     };

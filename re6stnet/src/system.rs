@@ -26,9 +26,18 @@ fn address_of(m: &AddressMessage) -> Option<Ipv6Addr> {
     })
 }
 
+/// Whether an address found on `lo` at start is a leftover of an earlier
+/// run: any address of the network, except the single addresses (/128)
+/// inside our own prefix, which are the orchestration agent's instance
+/// addresses (see [`add_instance_address`]) and outlive a restart of the
+/// daemon.
+fn is_stale(addr: Ipv6Addr, len: u8, prefix: Ipv6Net, network: Ipv6Net) -> bool {
+    network.contains(&addr) && !(len == 128 && prefix.contains(&addr))
+}
+
 impl NodeAddress {
-    /// Removes addresses of `network` left on `lo` by a previous run, then
-    /// adds `prefix::1/len`.
+    /// Removes addresses of `network` left on `lo` by a previous run (see
+    /// [`is_stale`]), then adds `prefix::1/len`.
     pub async fn install(prefix: Ipv6Net, network: Ipv6Net) -> anyhow::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
         tokio::spawn(conn);
@@ -36,7 +45,7 @@ impl NodeAddress {
         let mut stale = Vec::new();
         let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
         while let Some(m) = addrs.try_next().await.context("listing addresses")? {
-            if address_of(&m).is_some_and(|a| network.contains(&a)) {
+            if address_of(&m).is_some_and(|a| is_stale(a, m.header.prefix_len, prefix, network)) {
                 stale.push(m);
             }
         }
@@ -80,6 +89,51 @@ impl NodeAddress {
         }
         Ok(())
     }
+}
+
+/// Adds `addr/128` to `lo` (an instance's own overlay address, inside the
+/// node prefix); adding it again is not an error.
+pub async fn add_instance_address(addr: Ipv6Addr) -> anyhow::Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+    let task = tokio::spawn(conn);
+    let lo = re6st_routing::driver::ifindex_of("lo")?;
+    let r = handle
+        .address()
+        .add(lo, IpAddr::V6(addr), 128)
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("adding {addr}/128 to lo"));
+    task.abort();
+    r
+}
+
+/// Removes `addr/128` from `lo` if it is there.
+pub async fn remove_instance_address(addr: Ipv6Addr) -> anyhow::Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
+    let task = tokio::spawn(conn);
+    let lo = re6st_routing::driver::ifindex_of("lo")?;
+    let mut found = Vec::new();
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(lo)
+        .set_address_filter(IpAddr::V6(addr))
+        .set_prefix_length_filter(128)
+        .execute();
+    while let Some(m) = addrs.try_next().await.context("listing addresses")? {
+        found.push(m);
+    }
+    for m in found {
+        handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .with_context(|| format!("removing {addr}/128 from lo"))?;
+    }
+    task.abort();
+    Ok(())
 }
 
 /// Turns on IPv6 forwarding (a node relays for others).
@@ -187,5 +241,32 @@ mod tests {
                 "{a}"
             );
         }
+    }
+
+    #[test]
+    fn instance_addresses_survive_a_restart_old_prefixes_do_not() {
+        let network: Ipv6Net = "fd5e:5e::/48".parse().unwrap_or_default();
+        let prefix: Ipv6Net = "fd5e:5e:0:2::/64".parse().unwrap_or_default();
+        let a = |s: &str| s.parse().unwrap_or(Ipv6Addr::LOCALHOST);
+        assert!(
+            is_stale(a("fd5e:5e:0:2::1"), 64, prefix, network),
+            "our node address: re-added"
+        );
+        assert!(
+            !is_stale(a("fd5e:5e:0:2::1:0"), 128, prefix, network),
+            "an instance's"
+        );
+        assert!(
+            is_stale(a("fd5e:5e:0:7::1:0"), 128, prefix, network),
+            "another prefix's"
+        );
+        assert!(
+            is_stale(a("fd5e:5e:0:7::1"), 64, prefix, network),
+            "an old node address"
+        );
+        assert!(
+            !is_stale(a("fd00::1"), 128, prefix, network),
+            "not the network's"
+        );
     }
 }

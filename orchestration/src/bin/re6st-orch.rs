@@ -95,6 +95,13 @@ enum Cmd {
         /// Loop period in milliseconds.
         #[arg(long, default_value_t = 1000)]
         period_ms: u64,
+        /// First uid of the partition users (one per instance, no login
+        /// entry; the default lies above systemd's container range).
+        #[arg(long, default_value_t = re6st_orchestration::partition::DEFAULT_UID_BASE)]
+        uid_base: u32,
+        /// Number of partitions (instances this node can run at once).
+        #[arg(long, default_value_t = re6st_orchestration::partition::DEFAULT_COUNT)]
+        partitions: u32,
     },
     /// Request an instance (idempotent): prints its state and connection parameters.
     Request {
@@ -284,10 +291,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state,
             ctl_socket,
             period_ms,
+            uid_base,
+            partitions,
         } => {
-            let identity = NodeIdentity::from_dir(&dir)?;
             let master_address = master_address(&master)?;
             let catalog = Catalog::load(&catalog)?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the agent must run as root: it runs each instance as its own user, in its own directory, address and cgroup");
+            }
+            let identity = NodeIdentity::from_dir(&dir)?;
+            let parts = re6st_orchestration::partition::Partitions::new(
+                &state,
+                uid_base,
+                partitions,
+                identity.cert.prefix,
+            )?;
             let source = LastVerifiedCrl::new(network_config, identity.ca.clone());
             let cfg = re6st_orchestration::agent::AgentConfig {
                 name,
@@ -298,6 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ca: identity.ca.clone(),
                 crl: Arc::new(move || source.current()),
                 catalog,
+                partitions: Some(parts),
                 ctl_socket: Some(ctl_socket),
                 period: Duration::from_millis(period_ms.max(100)),
             };

@@ -502,6 +502,47 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         format!("--near: {}", text(&out)),
     )?;
 
+    // Revoking n3: its agent stops the instance it runs, the master marks
+    // it revoked and places nothing more there.
+    let kv_pattern = format!("kv --listen \\[{}\\]", partition_address(&n3, 0));
+    check(
+        o.m.host(3)?
+            .output("pgrep", &["-f", &kv_pattern])?
+            .status
+            .success(),
+        "the kv instance runs on n3",
+    )?;
+    o.m.registry_cmd(&["revoke", &n3])?;
+    let revoked = Instant::now();
+    wait_until(
+        "n3's instance stopped and n3 marked revoked",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let stopped =
+                !o.m.host(3)
+                    .ok()?
+                    .output("pgrep", &["-f", &kv_pattern])
+                    .ok()?
+                    .status
+                    .success();
+            let nodes = text(&o.cli(0, &["nodes"]).ok()?);
+            let marked = nodes
+                .lines()
+                .any(|l| l.starts_with("n3 ") && l.ends_with("REVOKED"));
+            (stopped && marked).then_some(())
+        },
+    )?;
+    eprintln!(
+        "revoked node's instance stopped after {:?}",
+        revoked.elapsed()
+    );
+    let out = o.cli(0, &["request", "http-static", "late", "--node", "n3"])?;
+    check(
+        !out.status.success() && text(&out).contains("n3 is revoked"),
+        format!("request on a revoked node: {}", text(&out)),
+    )?;
+
     // Provisioning a new node: a join token from the registry.
     let out = o.m.host(0)?.output(
         &o.orch,

@@ -36,6 +36,11 @@ pub type CrlSource = Arc<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
 pub struct AgentConfig {
     /// This node's name at the master.
     pub name: String,
+    /// Its site (empty: a site of its own).
+    pub site: String,
+    /// The serial of its certificate: once the CRL names it, the agent
+    /// stops its instances and stops asking for more.
+    pub serial: u64,
     /// Where instance directories go.
     pub base_dir: PathBuf,
     /// The node's overlay address (the `{address}` of descriptors).
@@ -611,9 +616,21 @@ pub async fn run(
             () = &mut shutdown => break,
         }
         let now = Instant::now();
+        if (cfg.crl)().is_some_and(|crl| crl.contains(&cfg.serial)) {
+            if !running.is_empty() {
+                tracing::error!(
+                    serial = cfg.serial,
+                    "this node's certificate is revoked: stopping its instances"
+                );
+            }
+            for (_, mut r) in std::mem::take(&mut running) {
+                r.stop().await;
+            }
+            continue;
+        }
         if now >= next_hello {
             let r = cfg.ctl_socket.as_deref().map(routes).unwrap_or_default();
-            match client.hello(&cfg.name, r).await {
+            match client.hello(&cfg.name, &cfg.site, r).await {
                 Ok(()) => next_hello = now + Duration::from_secs(10),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "master unreachable"),
             }

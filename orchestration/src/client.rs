@@ -119,11 +119,17 @@ impl MasterClient {
         serde_json::from_slice(bytes).with_context(|| format!("{method} {url}: unexpected answer"))
     }
 
-    /// Agent: register and report routing.
-    pub async fn hello(&self, name: &str, routes: BTreeMap<String, u16>) -> anyhow::Result<()> {
+    /// Agent: register (name, site) and report routing.
+    pub async fn hello(
+        &self,
+        name: &str,
+        site: &str,
+        routes: BTreeMap<String, u16>,
+    ) -> anyhow::Result<()> {
         let body = serde_json::to_vec(&Hello {
             name: name.to_string(),
             routes,
+            site: site.to_string(),
         })?;
         self.send::<serde_json::Value>(reqwest::Method::POST, "/v1/agent/hello", Some(body))
             .await

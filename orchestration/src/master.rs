@@ -120,6 +120,16 @@ impl Master {
         })
     }
 
+    /// The revoked serials; 503 while no network configuration verified.
+    fn revoked(&self) -> Result<Vec<u64>, ApiError> {
+        (self.crl)().ok_or_else(|| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no verified network configuration yet: revocations cannot be checked".into(),
+            )
+        })
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -160,13 +170,7 @@ impl Master {
         if cert.serial != ra.serial {
             return Err(unauth("signature serial is not the certificate's"));
         }
-        let crl = (self.crl)().ok_or_else(|| {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no verified network configuration yet: revocations cannot be checked".into(),
-            )
-        })?;
-        if crl.contains(&cert.serial) {
+        if self.revoked()?.contains(&cert.serial) {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "revoked certificate".into(),
@@ -302,6 +306,10 @@ pub struct Hello {
     /// Route metric per destination prefix.
     #[serde(default)]
     pub routes: BTreeMap<String, u16>,
+    /// The node's site (copies go to distinct sites); empty: the node is
+    /// a site of its own.
+    #[serde(default)]
+    pub site: String,
 }
 
 /// An agent's poll: the nonce the signed answer must carry.
@@ -334,7 +342,8 @@ async fn hello(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     let h: Hello = parse(&c.body)?;
     let t = now();
     let mut s = m.store();
-    s.register_node(&h.name, cert.prefix, t)?;
+    let site = if h.site.is_empty() { &h.name } else { &h.site };
+    s.register_node(&h.name, cert.prefix, cert.serial, site, t)?;
     s.set_routes(&h.name, &h.routes, t)?;
     Ok(Json(serde_json::json!({"node": h.name})).into_response())
 }
@@ -398,9 +407,14 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
         })?),
         (None, None) => Placement::Auto,
     };
-    let i = m
-        .store()
-        .request(&r.name, &r.software, &r.params, &placement, now())?;
+    let i = m.store().request(
+        &r.name,
+        &r.software,
+        &r.params,
+        &placement,
+        &m.revoked()?,
+        now(),
+    )?;
     Ok(Json(i).into_response())
 }
 
@@ -411,7 +425,12 @@ async fn list(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
 
 async fn nodes(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     operator(&c.caller)?;
-    Ok(Json(m.store().nodes()?).into_response())
+    let revoked = m.revoked()?;
+    let mut nodes = m.store().nodes()?;
+    for n in &mut nodes {
+        n.revoked = revoked.contains(&n.serial);
+    }
+    Ok(Json(nodes).into_response())
 }
 
 async fn show(

@@ -103,6 +103,13 @@ pub struct Node {
     pub prefix: String,
     /// Last time its agent called (unix seconds).
     pub last_seen: i64,
+    /// The serial of the certificate its agent last greeted with.
+    pub serial: u64,
+    /// Its site (the agent's `--site`).
+    pub site: String,
+    /// Whether that certificate is revoked (the master fills this in).
+    #[serde(default)]
+    pub revoked: bool,
     /// Instances placed on it (not destroyed).
     pub instances: i64,
 }
@@ -113,7 +120,9 @@ CREATE TABLE IF NOT EXISTS node(
     prefix TEXT NOT NULL UNIQUE,
     registered_at INTEGER NOT NULL,
     last_seen INTEGER NOT NULL,
-    routes TEXT NOT NULL DEFAULT '{}'
+    routes TEXT NOT NULL DEFAULT '{}',
+    serial INTEGER NOT NULL DEFAULT 0,
+    site TEXT NOT NULL DEFAULT ''
 ) STRICT;
 CREATE TABLE IF NOT EXISTS catalog(
     software TEXT PRIMARY KEY,
@@ -153,6 +162,28 @@ pub fn valid_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !s.starts_with('.')
+}
+
+/// Columns added since the first schema: (table, column, declaration).
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    ("node", "serial", "INTEGER NOT NULL DEFAULT 0"),
+    ("node", "site", "TEXT NOT NULL DEFAULT ''"),
+];
+
+/// Brings a database made by an earlier version to the current schema.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let mut st = conn.prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))?;
+        let has = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .any(|c| c == column);
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// The master's database.
@@ -212,6 +243,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Self { conn })
     }
 
@@ -266,10 +298,15 @@ impl Store {
         &mut self,
         name: &str,
         prefix: Ipv6Net,
+        serial: u64,
+        site: &str,
         now: i64,
     ) -> Result<(), StoreError> {
         if !valid_name(name) {
             return Err(StoreError::Invalid(format!("bad node name {name:?}")));
+        }
+        if !valid_name(site) {
+            return Err(StoreError::Invalid(format!("bad site name {site:?}")));
         }
         let tx = self
             .conn
@@ -299,9 +336,10 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO node(name, prefix, registered_at, last_seen) VALUES (?1, ?2, ?3, ?3)
-             ON CONFLICT(name) DO UPDATE SET last_seen = ?3",
-            params![name, prefix.to_string(), now],
+            "INSERT INTO node(name, prefix, registered_at, last_seen, serial, site)
+             VALUES (?1, ?2, ?3, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET last_seen = ?3, serial = ?4, site = ?5",
+            params![name, prefix.to_string(), now, serial as i64, site],
         )?;
         tx.commit()?;
         Ok(())
@@ -340,7 +378,8 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT n.name, n.prefix, n.last_seen,
-                    (SELECT COUNT(*) FROM instance i WHERE i.node = n.name AND i.state = 'started')
+                    (SELECT COUNT(*) FROM instance i WHERE i.node = n.name AND i.state = 'started'),
+                    n.serial, n.site
              FROM node n ORDER BY n.name",
         )?;
         let v = st
@@ -350,20 +389,30 @@ impl Store {
                     prefix: r.get(1)?,
                     last_seen: r.get(2)?,
                     instances: r.get(3)?,
+                    serial: r.get::<_, i64>(4)? as u64,
+                    site: r.get(5)?,
+                    revoked: false,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(v)
     }
 
-    fn place(&self, placement: &Placement) -> Result<String, StoreError> {
-        let nodes = self.nodes()?;
+    /// Where a new instance goes; nodes whose certificate is in `revoked`
+    /// get nothing.
+    fn place(&self, placement: &Placement, revoked: &[u64]) -> Result<String, StoreError> {
+        let all = self.nodes()?;
+        let out = |n: &Node| revoked.contains(&n.serial);
+        let nodes: Vec<&Node> = all.iter().filter(|n| !out(n)).collect();
         match placement {
-            Placement::Node(n) => nodes
-                .iter()
-                .find(|x| x.name == *n)
-                .map(|x| x.name.clone())
-                .ok_or_else(|| StoreError::NotFound(format!("no node {n:?}"))),
+            Placement::Node(n) => match all.iter().find(|x| x.name == *n) {
+                Some(x) if out(x) => Err(StoreError::Invalid(format!(
+                    "node {n} is revoked (certificate {})",
+                    x.serial
+                ))),
+                Some(x) => Ok(x.name.clone()),
+                None => Err(StoreError::NotFound(format!("no node {n:?}"))),
+            },
             Placement::Auto => nodes
                 .iter()
                 .min_by_key(|n| (n.instances, n.name.clone()))
@@ -371,17 +420,20 @@ impl Store {
                 .ok_or_else(|| StoreError::Invalid("no node is registered".into())),
             Placement::Near(prefix) => {
                 let mut best: Option<(u32, String)> = None;
-                let mut st = self.conn.prepare("SELECT name, prefix, routes FROM node")?;
+                let mut st = self
+                    .conn
+                    .prepare("SELECT name, prefix, routes, serial FROM node")?;
                 let rows = st
                     .query_map([], |r| {
                         Ok((
                             r.get::<_, String>(0)?,
                             r.get::<_, String>(1)?,
                             r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)? as u64,
                         ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
-                for (name, own, routes) in rows {
+                for (name, own, routes, _) in rows.into_iter().filter(|r| !revoked.contains(&r.3)) {
                     let own: Option<Ipv6Net> = own.parse().ok();
                     // A node inside the prefix is at distance 0.
                     let metric = if own.is_some_and(|o| prefix.contains(&o.network())) {
@@ -417,6 +469,7 @@ impl Store {
         software: &str,
         given: &BTreeMap<String, String>,
         placement: &Placement,
+        revoked: &[u64],
         now: i64,
     ) -> Result<Instance, StoreError> {
         if !valid_name(name) {
@@ -451,7 +504,7 @@ impl Store {
             )?;
             self.log(name, now, "pending", "parameters changed")?;
         } else {
-            let node = self.place(placement)?;
+            let node = self.place(placement, revoked)?;
             self.conn.execute(
                 "INSERT INTO instance(name, software, params, node, state, status, generation, updated_at)
                  VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5)",
@@ -599,7 +652,8 @@ url = "http://[{address}]:{port}/"
             let p: Ipv6Net = format!("fd5e:5e:0:{}::/64", i + 1)
                 .parse()
                 .unwrap_or_default();
-            s.register_node(n, p, 100).unwrap_or_else(|e| panic!("{e}"));
+            s.register_node(n, p, i as u64 + 1, &format!("site-{i}"), 100)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         Db(path, s)
     }
@@ -630,26 +684,27 @@ url = "http://[{address}]:{port}/"
     fn requests_are_idempotent_and_parameters_update() {
         let mut d = db("idem");
         let s = &mut d.1;
-        let a = s.request("web", "http-static", &kv(&[]), &Placement::Auto, 1);
+        let a = s.request("web", "http-static", &kv(&[]), &Placement::Auto, &[], 1);
         let Ok(a) = a else { panic!("{a:?}") };
         assert_eq!(
             (a.node.as_str(), a.generation, a.params["port"].as_str()),
             ("n1", 1, "8080")
         );
-        let again = s.request("web", "http-static", &kv(&[]), &Placement::Auto, 2);
+        let again = s.request("web", "http-static", &kv(&[]), &Placement::Auto, &[], 2);
         assert_eq!(again.as_ref().ok(), Some(&a), "same request, same answer");
         let b = s.request(
             "web",
             "http-static",
             &kv(&[("port", "81")]),
             &Placement::Auto,
+            &[],
             3,
         );
         assert!(
             matches!(&b, Ok(b) if b.generation == 2 && b.node == "n1" && b.status == "pending")
         );
         // Least loaded next.
-        let c = s.request("web2", "http-static", &kv(&[]), &Placement::Auto, 4);
+        let c = s.request("web2", "http-static", &kv(&[]), &Placement::Auto, &[], 4);
         assert!(matches!(&c, Ok(c) if c.node == "n2"), "{c:?}");
     }
 
@@ -658,13 +713,14 @@ url = "http://[{address}]:{port}/"
         let mut d = db("bad");
         let s = &mut d.1;
         let cases = [
-            s.request("x", "mariadb", &kv(&[]), &Placement::Auto, 1)
+            s.request("x", "mariadb", &kv(&[]), &Placement::Auto, &[], 1)
                 .err(),
             s.request(
                 "x",
                 "http-static",
                 &kv(&[("port", "http")]),
                 &Placement::Auto,
+                &[],
                 1,
             )
             .err(),
@@ -673,6 +729,7 @@ url = "http://[{address}]:{port}/"
                 "http-static",
                 &kv(&[("colour", "red")]),
                 &Placement::Auto,
+                &[],
                 1,
             )
             .err(),
@@ -681,10 +738,11 @@ url = "http://[{address}]:{port}/"
                 "http-static",
                 &kv(&[]),
                 &Placement::Node("n9".into()),
+                &[],
                 1,
             )
             .err(),
-            s.request("../x", "http-static", &kv(&[]), &Placement::Auto, 1)
+            s.request("../x", "http-static", &kv(&[]), &Placement::Auto, &[], 1)
                 .err(),
         ];
         let texts: Vec<String> = cases.iter().map(|e| format!("{e:?}")).collect();
@@ -701,6 +759,57 @@ url = "http://[{address}]:{port}/"
     }
 
     #[test]
+    fn revoked_nodes_get_no_new_instance() {
+        let mut d = db("revoked");
+        let s = &mut d.1;
+        // n1 has serial 1: revoked.
+        let placed = |s: &mut Store, name: &str, placement: &Placement| {
+            s.request(name, "http-static", &kv(&[]), placement, &[1], 1)
+                .map(|i| i.node)
+        };
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            let node = placed(s, name, &Placement::Auto);
+            assert!(matches!(node.as_deref(), Ok("n2" | "n3")), "{i}: {node:?}");
+        }
+        let refused = placed(s, "e", &Placement::Node("n1".into()));
+        assert!(
+            matches!(&refused, Err(StoreError::Invalid(m)) if m.contains("n1 is revoked")),
+            "{refused:?}"
+        );
+        let near = placed(
+            s,
+            "f",
+            &Placement::Near("fd5e:5e:0:1::/64".parse().unwrap_or_default()),
+        );
+        assert!(near.is_err(), "only n1 is near its own prefix: {near:?}");
+        assert_eq!(s.instance("e").ok().flatten(), None, "nothing written");
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_migrated() {
+        let path = std::env::temp_dir().join(format!("orch-{}-migrate.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        {
+            let c = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            c.execute_batch(
+                "CREATE TABLE node(name TEXT PRIMARY KEY, prefix TEXT NOT NULL UNIQUE,
+                    registered_at INTEGER NOT NULL, last_seen INTEGER NOT NULL,
+                    routes TEXT NOT NULL DEFAULT '{}') STRICT;
+                 INSERT INTO node(name, prefix, registered_at, last_seen)
+                    VALUES ('old', 'fd5e:5e:0:9::/64', 1, 1);",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let s = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let nodes = s.nodes().unwrap_or_default();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!((nodes[0].serial, nodes[0].site.as_str()), (0, ""));
+        drop(s);
+        assert!(Store::open(&path).is_ok(), "migrating twice is harmless");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn near_places_by_reported_route_metric() {
         let mut d = db("near");
         let s = &mut d.1;
@@ -710,17 +819,38 @@ url = "http://[{address}]:{port}/"
         let _ = s.set_routes("n1", &r(900), 5);
         let _ = s.set_routes("n2", &r(200), 5);
         let _ = s.set_routes("n3", &r(0xFFFF), 5);
-        let i = s.request("db", "http-static", &kv(&[]), &Placement::Near(target), 6);
+        let i = s.request(
+            "db",
+            "http-static",
+            &kv(&[]),
+            &Placement::Near(target),
+            &[],
+            6,
+        );
         assert!(matches!(&i, Ok(i) if i.node == "n2"), "{i:?}");
         let own: Ipv6Net = "fd5e:5e:0:3::/64".parse().unwrap_or_default();
-        let j = s.request("db2", "http-static", &kv(&[]), &Placement::Near(own), 6);
+        let j = s.request(
+            "db2",
+            "http-static",
+            &kv(&[]),
+            &Placement::Near(own),
+            &[],
+            6,
+        );
         assert!(
             matches!(&j, Ok(j) if j.node == "n3"),
             "a node inside the prefix: {j:?}"
         );
         let none: Ipv6Net = "fd5e:5e:0:77::/64".parse().unwrap_or_default();
         assert!(s
-            .request("db3", "http-static", &kv(&[]), &Placement::Near(none), 6)
+            .request(
+                "db3",
+                "http-static",
+                &kv(&[]),
+                &Placement::Near(none),
+                &[],
+                6
+            )
             .is_err());
     }
 
@@ -734,6 +864,7 @@ url = "http://[{address}]:{port}/"
             "http-static",
             &kv(&[]),
             &Placement::Node("n2".into()),
+            &[],
             1,
         );
         let url = kv(&[("url", "http://[fd5e:5e:0:2::1]:8080/")]);
@@ -760,6 +891,7 @@ url = "http://[{address}]:{port}/"
             "http-static",
             &kv(&[("port", "81")]),
             &Placement::Auto,
+            &[],
             3,
         );
         let _ = s.report("n2", &rep("web", 1, "failing", &url), 4);

@@ -167,6 +167,8 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
     let base = dir.0.join("instances");
     let cfg = AgentConfig {
         name: "agent".into(),
+        site: String::new(),
+        serial: agent_id.cert.serial,
         base_dir: base.clone(),
         address: agent_id.cert.address,
         node: agent_id.cert.prefix,

@@ -75,6 +75,10 @@ enum Cmd {
         /// This node's name at the master.
         #[arg(long)]
         name: String,
+        /// This node's site: `request --copies N` puts each copy on another
+        /// site. Default: the node is a site of its own.
+        #[arg(long, default_value = "")]
+        site: String,
         /// This node's re6st-conf directory.
         #[arg(long, default_value = "/etc/re6stnet")]
         dir: PathBuf,
@@ -285,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Agent {
             master,
             name,
+            site,
             dir,
             catalog,
             network_config,
@@ -310,6 +315,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let source = LastVerifiedCrl::new(network_config, identity.ca.clone());
             let cfg = re6st_orchestration::agent::AgentConfig {
                 name,
+                site,
+                serial: identity.cert.serial,
                 base_dir: state,
                 address: identity.cert.address,
                 node: identity.cert.prefix,
@@ -369,10 +376,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Nodes { who } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
             for n in client(&who)?.nodes().await? {
                 println!(
-                    "{} {} instances={} last_seen={}",
-                    n.name, n.prefix, n.instances, n.last_seen
+                    "{} {} site={} instances={} seen {} s ago{}",
+                    n.name,
+                    n.prefix,
+                    n.site,
+                    n.instances,
+                    now - n.last_seen,
+                    if n.revoked { " REVOKED" } else { "" }
                 );
             }
             Ok(())

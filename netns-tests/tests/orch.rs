@@ -151,6 +151,11 @@ impl Orch {
     }
 
     fn master(&self) -> Result<Process> {
+        self.master_with(&[])
+    }
+
+    /// The master on node 0, with `extra` arguments.
+    fn master_with(&self, extra: &[&str]) -> Result<Process> {
         let n = &self.m.nodes[0];
         let dir = n.dir.to_string_lossy().into_owned();
         let catalog = self.catalog.as_str();
@@ -171,8 +176,93 @@ impl Orch {
                 &format!("{dir}/state/network.json"),
                 "--admin-token-file",
                 &self.token,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        )
+    }
+
+    /// The agent of node `i` (partitions from `uid_base(i)`), at `site`.
+    fn agent(&self, i: usize, site: &str) -> Result<Process> {
+        let n = &self.m.nodes[i];
+        let dir = n.dir.to_string_lossy().into_owned();
+        self.m.host(i)?.spawn(
+            "agent",
+            "sh",
+            &[
+                "-c",
+                &format!("{} exec \"$0\" \"$@\"", cgroup_mounts()),
+                &self.orch,
+                "agent",
+                "--master",
+                &self.url,
+                "--name",
+                &n.name,
+                "--site",
+                site,
+                "--dir",
+                &dir,
+                "--catalog",
+                &self.catalog,
+                "--uid-base",
+                &uid_base(i).to_string(),
+                "--partitions",
+                "10",
+                "--network-config",
+                &format!("{dir}/state/network.json"),
+                "--state",
+                &format!("{dir}/instances"),
+                "--ctl-socket",
+                &n.ctl.to_string_lossy(),
+                "--period-ms",
+                "500",
             ],
         )
+    }
+
+    /// A mesh of `reg`, `m` and `n1`..`n4` over a 10 ms WAN (with
+    /// `broken` pairs blackholed), the operator token and a catalogue with
+    /// the shipped descriptors and a probe that prints a file.
+    fn start(tag: &str, broken: &[(&str, &str)]) -> Result<Self> {
+        let names = ["m", "n1", "n2", "n3", "n4"];
+        let mut t = Topology::new(tag);
+        t.host("reg");
+        for n in names {
+            t.host(n);
+        }
+        t.default_wan(LinkParams::delay_ms(10));
+        for (a, b) in broken {
+            t.wan_both(a, b, LinkParams::delay_ms(10).with_blackhole(true));
+        }
+        let m = Mesh::start(&t, "reg", &names, &[], &["--config-refresh", "5"])?;
+        m.wait_full_reachability(Duration::from_secs(30))?;
+        let token = m.net.log_dir().join("admin.token");
+        std::fs::write(&token, "s3cret-operator-token\n")
+            .map_err(|e| Error::io("writing the admin token", e))?;
+        let orch = netns_tests::binary("re6st-orch")?
+            .to_string_lossy()
+            .into_owned();
+        let url = format!("http://[{}]:{PORT}", m.nodes[0].address);
+        let catalog = m.net.log_dir().join("catalog");
+        std::fs::create_dir_all(&catalog).map_err(|e| Error::io("creating the catalogue", e))?;
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../orchestration/catalog");
+        for f in ["http-static.toml", "kv.toml", "re6st-registry.toml"] {
+            std::fs::copy(format!("{shipped}/{f}"), catalog.join(f))
+                .map_err(|e| Error::io(format!("copying {f}"), e))?;
+        }
+        std::fs::write(
+            catalog.join("probe.toml"),
+            "name = \"probe\"\ncommand = [\"sh\", \"-c\", \"id -u; cat \\\"$RE6ST_FILE\\\"; exec sleep 600\"]\n[parameters.file]\ntype = \"string\"\n",
+        )
+        .map_err(|e| Error::io("writing the probe", e))?;
+        Ok(Orch {
+            m,
+            orch,
+            url,
+            token: token.to_string_lossy().into_owned(),
+            catalog: catalog.to_string_lossy().into_owned(),
+        })
     }
 
     /// An HTTP GET of `/` from node `i`; the status line.
@@ -194,44 +284,8 @@ impl Orch {
 }
 
 fn master_and_agents_over_the_overlay() -> Result<()> {
-    let names = ["m", "n1", "n2", "n3", "n4"];
-    let mut t = Topology::new("orch");
-    t.host("reg");
-    for n in names {
-        t.host(n);
-    }
-    t.default_wan(LinkParams::delay_ms(10));
-    t.wan_both("m", "n2", LinkParams::delay_ms(10).with_blackhole(true));
-    let m = Mesh::start(&t, "reg", &names, &[], &["--config-refresh", "5"])?;
-    m.wait_full_reachability(Duration::from_secs(30))?;
-    let token = m.net.log_dir().join("admin.token");
-    std::fs::write(&token, "s3cret-operator-token\n")
-        .map_err(|e| Error::io("writing the admin token", e))?;
-    let orch = netns_tests::binary("re6st-orch")?
-        .to_string_lossy()
-        .into_owned();
-    let url = format!("http://[{}]:{PORT}", m.nodes[0].address);
-    // The shipped catalogue, and a probe that tries to read a file.
-    let catalog = m.net.log_dir().join("catalog");
-    std::fs::create_dir_all(&catalog).map_err(|e| Error::io("creating the catalogue", e))?;
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../orchestration/catalog");
-    for f in ["http-static.toml", "kv.toml", "re6st-registry.toml"] {
-        std::fs::copy(format!("{shipped}/{f}"), catalog.join(f))
-            .map_err(|e| Error::io(format!("copying {f}"), e))?;
-    }
-    std::fs::write(
-        catalog.join("probe.toml"),
-        "name = \"probe\"\ncommand = [\"sh\", \"-c\", \"id -u; cat \\\"$RE6ST_FILE\\\"; exec sleep 600\"]\n[parameters.file]\ntype = \"string\"\n",
-    )
-    .map_err(|e| Error::io("writing the probe", e))?;
     let _cleanup = CgroupCleanup;
-    let o = Orch {
-        m,
-        orch,
-        url,
-        token: token.to_string_lossy().into_owned(),
-        catalog: catalog.to_string_lossy().into_owned(),
-    };
+    let o = Orch::start("orch", &[("m", "n2")])?;
 
     // The master refuses an underlay address.
     let under = o.m.host(0)?.addr(false)?;
@@ -253,38 +307,7 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     let mut master = o.master()?;
     let mut agents = Vec::new();
     for i in 1..5 {
-        let n = &o.m.nodes[i];
-        let dir = n.dir.to_string_lossy().into_owned();
-        agents.push(o.m.host(i)?.spawn(
-            "agent",
-            "sh",
-            &[
-                "-c",
-                &format!("{} exec \"$0\" \"$@\"", cgroup_mounts()),
-                &o.orch,
-                "agent",
-                "--master",
-                &o.url,
-                "--name",
-                &n.name,
-                "--dir",
-                &dir,
-                "--catalog",
-                &o.catalog,
-                "--uid-base",
-                &uid_base(i).to_string(),
-                "--partitions",
-                "10",
-                "--network-config",
-                &format!("{dir}/state/network.json"),
-                "--state",
-                &format!("{dir}/instances"),
-                "--ctl-socket",
-                &n.ctl.to_string_lossy(),
-                "--period-ms",
-                "500",
-            ],
-        )?);
+        agents.push(o.agent(i, "")?);
     }
     wait_until(
         "four agents registered",
@@ -579,7 +602,7 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     let _master = o.master()?;
     let (_, _) = wait_until(
         "the restarted master lists the instance as ready",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         Duration::from_millis(300),
         || {
             let out = o.cli(0, &["list"]).ok()?;
@@ -609,9 +632,141 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     Ok(())
 }
 
+/// The nodes of the `KEY@NODE` connection parameters `request` printed.
+fn copy_nodes(out: &str) -> Vec<String> {
+    let mut nodes: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("url@"))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// `kv --copies 3` on four sites: one copy per site; killing the agent and
+/// re6stnet of a node with a copy (its site lost) re-places that copy on
+/// the fourth site after the master's --agent-timeout; when the node comes
+/// back its stale partition is removed. More copies than sites: refused.
+fn copies_survive_a_lost_site() -> Result<()> {
+    const TIMEOUT_S: u64 = 5;
+    let _cleanup = CgroupCleanup;
+    let mut o = Orch::start("copies", &[])?;
+    let _master = o.master_with(&["--agent-timeout", &TIMEOUT_S.to_string()])?;
+    let sites = ["", "site-a", "site-b", "site-c", "site-d"];
+    let mut agents = Vec::new();
+    for (i, site) in sites.iter().enumerate().skip(1) {
+        agents.push(o.agent(i, site)?);
+    }
+    wait_until(
+        "four agents registered with their sites",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let t = text(&o.cli(0, &["nodes"]).ok()?);
+            sites[1..]
+                .iter()
+                .all(|s| t.contains(&format!("site={s} ")))
+                .then_some(())
+        },
+    )?;
+    let out = o.cli(0, &["request", "kv", "big", "--copies", "5"])?;
+    check(
+        !out.status.success() && text(&out).contains("5 copies need 5 sites; 4 are available"),
+        format!("more copies than sites: {}", text(&out)),
+    )?;
+
+    let started = Instant::now();
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "kv",
+            "cache",
+            "--copies",
+            "3",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    )?;
+    check(out.status.success(), format!("request: {}", text(&out)))?;
+    eprintln!("3 copies ready {:?} after the request", started.elapsed());
+    let placed = copy_nodes(&text(&out));
+    check(placed.len() == 3, format!("three copies: {}", text(&out)))?;
+
+    // Lose the site of the first copy: agent and re6stnet killed.
+    let victim = o.m.index(&placed[0])?;
+    agents[victim - 1].kill()?;
+    o.m.kill_node(victim)?;
+    let (now_on, took) = wait_until(
+        "the lost copy re-placed on the fourth site and ready",
+        Duration::from_secs(TIMEOUT_S + 10 + 10),
+        Duration::from_millis(300),
+        || {
+            let out = o
+                .cli(0, &["request", "kv", "cache", "--copies", "3"])
+                .ok()?;
+            let t = text(&out);
+            let nodes = copy_nodes(&t);
+            (t.contains(": ready") && nodes.len() == 3 && !nodes.contains(&placed[0]))
+                .then_some(nodes)
+        },
+    )?;
+    eprintln!(
+        "copy on {} re-placed and ready {took:?} after its site was lost (agent timeout {TIMEOUT_S} s)",
+        placed[0]
+    );
+    check(
+        took <= Duration::from_secs(TIMEOUT_S + 10),
+        format!("re-placed after {took:?}, more than the agent timeout + 10 s"),
+    )?;
+    for n in &now_on {
+        let i = o.m.index(n)?;
+        let host = partition_address(&o.m.nodes[i].prefix, 0);
+        let got = o.get(0, &host, "8090");
+        check(
+            got.contains(" 200"),
+            format!("the copy on {n} answers: {got:?}"),
+        )?;
+    }
+
+    // The site comes back: its stale partition goes, the copies stay put.
+    o.m.start_node(victim)?;
+    agents[victim - 1] = o.agent(victim, sites[victim])?;
+    let stale = o.m.nodes[victim].dir.join("instances");
+    wait_until(
+        "the returning node's stale partition removed",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let left = std::fs::read_dir(&stale).ok()?.count();
+            (left == 0).then_some(())
+        },
+    )?;
+    let out = o.cli(0, &["request", "kv", "cache", "--copies", "3"])?;
+    check(
+        copy_nodes(&text(&out)) == now_on,
+        format!("copies moved again: {}", text(&out)),
+    )?;
+    let out = o.cli(0, &["destroy", "cache"])?;
+    check(out.status.success(), format!("destroy: {}", text(&out)))?;
+    wait_until(
+        "every copy gone",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || (!text(&o.cli(0, &["list"]).ok()?).contains("cache")).then_some(()),
+    )?;
+    drop(agents);
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    run_suite(&[(
-        "master_and_agents_over_the_overlay",
-        master_and_agents_over_the_overlay,
-    )])
+    run_suite(&[
+        (
+            "master_and_agents_over_the_overlay",
+            master_and_agents_over_the_overlay,
+        ),
+        ("copies_survive_a_lost_site", copies_survive_a_lost_site),
+    ])
 }

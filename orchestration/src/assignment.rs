@@ -220,6 +220,8 @@ pub(crate) mod tests {
                     connection: BTreeMap::new(),
                     generation: 1,
                     updated_at: NOW,
+                    copy_of: String::new(),
+                    copies: 1,
                 },
                 version: 1,
             }],

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assignment::{Assigned, Assignments, SignedAssignments};
 use crate::identity::NodeIdentity;
-use crate::store::{Placement, Report, Store, StoreError};
+use crate::store::{Instance, Placement, Report, Store, StoreError};
 
 /// Largest accepted body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -118,6 +118,25 @@ impl Master {
             admin_token,
             seen: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Re-places copies whose agent has been silent longer than
+    /// `agent_timeout_s` (or whose node is revoked); returns the moves.
+    pub fn replace_lost_copies(&self, agent_timeout_s: i64) -> Vec<(String, String, String)> {
+        let Some(revoked) = (self.crl)() else {
+            return Vec::new();
+        };
+        let t = now();
+        match self
+            .store()
+            .replace_lost_copies(t - agent_timeout_s, &revoked, t)
+        {
+            Ok(moves) => moves,
+            Err(e) => {
+                tracing::warn!(error = %e, "re-placing copies");
+                Vec::new()
+            }
+        }
     }
 
     /// The revoked serials; 503 while no network configuration verified.
@@ -335,6 +354,38 @@ pub struct RequestBody {
     pub node: Option<String>,
     /// Near this prefix.
     pub near: Option<String>,
+    /// Copies on distinct sites (default 1).
+    #[serde(default)]
+    pub copies: Option<u32>,
+}
+
+/// Most copies of one instance.
+pub const MAX_COPIES: u32 = 16;
+
+/// What `request` answers for a group of copies: the first copy, with the
+/// group's status (ready when every copy is) and every copy's connection
+/// parameters as `KEY@NODE`, plus the plain keys of the first ready copy.
+pub fn group_view(group: &[Instance]) -> Option<Instance> {
+    let mut first = group.first()?.clone();
+    if group.len() < 2 {
+        return Some(first);
+    }
+    first.status = group
+        .iter()
+        .find(|i| i.status != "ready")
+        .map_or_else(|| "ready".to_string(), |i| i.status.clone());
+    let mut connection = group
+        .iter()
+        .find(|i| i.status == "ready")
+        .map(|i| i.connection.clone())
+        .unwrap_or_default();
+    for i in group {
+        for (k, v) in &i.connection {
+            connection.insert(format!("{k}@{}", i.node), v.clone());
+        }
+    }
+    first.connection = connection;
+    Some(first)
 }
 
 async fn hello(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
@@ -391,6 +442,13 @@ async fn report(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> 
 async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     operator(&c.caller)?;
     let r: RequestBody = parse(&c.body)?;
+    let copies = r.copies.unwrap_or(1);
+    if copies == 0 || copies > MAX_COPIES {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("--copies: 1 to {MAX_COPIES}"),
+        ));
+    }
     let placement = match (r.node, r.near) {
         (Some(_), Some(_)) => {
             return Err(ApiError(
@@ -398,6 +456,13 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
                 "give --node or --near, not both".into(),
             ))
         }
+        (Some(_), None) | (None, Some(_)) if copies > 1 => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "--copies places each copy on another site: not with --node or --near".into(),
+            ))
+        }
+        (None, None) if copies > 1 => Placement::Copies(copies),
         (Some(n), None) => Placement::Node(n),
         (None, Some(p)) => Placement::Near(p.parse().map_err(|_| {
             ApiError(
@@ -407,15 +472,16 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
         })?),
         (None, None) => Placement::Auto,
     };
-    let i = m.store().request(
-        &r.name,
-        &r.software,
-        &r.params,
-        &placement,
-        &m.revoked()?,
-        now(),
-    )?;
-    Ok(Json(i).into_response())
+    let revoked = m.revoked()?;
+    let mut s = m.store();
+    s.request(&r.name, &r.software, &r.params, &placement, &revoked, now())?;
+    let view = group_view(&s.group(&r.name)?).ok_or_else(|| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} vanished", r.name),
+        )
+    })?;
+    Ok(Json(view).into_response())
 }
 
 async fn list(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {

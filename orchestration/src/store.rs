@@ -50,6 +50,9 @@ pub enum Placement {
     /// The node with the lowest route metric to this prefix (as the nodes
     /// reported their routing).
     Near(Ipv6Net),
+    /// N copies (2 or more), each on another site, least-loaded nodes
+    /// first: `NAME` and `NAME.1` .. `NAME.{N-1}`.
+    Copies(u32),
 }
 
 /// An instance as the master knows it.
@@ -73,6 +76,16 @@ pub struct Instance {
     pub generation: i64,
     /// Last change (unix seconds).
     pub updated_at: i64,
+    /// The first copy's name when this is a further copy, else empty.
+    #[serde(default)]
+    pub copy_of: String,
+    /// How many copies the group has (1: not copied); on the first copy.
+    #[serde(default = "one")]
+    pub copies: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// An agent's report on an instance.
@@ -137,7 +150,9 @@ CREATE TABLE IF NOT EXISTS instance(
     status TEXT NOT NULL,
     connection TEXT NOT NULL DEFAULT '{}',
     generation INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    copy_of TEXT NOT NULL DEFAULT '',
+    copies INTEGER NOT NULL DEFAULT 1
 ) STRICT;
 CREATE TABLE IF NOT EXISTS history(
     instance TEXT NOT NULL,
@@ -165,9 +180,11 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// Columns added since the first schema: (table, column, declaration).
-const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
     ("node", "serial", "INTEGER NOT NULL DEFAULT 0"),
     ("node", "site", "TEXT NOT NULL DEFAULT ''"),
+    ("instance", "copy_of", "TEXT NOT NULL DEFAULT ''"),
+    ("instance", "copies", "INTEGER NOT NULL DEFAULT 1"),
 ];
 
 /// Brings a database made by an earlier version to the current schema.
@@ -202,6 +219,8 @@ type Row = (
     String,
     i64,
     i64,
+    String,
+    i64,
 );
 
 fn instance_of(r: Row) -> Result<Instance, StoreError> {
@@ -215,11 +234,13 @@ fn instance_of(r: Row) -> Result<Instance, StoreError> {
         connection: unjson(&r.6)?,
         generation: r.7,
         updated_at: r.8,
+        copy_of: r.9,
+        copies: u32::try_from(r.10).unwrap_or(1),
     })
 }
 
 const INSTANCE_COLUMNS: &str =
-    "name, software, params, node, state, status, connection, generation, updated_at";
+    "name, software, params, node, state, status, connection, generation, updated_at, copy_of, copies";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -232,6 +253,8 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(6)?,
         r.get(7)?,
         r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
     ))
 }
 
@@ -413,6 +436,12 @@ impl Store {
                 Some(x) => Ok(x.name.clone()),
                 None => Err(StoreError::NotFound(format!("no node {n:?}"))),
             },
+            // The first of the copies' nodes (`request` places them all).
+            Placement::Copies(n) => Ok(self
+                .copy_nodes(*n, revoked, &[])?
+                .into_iter()
+                .next()
+                .unwrap_or_default()),
             Placement::Auto => nodes
                 .iter()
                 .min_by_key(|n| (n.instances, n.name.clone()))
@@ -486,7 +515,25 @@ impl Store {
                     cur.software
                 )));
             }
-            if cur.state == "started" && cur.params == resolved {
+            if !cur.copy_of.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "{name} is a copy of {}: request {} instead",
+                    cur.copy_of, cur.copy_of
+                )));
+            }
+            if let Placement::Copies(n) = placement {
+                if *n != cur.copies {
+                    return Err(StoreError::Invalid(format!(
+                        "{name} has {} copies; changing the number of copies is not supported yet",
+                        cur.copies
+                    )));
+                }
+            }
+            let group = self.group(name)?;
+            if group
+                .iter()
+                .all(|i| i.state == "started" && i.params == resolved)
+            {
                 return Ok(cur);
             }
             if let Placement::Node(n) = placement {
@@ -497,23 +544,168 @@ impl Store {
                     )));
                 }
             }
-            self.conn.execute(
-                "UPDATE instance SET params = ?1, state = 'started', status = 'pending',
-                    generation = generation + 1, updated_at = ?2 WHERE name = ?3",
-                params![json(&resolved)?, now, name],
-            )?;
-            self.log(name, now, "pending", "parameters changed")?;
+            for i in &group {
+                self.conn.execute(
+                    "UPDATE instance SET params = ?1, state = 'started', status = 'pending',
+                        generation = generation + 1, updated_at = ?2 WHERE name = ?3",
+                    params![json(&resolved)?, now, i.name],
+                )?;
+                self.log(&i.name, now, "pending", "parameters changed")?;
+            }
         } else {
-            let node = self.place(placement, revoked)?;
-            self.conn.execute(
-                "INSERT INTO instance(name, software, params, node, state, status, generation, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5)",
-                params![name, software, json(&resolved)?, node, now],
-            )?;
-            self.log(name, now, "pending", &format!("requested on {node}"))?;
+            let (nodes, copies) = match placement {
+                Placement::Copies(n) => (self.copy_nodes(*n, revoked, &[])?, *n),
+                other => (vec![self.place(other, revoked)?], 1),
+            };
+            let names: Vec<String> = (0..copies)
+                .map(|k| match k {
+                    0 => name.to_string(),
+                    k => format!("{name}.{k}"),
+                })
+                .collect();
+            for n in &names[1..] {
+                if !valid_name(n) || self.instance(n)?.is_some() {
+                    return Err(StoreError::Invalid(format!(
+                        "copy name {n:?} is not free: choose a shorter or another name"
+                    )));
+                }
+            }
+            let tx = self.conn.transaction()?;
+            for (k, (n, node)) in names.iter().zip(&nodes).enumerate() {
+                let copy_of = if k == 0 { "" } else { name };
+                tx.execute(
+                    "INSERT INTO instance(name, software, params, node, state, status, generation,
+                        updated_at, copy_of, copies)
+                     VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5, ?6, ?7)",
+                    params![n, software, json(&resolved)?, node, now, copy_of, copies],
+                )?;
+                tx.execute(
+                    "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, 'pending', ?3)",
+                    params![n, now, format!("requested on {node}")],
+                )?;
+            }
+            tx.commit()?;
         }
         self.instance(name)?
             .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
+    }
+
+    /// An instance and its further copies, first copy first.
+    pub fn group(&self, name: &str) -> Result<Vec<Instance>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instance WHERE name = ?1 OR copy_of = ?1
+             ORDER BY copy_of != '', length(name), name"
+        ))?;
+        let rows = st
+            .query_map(params![name], read_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(instance_of).collect()
+    }
+
+    /// `n` nodes on `n` distinct sites, none revoked and none on a site of
+    /// `avoid`: the least-loaded node of each site, least-loaded sites first.
+    fn copy_nodes(
+        &self,
+        n: u32,
+        revoked: &[u64],
+        avoid: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.copy_nodes_among(n, revoked, avoid, i64::MIN)
+    }
+
+    fn copy_nodes_among(
+        &self,
+        n: u32,
+        revoked: &[u64],
+        avoid: &[String],
+        live_since: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let nodes = self.nodes()?;
+        let mut best: BTreeMap<&str, &Node> = BTreeMap::new();
+        for node in nodes.iter().filter(|x| {
+            !revoked.contains(&x.serial) && x.last_seen >= live_since && !avoid.contains(&x.site)
+        }) {
+            let site = node.site.as_str();
+            if best
+                .get(site)
+                .is_none_or(|b| (node.instances, &node.name) < (b.instances, &b.name))
+            {
+                best.insert(site, node);
+            }
+        }
+        let mut sites: Vec<&Node> = best.into_values().collect();
+        sites.sort_by(|a, b| (a.instances, &a.name).cmp(&(b.instances, &b.name)));
+        if sites.len() < n as usize {
+            let have: Vec<&str> = sites.iter().map(|x| x.site.as_str()).collect();
+            return Err(StoreError::Invalid(format!(
+                "{n} copies need {n} sites; {} {} available ({})",
+                have.len(),
+                if have.len() == 1 { "is" } else { "are" },
+                have.join(", ")
+            )));
+        }
+        Ok(sites
+            .into_iter()
+            .take(n as usize)
+            .map(|x| x.name.clone())
+            .collect())
+    }
+
+    /// Moves each copy whose node is revoked or silent since before
+    /// `live_since` to a live node of a site no other live copy of its
+    /// group is on. Returns (copy, from, to) for each move.
+    pub fn replace_lost_copies(
+        &mut self,
+        live_since: i64,
+        revoked: &[u64],
+        now: i64,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        let nodes = self.nodes()?;
+        let node = |name: &str| nodes.iter().find(|n| n.name == name);
+        let alive = |name: &str| {
+            node(name).is_some_and(|n| n.last_seen >= live_since && !revoked.contains(&n.serial))
+        };
+        let firsts: Vec<Instance> = self
+            .instances(None)?
+            .into_iter()
+            .filter(|i| i.copies > 1 && i.state == "started")
+            .collect();
+        let mut moves = Vec::new();
+        for first in firsts {
+            let group = self.group(&first.name)?;
+            for lost in group.iter().filter(|i| !alive(&i.node)) {
+                let mut avoid: Vec<String> = self
+                    .group(&first.name)?
+                    .iter()
+                    .filter(|i| i.name != lost.name && alive(&i.node))
+                    .filter_map(|i| node(&i.node).map(|n| n.site.clone()))
+                    .collect();
+                if let Some(n) = node(&lost.node) {
+                    avoid.push(n.site.clone());
+                }
+                let Ok(to) = self.copy_nodes_among(1, revoked, &avoid, live_since) else {
+                    continue;
+                };
+                let to = to.into_iter().next().unwrap_or_default();
+                self.conn.execute(
+                    "UPDATE instance SET node = ?1, status = 'pending', connection = '{}',
+                        generation = generation + 1, updated_at = ?2 WHERE name = ?3",
+                    params![to, now, lost.name],
+                )?;
+                let silent = node(&lost.node).map_or(0, |n| now - n.last_seen);
+                self.log(
+                    &lost.name,
+                    now,
+                    "pending",
+                    &format!(
+                        "re-placed from {} (silent for {silent} s or revoked) to {to}",
+                        lost.node
+                    ),
+                )?;
+                moves.push((lost.name.clone(), lost.node.clone(), to));
+            }
+        }
+        Ok(moves)
     }
 
     fn log(&self, instance: &str, at: i64, status: &str, detail: &str) -> Result<(), StoreError> {
@@ -551,14 +743,22 @@ impl Store {
     /// Asks for an instance to be destroyed (its agent stops it, then
     /// reports "stopped" and the instance is forgotten).
     pub fn destroy(&mut self, name: &str, now: i64) -> Result<Instance, StoreError> {
-        let n = self.conn.execute(
-            "UPDATE instance SET state = 'destroyed', updated_at = ?1 WHERE name = ?2",
-            params![now, name],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("no instance {name:?}")));
+        let cur = self
+            .instance(name)?
+            .ok_or_else(|| StoreError::NotFound(format!("no instance {name:?}")))?;
+        if !cur.copy_of.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "{name} is a copy of {}: destroy {} instead",
+                cur.copy_of, cur.copy_of
+            )));
         }
-        self.log(name, now, "destroying", "destroy requested")?;
+        for i in self.group(name)? {
+            self.conn.execute(
+                "UPDATE instance SET state = 'destroyed', updated_at = ?1 WHERE name = ?2",
+                params![now, i.name],
+            )?;
+            self.log(&i.name, now, "destroying", "destroy requested")?;
+        }
         self.instance(name)?
             .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
     }
@@ -783,6 +983,89 @@ url = "http://[{address}]:{port}/"
         );
         assert!(near.is_err(), "only n1 is near its own prefix: {near:?}");
         assert_eq!(s.instance("e").ok().flatten(), None, "nothing written");
+    }
+
+    #[test]
+    fn copies_go_to_distinct_sites_and_move_when_a_site_is_lost() {
+        let mut d = db("copies");
+        let s = &mut d.1;
+        let cache = s
+            .request(
+                "cache",
+                "http-static",
+                &kv(&[]),
+                &Placement::Copies(3),
+                &[],
+                100,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cache.copies, 3);
+        let group = s.group("cache").unwrap_or_default();
+        let names: Vec<&str> = group.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["cache", "cache.1", "cache.2"]);
+        let mut nodes: Vec<&str> = group.iter().map(|i| i.node.as_str()).collect();
+        nodes.sort_unstable();
+        assert_eq!(nodes, ["n1", "n2", "n3"], "one copy per site");
+        let again = s.request(
+            "cache",
+            "http-static",
+            &kv(&[]),
+            &Placement::Copies(3),
+            &[],
+            101,
+        );
+        assert_eq!(again.map(|i| i.generation).ok(), Some(1), "idempotent");
+        let more = s.request(
+            "big",
+            "http-static",
+            &kv(&[]),
+            &Placement::Copies(4),
+            &[],
+            101,
+        );
+        assert!(
+            matches!(&more, Err(StoreError::Invalid(m)) if m.contains("4 copies need 4 sites; 3 are available")),
+            "{more:?}"
+        );
+        assert_eq!(s.instance("big").ok().flatten(), None, "nothing written");
+        assert!(
+            s.destroy("cache.1", 101).is_err(),
+            "copies go with their group"
+        );
+
+        // n3's site goes silent; a fourth site appears.
+        let p4: Ipv6Net = "fd5e:5e:0:4::/64".parse().unwrap_or_default();
+        s.register_node("n4", p4, 4, "site-3", 200)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (n, i) in [("n1", 1), ("n2", 2)] {
+            let p: Ipv6Net = format!("fd5e:5e:0:{i}::/64").parse().unwrap_or_default();
+            s.register_node(n, p, i, &format!("site-{}", i - 1), 200)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let moves = s.replace_lost_copies(150, &[], 200).unwrap_or_default();
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].1.as_str(), moves[0].2.as_str()), ("n3", "n4"));
+        let moved = s.instance(&moves[0].0).ok().flatten();
+        assert!(
+            matches!(&moved, Some(i) if i.node == "n4" && i.generation == 2 && i.status == "pending"),
+            "{moved:?}"
+        );
+        assert!(
+            s.replace_lost_copies(150, &[], 201)
+                .unwrap_or_default()
+                .is_empty(),
+            "settled"
+        );
+        // Nowhere to go: the copy stays where it is.
+        let moves = s.replace_lost_copies(250, &[], 300).unwrap_or_default();
+        assert!(moves.is_empty(), "no live site: {moves:?}");
+
+        let _ = s.destroy("cache", 301);
+        assert!(s
+            .group("cache")
+            .unwrap_or_default()
+            .iter()
+            .all(|i| i.state == "destroyed"));
     }
 
     #[test]

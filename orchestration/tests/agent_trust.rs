@@ -80,6 +80,8 @@ fn instance(software: &str) -> Instance {
         connection: BTreeMap::new(),
         generation: 1,
         updated_at: now(),
+        copy_of: String::new(),
+        copies: 1,
     }
 }
 

@@ -66,6 +66,10 @@ enum Cmd {
         /// Accept a --listen address outside the overlay.
         #[arg(long)]
         allow_underlay: bool,
+        /// Seconds an agent may stay silent before its copies are re-placed
+        /// on another site.
+        #[arg(long, default_value_t = 60)]
+        agent_timeout: u32,
     },
     /// Run the agent of this node.
     Agent {
@@ -122,6 +126,10 @@ enum Cmd {
         /// Place it on the node closest (route metric) to this prefix.
         #[arg(long)]
         near: Option<String>,
+        /// Run N copies, each on another site (agents' --site); a copy whose
+        /// agent goes silent is re-placed on a site without one.
+        #[arg(long, default_value_t = 1, conflicts_with_all = ["node", "near"])]
+        copies: u32,
         /// Wait until it is ready.
         #[arg(long)]
         wait: bool,
@@ -239,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             network_config,
             admin_token_file,
             allow_underlay,
+            agent_timeout,
         } => {
             let identity = NodeIdentity::from_dir(&dir)?;
             let ca = identity.ca.clone();
@@ -273,6 +282,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let source = LastVerifiedCrl::new(network_config, ca);
             let crl = Box::new(move || source.current());
             let m = Master::new(store, identity, crl, admin);
+            let watcher = m.clone();
+            let timeout = i64::from(agent_timeout.max(1));
+            tokio::spawn(async move {
+                let period = Duration::from_secs((timeout as u64 / 4).clamp(1, 15));
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    for (copy, from, to) in watcher.replace_lost_copies(timeout) {
+                        tracing::warn!(%copy, %from, %to, "copy re-placed: its agent was silent");
+                    }
+                }
+            });
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -337,6 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             params,
             node,
             near,
+            copies,
             wait,
             timeout,
             who,
@@ -355,6 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 params: map,
                 node,
                 near,
+                copies: Some(copies),
             };
             let mut i = c.request(&body).await?;
             let start = Instant::now();

@@ -2,6 +2,7 @@
 //! nodes, the Internet path m <-> n2 broken. Everything between them goes
 //! over the overlay.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -26,12 +27,15 @@ struct Orch {
     url: String,
     token: String,
     catalog: String,
+    /// This test's number (for its partition uids).
+    test: u32,
 }
 
-/// First partition uid of the agent on node `i` (disjoint per node: the
-/// nodes share one host, its /proc and its cgroups).
-fn uid_base(i: usize) -> u32 {
-    1_900_000_000 + 1000 * i as u32
+/// First partition uid of the agent on node `i` in test number `test`
+/// (disjoint per node and per test: the nodes of both tests share one host,
+/// its /proc and its cgroups; a real host has one agent).
+fn uid_base(test: u32, i: usize) -> u32 {
+    1_900_000_000 + 100_000 * test + 1000 * i as u32
 }
 
 /// The address of partition `slot` of the node with `prefix` (as
@@ -65,11 +69,12 @@ fn cgroup_dirs(uid: u32) -> Vec<std::path::PathBuf> {
 
 /// Removes the partition cgroups the agents may leave when the test fails
 /// (they live on the host, not in the namespaces).
-struct CgroupCleanup;
+struct CgroupCleanup(u32);
 impl Drop for CgroupCleanup {
     fn drop(&mut self) {
+        let test = self.0;
         let dirs: Vec<_> = (1..5)
-            .flat_map(|i| (0..10).map(move |slot| uid_base(i) + slot))
+            .flat_map(|i| (0..10).map(move |slot| uid_base(test, i) + slot))
             .flat_map(cgroup_dirs)
             .collect();
         // The instances die with their agents' process groups; a group can
@@ -183,7 +188,7 @@ impl Orch {
         )
     }
 
-    /// The agent of node `i` (partitions from `uid_base(i)`), at `site`.
+    /// The agent of node `i` (partitions from `uid_base`), at `site`.
     fn agent(&self, i: usize, site: &str) -> Result<Process> {
         let n = &self.m.nodes[i];
         let dir = n.dir.to_string_lossy().into_owned();
@@ -206,7 +211,7 @@ impl Orch {
                 "--catalog",
                 &self.catalog,
                 "--uid-base",
-                &uid_base(i).to_string(),
+                &uid_base(self.test, i).to_string(),
                 "--partitions",
                 "10",
                 "--network-config",
@@ -224,7 +229,7 @@ impl Orch {
     /// A mesh of `reg`, `m` and `n1`..`n4` over a 10 ms WAN (with
     /// `broken` pairs blackholed), the operator token and a catalogue with
     /// the shipped descriptors and a probe that prints a file.
-    fn start(tag: &str, broken: &[(&str, &str)]) -> Result<Self> {
+    fn start(tag: &str, test: u32, broken: &[(&str, &str)]) -> Result<Self> {
         let names = ["m", "n1", "n2", "n3", "n4"];
         let mut t = Topology::new(tag);
         t.host("reg");
@@ -262,12 +267,25 @@ impl Orch {
             url,
             token: token.to_string_lossy().into_owned(),
             catalog: catalog.to_string_lossy().into_owned(),
+            test,
         })
     }
 
     /// An HTTP GET of `/` from node `i`; the status line.
     fn get(&self, i: usize, url_host: &str, port: &str) -> String {
         self.get_path(i, url_host, port, "/")
+    }
+
+    /// An HTTP/1.0 exchange with `[host]:port` from node `i`: `request`
+    /// sent as is, the whole answer (up to 4 KiB) returned.
+    fn http(&self, i: usize, host: &str, port: &str, request: &str) -> String {
+        let script =
+            format!("exec 3<>/dev/tcp/{host}/{port} && printf '{request}' >&3 && head -c 4096 <&3");
+        self.m
+            .host(i)
+            .and_then(|h| h.output("timeout", &["3", "bash", "-c", &script]))
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     /// An HTTP GET of `path` from node `i`; the status line.
@@ -284,8 +302,8 @@ impl Orch {
 }
 
 fn master_and_agents_over_the_overlay() -> Result<()> {
-    let _cleanup = CgroupCleanup;
-    let o = Orch::start("orch", &[("m", "n2")])?;
+    let _cleanup = CgroupCleanup(0);
+    let o = Orch::start("orch", 0, &[("m", "n2")])?;
 
     // The master refuses an underlay address.
     let under = o.m.host(0)?.addr(false)?;
@@ -387,16 +405,16 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     let pgrep = o.m.host(2)?.output("pgrep", &["-f", &pattern])?;
     let pid = String::from_utf8_lossy(&pgrep.stdout).trim().to_string();
     check(
-        uid_of(&pid) == Some(uid_base(2)),
+        uid_of(&pid) == Some(uid_base(0, 2)),
         format!("serve-static (pid {pid:?}) runs as {:?}", uid_of(&pid)),
     )?;
     if cgroup_v1() {
         let in_group = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         check(
-            in_group.contains(&format!("re6st-orch/partition-{}", uid_base(2))),
+            in_group.contains(&format!("re6st-orch/partition-{}", uid_base(0, 2))),
             format!("serve-static's cgroups: {in_group}"),
         )?;
-        let pids_max = cgroup_dirs(uid_base(2))
+        let pids_max = cgroup_dirs(uid_base(0, 2))
             .iter()
             .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
         check(
@@ -456,7 +474,7 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
         },
     )?;
     check(
-        log.contains(&(uid_base(2) + 1).to_string()) && !log.contains("PRIVATE KEY"),
+        log.contains(&(uid_base(0, 2) + 1).to_string()) && !log.contains("PRIVATE KEY"),
         format!("the probe read the node key: {log}"),
     )?;
     let out = o.cli(0, &["destroy", "probe"])?;
@@ -477,7 +495,7 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
                     .ok()?;
             let gone = !probe_dir.exists()
                 && !text(&lo).contains(&probe_address)
-                && cgroup_dirs(uid_base(2) + 1).iter().all(|d| !d.exists());
+                && cgroup_dirs(uid_base(0, 2) + 1).iter().all(|d| !d.exists());
             gone.then_some(())
         },
     )?;
@@ -632,6 +650,18 @@ fn master_and_agents_over_the_overlay() -> Result<()> {
     Ok(())
 }
 
+/// The address in each copy's `url@NODE` that `request` printed, by node.
+fn copy_hosts(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("url@"))
+        .filter_map(|r| {
+            let (node, url) = r.split_once(" = ")?;
+            let host = url.split_once('[')?.1.split_once(']')?.0;
+            Some((node.to_string(), host.to_string()))
+        })
+        .collect()
+}
+
 /// The nodes of the `KEY@NODE` connection parameters `request` printed.
 fn copy_nodes(out: &str) -> Vec<String> {
     let mut nodes: Vec<String> = out
@@ -650,8 +680,8 @@ fn copy_nodes(out: &str) -> Vec<String> {
 /// back its stale partition is removed. More copies than sites: refused.
 fn copies_survive_a_lost_site() -> Result<()> {
     const TIMEOUT_S: u64 = 5;
-    let _cleanup = CgroupCleanup;
-    let mut o = Orch::start("copies", &[])?;
+    let _cleanup = CgroupCleanup(1);
+    let mut o = Orch::start("copies", 1, &[])?;
     let _master = o.master_with(&["--agent-timeout", &TIMEOUT_S.to_string()])?;
     let sites = ["", "site-a", "site-b", "site-c", "site-d"];
     let mut agents = Vec::new();
@@ -694,6 +724,31 @@ fn copies_survive_a_lost_site() -> Result<()> {
     eprintln!("3 copies ready {:?} after the request", started.elapsed());
     let placed = copy_nodes(&text(&out));
     check(placed.len() == 3, format!("three copies: {}", text(&out)))?;
+    let hosts = copy_hosts(&text(&out));
+
+    // A PUT on one copy is read from another (the copies replicate).
+    let put = o.http(
+        0,
+        &hosts[&placed[0]],
+        "8090",
+        "PUT /greeting HTTP/1.0\\r\\nContent-Length: 5\\r\\n\\r\\nhello",
+    );
+    check(
+        put.contains(" 204"),
+        format!("PUT on {}: {put:?}", placed[0]),
+    )?;
+    let get = "GET /greeting HTTP/1.0\\r\\n\\r\\n";
+    let (_, took) = wait_until(
+        "the value read from another copy",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            o.http(0, &hosts[&placed[1]], "8090", get)
+                .ends_with("hello")
+                .then_some(())
+        },
+    )?;
+    eprintln!("a PUT on one copy read from another after {took:?}");
 
     // Lose the site of the first copy: agent and re6stnet killed.
     let victim = o.m.index(&placed[0])?;
@@ -721,15 +776,23 @@ fn copies_survive_a_lost_site() -> Result<()> {
         took <= Duration::from_secs(TIMEOUT_S + 10),
         format!("re-placed after {took:?}, more than the agent timeout + 10 s"),
     )?;
-    for n in &now_on {
-        let i = o.m.index(n)?;
-        let host = partition_address(&o.m.nodes[i].prefix, 0);
-        let got = o.get(0, &host, "8090");
-        check(
-            got.contains(" 200"),
-            format!("the copy on {n} answers: {got:?}"),
-        )?;
-    }
+    // The new copy answers, with the data written before it existed.
+    let new = now_on
+        .iter()
+        .find(|n| !placed.contains(n))
+        .cloned()
+        .unwrap_or_default();
+    let host = partition_address(&o.m.nodes[o.m.index(&new)?].prefix, 0);
+    wait_until(
+        "the re-placed copy serving the earlier PUT",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            o.http(0, &host, "8090", get)
+                .ends_with("hello")
+                .then_some(())
+        },
+    )?;
 
     // The site comes back: its stale partition goes, the copies stay put.
     o.m.start_node(victim)?;

@@ -114,6 +114,26 @@ impl Place {
             .with_context(|| format!("opening {}", path.display()))
     }
 
+    /// Replaces a file of the instance directory, as root: written beside
+    /// it (never through a symbolic link), then renamed over it.
+    fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.dir.join(format!(".{name}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.dir.join(name))
+            .with_context(|| format!("replacing {name} in {}", self.dir.display()))
+    }
+
     /// Kills every process of the partition.
     fn kill(&self) {
         if let Some(p) = &self.partition {
@@ -127,6 +147,9 @@ impl Place {
 
 struct Running {
     place: Place,
+    /// The other copies' connection parameters, as last written to
+    /// `peers.json`.
+    peers: Option<Vec<BTreeMap<String, String>>>,
     generation: i64,
     descriptor: Descriptor,
     values: BTreeMap<String, String>,
@@ -288,6 +311,21 @@ impl Running {
         }
     }
 
+    /// Keeps `peers.json` (the other copies' connection parameters) as the
+    /// master last signed it.
+    fn write_peers(&mut self, peers: &[BTreeMap<String, String>]) {
+        if self.peers.as_deref() == Some(peers) {
+            return;
+        }
+        let written = serde_json::to_vec(peers)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| self.place.replace("peers.json", &b));
+        match written {
+            Ok(()) => self.peers = Some(peers.to_vec()),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot write peers.json"),
+        }
+    }
+
     /// Reports the status when it changed, or every 10 s.
     async fn report(&mut self, name: &str, client: &MasterClient, now: Instant) {
         let status = self.status();
@@ -409,6 +447,7 @@ async fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Ru
     values.insert("dir".into(), place.dir.to_string_lossy().into_owned());
     Ok(Running {
         place,
+        peers: None,
         generation: i.generation,
         promises: d
             .promises
@@ -510,13 +549,15 @@ async fn apply(
                 r.stop().await;
             }
         }
-        if running.contains_key(&i.name) {
+        if let Some(r) = running.get_mut(&i.name) {
+            r.write_peers(&a.peers);
             continue;
         }
         match prepare_run(cfg, a, now).await {
-            Ok(r) => {
+            Ok(mut r) => {
                 tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
                 refused.remove(&i.name);
+                r.write_peers(&a.peers);
                 running.insert(i.name.clone(), r);
             }
             Err(why) => {

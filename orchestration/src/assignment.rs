@@ -11,6 +11,7 @@
 //! running what it runs. Assignments name software and version only; what
 //! to run for them comes from the agent's own catalogue.
 
+use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -36,6 +37,10 @@ pub struct Assigned {
     pub instance: Instance,
     /// The software version (the descriptor's `version`).
     pub version: u32,
+    /// The connection parameters of the instance's other copies (those
+    /// that reported some), for services that replicate between them.
+    #[serde(default)]
+    pub peers: Vec<BTreeMap<String, String>>,
 }
 
 /// Everything one node must run, at the time of one poll.
@@ -176,7 +181,6 @@ impl SignedAssignments {
 pub(crate) mod tests {
     use super::*;
     use re6st_registry::cert::Ca;
-    use std::collections::BTreeMap;
 
     pub(crate) const NOW: i64 = 1_790_000_000;
 
@@ -224,6 +228,7 @@ pub(crate) mod tests {
                     copies: 1,
                 },
                 version: 1,
+                peers: Vec::new(),
             }],
         }
     }

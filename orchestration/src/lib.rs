@@ -10,6 +10,7 @@ pub mod client;
 pub mod crl_source;
 pub mod descriptor;
 pub mod identity;
+pub mod kv;
 pub mod master;
 pub mod partition;
 pub mod static_files;

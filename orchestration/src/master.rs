@@ -417,7 +417,25 @@ async fn assignments(
             .into_iter()
             .map(|instance| {
                 let version = s.software(&instance.software)?.version;
-                Ok(Assigned { instance, version })
+                let group = match (&instance.copy_of, instance.copies) {
+                    (first, _) if !first.is_empty() => first.clone(),
+                    (_, n) if n > 1 => instance.name.clone(),
+                    _ => String::new(),
+                };
+                let peers = if group.is_empty() {
+                    Vec::new()
+                } else {
+                    s.group(&group)?
+                        .into_iter()
+                        .filter(|c| c.name != instance.name && !c.connection.is_empty())
+                        .map(|c| c.connection)
+                        .collect()
+                };
+                Ok(Assigned {
+                    instance,
+                    version,
+                    peers,
+                })
             })
             .collect::<Result<Vec<_>, StoreError>>()?
     };

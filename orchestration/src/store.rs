@@ -79,7 +79,7 @@ pub struct Instance {
     /// The first copy's name when this is a further copy, else empty.
     #[serde(default)]
     pub copy_of: String,
-    /// How many copies the group has (1: not copied); on the first copy.
+    /// How many copies its group has (1: not copied).
     #[serde(default = "one")]
     pub copies: u32,
 }
@@ -668,7 +668,7 @@ impl Store {
         let firsts: Vec<Instance> = self
             .instances(None)?
             .into_iter()
-            .filter(|i| i.copies > 1 && i.state == "started")
+            .filter(|i| i.copies > 1 && i.copy_of.is_empty() && i.state == "started")
             .collect();
         let mut moves = Vec::new();
         for first in firsts {

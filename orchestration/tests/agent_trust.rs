@@ -97,6 +97,7 @@ async fn instances(
         instances: vec![Assigned {
             instance: instance("marker"),
             version: 1,
+            peers: Vec::new(),
         }],
     };
     let mut signer = &f.master;

@@ -185,6 +185,10 @@ enum Cmd {
         /// JSON file holding the data.
         #[arg(long)]
         data: PathBuf,
+        /// The other copies' connection parameters (JSON, kept by the
+        /// agent): pull their entries every second.
+        #[arg(long)]
+        peers: Option<PathBuf>,
     },
 }
 
@@ -435,7 +439,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => node_add(&name, &registry, registry_token_file.as_deref(), &master).await,
         Cmd::ServeStatic { listen, root } => serve_static(listen, root).await,
-        Cmd::Kv { listen, data } => kv(listen, data).await,
+        Cmd::Kv {
+            listen,
+            data,
+            peers,
+        } => re6st_orchestration::kv::serve(listen, data, peers, re6stnet::shutdown_signal()).await,
     }
 }
 
@@ -535,49 +543,6 @@ async fn serve_static(listen: SocketAddr, root: PathBuf) -> anyhow::Result<()> {
             "/{*path}",
             axum::routing::get(move |p: UrlPath<String>| get_file(Some(p))),
         );
-    serve(listen, app).await
-}
-
-async fn kv(listen: SocketAddr, data: PathBuf) -> anyhow::Result<()> {
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::StatusCode;
-    type Db = Arc<(std::sync::Mutex<BTreeMap<String, String>>, PathBuf)>;
-    let map: BTreeMap<String, String> = match std::fs::read_to_string(&data) {
-        Ok(t) => serde_json::from_str(&t)
-            .with_context(|| format!("{} is not a JSON object", data.display()))?,
-        Err(_) => BTreeMap::new(),
-    };
-    let db: Db = Arc::new((std::sync::Mutex::new(map), data));
-    async fn get_key(State(db): State<Db>, UrlPath(k): UrlPath<String>) -> (StatusCode, String) {
-        let m =
-            db.0.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match m.get(&k) {
-            Some(v) => (StatusCode::OK, v.clone()),
-            None => (StatusCode::NOT_FOUND, String::new()),
-        }
-    }
-    async fn put_key(State(db): State<Db>, UrlPath(k): UrlPath<String>, v: String) -> StatusCode {
-        let mut m =
-            db.0.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.insert(k, v);
-        let tmp = db.1.with_extension("tmp");
-        let saved = serde_json::to_vec(&*m)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &db.1));
-        if saved.is_ok() {
-            StatusCode::NO_CONTENT
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-    }
-    let app = axum::Router::new()
-        .route("/", axum::routing::get(|| async { "re6st-orch kv\n" }))
-        .route("/{key}", axum::routing::get(get_key).put(put_key))
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-        .with_state(db);
     serve(listen, app).await
 }
 

@@ -28,6 +28,7 @@ pub mod error;
 pub mod mesh;
 pub mod net;
 pub mod netns;
+pub mod orch;
 pub mod probe;
 pub mod process;
 pub mod stats;

@@ -392,7 +392,7 @@ fn cleanup_removes_leftovers() -> Result<()> {
 fn demo_runs_and_ctrl_c_leaves_nothing() -> Result<()> {
     let exe = env!("CARGO_BIN_EXE_re6st-demo");
     let out = std::process::Command::new(exe)
-        .args(["--nodes", "3", "--seed", "1"])
+        .args(["--nodes", "5", "--seed", "1"])
         .output()
         .map_err(|e| Error::io("running re6st-demo", e))?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -404,9 +404,11 @@ fn demo_runs_and_ctrl_c_leaves_nothing() -> Result<()> {
         ),
     )?;
     check(
-        text.contains("6 of 6 pairs reachable")
+        text.contains("20 of 20 pairs reachable")
             && text.contains("overlay path chosen:")
-            && text.contains("loss window"),
+            && text.contains("loss window")
+            && text.contains("on every copy after")
+            && text.contains("serves greeting = hello"),
         format!("demo output: {text}"),
     )?;
 

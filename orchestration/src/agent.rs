@@ -342,12 +342,26 @@ impl Running {
             .iter()
             .filter_map(|(k, v)| Some((k.clone(), render(v, &self.values).ok()?)))
             .collect();
+        let detail = self
+            .promises
+            .iter()
+            .filter(|p| p.failures > 0)
+            .map(|p| {
+                let what = match (&p.promise.http, &p.promise.command) {
+                    (Some(url), _) => render(url, &self.values).unwrap_or_else(|_| url.clone()),
+                    (None, Some(cmd)) => cmd.join(" "),
+                    (None, None) => String::new(),
+                };
+                format!("promise {what} failed {} time(s) in a row", p.failures)
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         let report = Report {
             name: name.to_string(),
             generation: self.generation,
             status: status.to_string(),
             connection,
-            detail: String::new(),
+            detail,
         };
         if client.report(&report).await.is_ok() {
             self.reported = Some((status.to_string(), now));

@@ -12,6 +12,7 @@ pub mod descriptor;
 pub mod identity;
 pub mod kv;
 pub mod master;
+pub mod metrics;
 pub mod partition;
 pub mod static_files;
 pub mod store;

@@ -39,6 +39,8 @@ pub struct Master {
     crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
     admin_token: Option<String>,
     seen: Mutex<HashMap<String, i64>>,
+    agent_timeout_s: i64,
+    replacements: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Master {
@@ -110,6 +112,7 @@ impl Master {
         identity: NodeIdentity,
         crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
         admin_token: Option<String>,
+        agent_timeout_s: i64,
     ) -> Arc<Self> {
         Arc::new(Self {
             store: Mutex::new(store),
@@ -117,21 +120,32 @@ impl Master {
             crl,
             admin_token,
             seen: Mutex::new(HashMap::new()),
+            agent_timeout_s: agent_timeout_s.max(1),
+            replacements: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// Re-places copies whose agent has been silent longer than
-    /// `agent_timeout_s` (or whose node is revoked); returns the moves.
-    pub fn replace_lost_copies(&self, agent_timeout_s: i64) -> Vec<(String, String, String)> {
+    /// How long an agent may be silent before its copies are re-placed.
+    pub fn agent_timeout_s(&self) -> i64 {
+        self.agent_timeout_s
+    }
+
+    /// Re-places copies whose agent has been silent longer than the agent
+    /// timeout (or whose node is revoked); returns the moves.
+    pub fn replace_lost_copies(&self) -> Vec<(String, String, String)> {
         let Some(revoked) = (self.crl)() else {
             return Vec::new();
         };
         let t = now();
         match self
             .store()
-            .replace_lost_copies(t - agent_timeout_s, &revoked, t)
+            .replace_lost_copies(t - self.agent_timeout_s, &revoked, t)
         {
-            Ok(moves) => moves,
+            Ok(moves) => {
+                self.replacements
+                    .fetch_add(moves.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                moves
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "re-placing copies");
                 Vec::new()
@@ -507,14 +521,42 @@ async fn list(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     Ok(Json(m.store().instances(None)?).into_response())
 }
 
+impl Master {
+    /// Every node, `revoked` filled in from the CRL.
+    fn nodes(&self) -> Result<Vec<crate::store::Node>, ApiError> {
+        let revoked = self.revoked()?;
+        let mut nodes = self.store().nodes()?;
+        for n in &mut nodes {
+            n.revoked = revoked.contains(&n.serial);
+        }
+        Ok(nodes)
+    }
+}
+
 async fn nodes(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
     operator(&c.caller)?;
-    let revoked = m.revoked()?;
-    let mut nodes = m.store().nodes()?;
-    for n in &mut nodes {
-        n.revoked = revoked.contains(&n.serial);
-    }
-    Ok(Json(nodes).into_response())
+    Ok(Json(m.nodes()?).into_response())
+}
+
+async fn metrics(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
+    operator(&c.caller)?;
+    let nodes = m.nodes()?;
+    let instances = m.store().instances(None)?;
+    let text = crate::metrics::render(&crate::metrics::Snapshot {
+        instances: &instances,
+        nodes: &nodes,
+        now: now(),
+        agent_timeout_s: m.agent_timeout_s,
+        replacements: m.replacements.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn show(
@@ -532,7 +574,21 @@ async fn show(
         .into_iter()
         .map(|(at, status, detail)| serde_json::json!({"at": at, "status": status, "detail": detail}))
         .collect();
-    Ok(Json(serde_json::json!({"instance": i, "history": history})).into_response())
+    drop(s);
+    let agent = m.nodes()?.into_iter().find(|n| n.name == i.node).map(|n| {
+        let silence = now() - n.last_seen;
+        serde_json::json!({
+            "node": n.name,
+            "site": n.site,
+            "silent_s": silence,
+            "live": silence <= m.agent_timeout_s && !n.revoked,
+            "revoked": n.revoked,
+        })
+    });
+    Ok(
+        Json(serde_json::json!({"instance": i, "agent": agent, "history": history}))
+            .into_response(),
+    )
 }
 
 async fn destroy(
@@ -558,6 +614,7 @@ pub fn router(m: Shared) -> Router {
         .route("/v1/instances", get(list))
         .route("/v1/instances/{name}", get(show).delete(destroy))
         .route("/v1/nodes", get(nodes))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(m)
 }
@@ -595,6 +652,7 @@ mod tests {
             crate::assignment::tests::identity(&ca, 1, 41),
             Box::new(move || revoked.clone()),
             Some("tok".into()),
+            60,
         );
         (m, pem, key, path)
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use netns_tests::mesh::{random_topology, Matrix, Mesh};
+use netns_tests::orch::{copy_hosts, copy_nodes, text, CgroupCleanup, Orch};
 use netns_tests::probe::{ping, LossProbe};
 use netns_tests::{cleanup, Error};
 
@@ -332,6 +333,8 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
         }
     }
 
+    let m = orchestration_part(m)?;
+
     if cli.keep {
         println!("\nthe mesh stays up; explore it, e.g.:");
         let re6stctl = netns_tests::binary("re6stctl")?;
@@ -342,7 +345,7 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
                 m.nodes[a].ctl.display()
             );
         }
-        println!("  ip netns exec {} ping {}", ha.ns(), m.address(b));
+        println!("  ip netns exec {} ping {}", m.host(a)?.ns(), m.address(b));
         println!("  logs: {}", m.net.log_dir().display());
         println!("press Ctrl-C to tear it down.");
         loop {
@@ -351,6 +354,192 @@ fn run_demo(cli: &Cli) -> anyhow::Result<()> {
     }
     println!("\ndone; tearing down.");
     Ok(())
+}
+
+/// The site of node `i` in the demo: four sites, the nodes dealt round.
+fn site(i: usize) -> String {
+    format!("site-{}", char::from(b'a' + (i % 4) as u8))
+}
+
+/// Orchestration over the mesh: a master on the first node, an agent on
+/// every node (sites dealt round), `kv` with 3 copies on 3 sites and a value
+/// written to one; then a whole site cut off from the Internet: the value
+/// is still read through the master's node, and the lost copy is re-placed
+/// on the fourth site with the data. Returns the mesh.
+fn orchestration_part(m: Mesh) -> anyhow::Result<Mesh> {
+    const TIMEOUT_S: u64 = 10;
+    let n = m.nodes.len();
+    if n < 5 {
+        println!("\n(orchestration part skipped: it needs 5 nodes or more for 4 sites)");
+        return Ok(m);
+    }
+    let _cleanup = CgroupCleanup(0);
+    let o = Orch::new(m, 0)?;
+    let names: Vec<String> = o.m.nodes.iter().map(|x| x.name.clone()).collect();
+    println!(
+        "\norchestration: a master on {} (agent timeout {TIMEOUT_S} s), an agent on every node; sites:",
+        names[0]
+    );
+    for s in 0..4 {
+        let members: Vec<&str> = (0..n)
+            .filter(|i| i % 4 == s)
+            .map(|i| names[i].as_str())
+            .collect();
+        println!("  {}: {}", site(s), members.join(" "));
+    }
+    let _master = o.master_with(&["--agent-timeout", &TIMEOUT_S.to_string()])?;
+    let mut agents = Vec::new();
+    for i in 0..n {
+        agents.push(o.agent(i, &site(i))?);
+    }
+    netns_tests::probe::wait_until(
+        "every agent registered",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = o.cli(0, &["nodes"]).ok()?;
+            (text(&out).lines().count() == n).then_some(())
+        },
+    )?;
+    let started = Instant::now();
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "kv",
+            "demo",
+            "--copies",
+            "3",
+            "--wait",
+            "--timeout",
+            "60",
+        ],
+    )?;
+    if !out.status.success() {
+        bail!("request kv --copies 3: {}", text(&out));
+    }
+    let placed = copy_nodes(&text(&out));
+    let hosts = copy_hosts(&text(&out));
+    println!(
+        "  re6st-orch request kv demo --copies 3: ready after {:.1} s on {}",
+        started.elapsed().as_secs_f64(),
+        placed
+            .iter()
+            .map(|p| format!("{p} ({})", site(o.m.index(p).unwrap_or(0))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let first = placed.first().context("no copy placed")?;
+    let put = o.http(
+        0,
+        &hosts[first],
+        "8090",
+        "PUT /greeting HTTP/1.0\\r\\nContent-Length: 5\\r\\n\\r\\nhello",
+    );
+    if !put.contains(" 204") {
+        bail!("PUT on {first}: {put:?}");
+    }
+    let get = "GET /greeting HTTP/1.0\\r\\n\\r\\n";
+    let (_, took) = netns_tests::probe::wait_until(
+        "the value on every copy",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            placed
+                .iter()
+                .all(|p| o.http(0, &hosts[p], "8090", get).ends_with("hello"))
+                .then_some(())
+        },
+    )?;
+    println!(
+        "  PUT /greeting = hello on the copy on {first}: on every copy after {:.1} s",
+        took.as_secs_f64()
+    );
+
+    // Cut off the site of a copy (not the master's) from the Internet.
+    let victim = placed
+        .iter()
+        .map(|p| o.m.index(p))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|i| i % 4 != 0)
+        .context("every copy is on the master's site")?;
+    let lost_site = victim % 4;
+    let cut: Vec<usize> = (0..n).filter(|i| i % 4 == lost_site).collect();
+    println!(
+        "  cutting {} ({}) off the Internet...",
+        site(lost_site),
+        cut.iter()
+            .map(|i| names[*i].as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let wan = o.m.net.wan()?;
+    for i in &cut {
+        for other in names.iter().map(String::as_str).chain(["reg"]) {
+            if other != names[*i] {
+                wan.blackhole(&names[*i], other)?;
+            }
+        }
+    }
+    let survivors: Vec<&String> = placed.iter().filter(|p| **p != names[victim]).collect();
+    for p in &survivors {
+        let answer = netns_tests::probe::wait_until(
+            "an answer",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                o.http(0, &hosts[*p], "8090", get)
+                    .ends_with("hello")
+                    .then_some(())
+            },
+        );
+        println!(
+            "  GET /greeting from {} on the copy on {p}: {}",
+            names[0],
+            match answer {
+                Ok((_, t)) => format!("hello ({:.1} s after the cut)", t.as_secs_f64()),
+                Err(_) => "NO ANSWER within 10 s".to_string(),
+            }
+        );
+    }
+    let (now_on, took) = netns_tests::probe::wait_until(
+        "the lost copy re-placed and ready",
+        Duration::from_secs(TIMEOUT_S + 40),
+        Duration::from_millis(300),
+        || {
+            let out = o.cli(0, &["request", "kv", "demo", "--copies", "3"]).ok()?;
+            let t = text(&out);
+            let nodes = copy_nodes(&t);
+            (t.contains(": ready") && nodes.len() == 3 && !nodes.contains(&names[victim]))
+                .then_some(copy_hosts(&t))
+        },
+    )?;
+    let new = now_on
+        .keys()
+        .find(|k| !placed.contains(k))
+        .cloned()
+        .unwrap_or_default();
+    let served = netns_tests::probe::wait_until(
+        "the new copy serving the value",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            o.http(0, &now_on[&new], "8090", get)
+                .ends_with("hello")
+                .then_some(())
+        },
+    )
+    .is_ok();
+    println!(
+        "  the copy on {} re-placed on {new} ({}) and ready {:.1} s after the cut; it serves greeting = {}",
+        names[victim],
+        site(o.m.index(&new).unwrap_or(0)),
+        took.as_secs_f64(),
+        if served { "hello" } else { "NOTHING within 10 s" }
+    );
+    drop(agents);
+    Ok(o.m)
 }
 
 /// RTT between every pair of nodes over the overlay (3 pings each, a few

@@ -285,15 +285,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let source = LastVerifiedCrl::new(network_config, ca);
             let crl = Box::new(move || source.current());
-            let m = Master::new(store, identity, crl, admin);
+            let m = Master::new(store, identity, crl, admin, i64::from(agent_timeout));
             let watcher = m.clone();
-            let timeout = i64::from(agent_timeout.max(1));
             tokio::spawn(async move {
-                let period = Duration::from_secs((timeout as u64 / 4).clamp(1, 15));
+                let period =
+                    Duration::from_secs((watcher.agent_timeout_s() as u64 / 4).clamp(1, 15));
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
-                    for (copy, from, to) in watcher.replace_lost_copies(timeout) {
+                    for (copy, from, to) in watcher.replace_lost_copies() {
                         tracing::warn!(%copy, %from, %to, "copy re-placed: its agent was silent");
                     }
                 }

@@ -101,17 +101,31 @@ impl Place {
         cmd
     }
 
-    /// Opens a file of the instance directory for appending, as root, never
-    /// through a symbolic link the instance may have put there.
+    /// Opens a file of the instance directory for appending, as root: never
+    /// through a symbolic link, never blocking on a FIFO, and only a regular
+    /// file with one link owned by root or the partition (not a hard link
+    /// the instance made to a file of the host).
     fn append(&self, name: &str) -> anyhow::Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let path = self.dir.join(name);
-        std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))
+            .with_context(|| format!("opening {}", path.display()))?;
+        let meta = f
+            .metadata()
+            .with_context(|| format!("checking {}", path.display()))?;
+        let owner_ok =
+            meta.uid() == 0 || self.partition.as_ref().is_some_and(|p| p.uid == meta.uid());
+        if !meta.file_type().is_file() || meta.nlink() != 1 || !owner_ok {
+            anyhow::bail!(
+                "{} is not a plain file of this partition (type, links or owner): refusing to write to it",
+                path.display()
+            );
+        }
+        Ok(f)
     }
 
     /// Replaces a file of the instance directory, as root: written beside
@@ -716,4 +730,38 @@ pub async fn run(
         r.stop().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_writes_only_plain_files_in_a_partition() {
+        let dir = std::env::temp_dir().join(format!("orch-place-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let place = Place {
+            dir: dir.clone(),
+            address: Ipv6Addr::LOCALHOST,
+            partition: None,
+            cgroup: None,
+        };
+        assert!(place.append("instance.log").is_ok(), "a new file");
+        // A FIFO would block the agent's loop; a hard link would make root
+        // write (and hand the instance) a file of the host.
+        let fifo = std::ffi::CString::new(dir.join("fifo").to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // SAFETY: mkfifo on a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(place.append("fifo").is_err());
+        std::fs::write(dir.join("host-file"), "x").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::hard_link(dir.join("host-file"), dir.join("linked"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(place.append("linked").is_err());
+        std::os::unix::fs::symlink(dir.join("host-file"), dir.join("sym"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(place.append("sym").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -173,6 +173,18 @@ impl SignedAssignments {
                 i.instance.name
             )));
         }
+        // Names become directories: even a master's key must not name one
+        // outside the agent's base directory.
+        if let Some(i) = a
+            .instances
+            .iter()
+            .find(|i| !crate::store::valid_name(&i.instance.name))
+        {
+            return Err(AssignmentError::Malformed(format!(
+                "instance name {:?}",
+                i.instance.name
+            )));
+        }
         Ok(a)
     }
 }
@@ -301,6 +313,16 @@ pub(crate) mod tests {
                 ..want
             }),
             Err(AssignmentError::Certificate(_))
+        ));
+
+        // Even the master cannot name a directory outside the base.
+        let mut escaping = assignments(&agent, "n1");
+        escaping.instances[0].instance.name = "/etc/cron.d".into();
+        let escaping =
+            SignedAssignments::sign(&escaping, &master).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            escaping.verify(&want),
+            Err(AssignmentError::Malformed(ref m)) if m.contains("/etc/cron.d")
         ));
 
         let mut garbage = good.clone();

@@ -59,10 +59,15 @@ impl Entries {
         );
     }
 
-    /// Takes every entry of `other` that is newer; returns how many.
-    pub fn merge(&mut self, other: &Entries) -> usize {
+    /// Takes every entry of `other` that is newer, except those from the
+    /// future (version above `max_version`: a peer's clock far ahead, or a
+    /// peer pinning keys); returns how many.
+    pub fn merge(&mut self, other: &Entries, max_version: u64) -> usize {
         let mut taken = 0;
         for (k, e) in &other.0 {
+            if e.version > max_version {
+                continue;
+            }
             if self.0.get(k).is_none_or(|mine| e.newer_than(mine)) {
                 self.0.insert(k.clone(), e.clone());
                 taken += 1;
@@ -136,6 +141,10 @@ impl Kv {
 
 /// Largest value.
 const MAX_VALUE: usize = 64 * 1024;
+/// Largest answer of a peer's `/_sync`.
+const MAX_SYNC: u64 = 16 * 1024 * 1024;
+/// How far ahead of our clock a peer's version may be (ns): one hour.
+const MAX_AHEAD_NS: u64 = 3_600 * 1_000_000_000;
 
 /// Serves the store on `listen` until the process is asked to stop,
 /// pulling from the copies in `peers` (if given) every second.
@@ -200,11 +209,17 @@ pub async fn serve(
                     let Ok(r) = http.get(&url).send().await else {
                         continue;
                     };
-                    let Ok(theirs) = r.json::<Entries>().await else {
+                    if r.content_length().is_none_or(|n| n > MAX_SYNC) {
+                        continue;
+                    }
+                    let Ok(body) = r.bytes().await else {
+                        continue;
+                    };
+                    let Ok(theirs) = serde_json::from_slice::<Entries>(&body) else {
                         continue;
                     };
                     let mut e = kv.entries();
-                    if e.merge(&theirs) > 0 {
+                    if e.merge(&theirs, now_ns().saturating_add(MAX_AHEAD_NS)) > 0 {
                         if let Err(err) = kv.save(&e) {
                             tracing::warn!(error = %err, "saving replicated entries");
                         }
@@ -240,8 +255,8 @@ mod tests {
         b.put("k", "from b".into(), 200, "b");
         b.put("only-b", "x".into(), 50, "b");
         let (mut ab, mut ba) = (a.clone(), b.clone());
-        ab.merge(&b);
-        ba.merge(&a);
+        ab.merge(&b, u64::MAX);
+        ba.merge(&a, u64::MAX);
         assert_eq!(ab, ba);
         assert_eq!(ab.0["k"].value, "from b", "the later write wins");
         // A tie on the clock is broken by the origin, the same everywhere.
@@ -250,10 +265,10 @@ mod tests {
         let mut d = Entries::default();
         d.put("t", "d".into(), 7, "d");
         let (mut cd, mut dc) = (c.clone(), d.clone());
-        cd.merge(&d);
-        dc.merge(&c);
+        cd.merge(&d, u64::MAX);
+        dc.merge(&c, u64::MAX);
         assert_eq!(cd, dc);
-        assert_eq!(ab.merge(&ba), 0, "nothing new");
+        assert_eq!(ab.merge(&ba, u64::MAX), 0, "nothing new");
     }
 
     #[test]
@@ -263,7 +278,12 @@ mod tests {
         let mut b = a.clone();
         b.put("k", "newer".into(), 10, "b");
         assert_eq!(b.0["k"].version, 1_001);
-        a.merge(&b);
+        a.merge(&b, u64::MAX);
+        assert_eq!(a.0["k"].value, "newer");
+        // A version from the far future is not taken.
+        let mut pinned = Entries::default();
+        pinned.put("k", "forever".into(), u64::MAX, "evil");
+        assert_eq!(a.merge(&pinned, 1_000_000), 0);
         assert_eq!(a.0["k"].value, "newer");
     }
 

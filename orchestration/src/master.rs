@@ -419,6 +419,7 @@ async fn assignments(
     c: Call,
 ) -> Result<Response, ApiError> {
     let (node, prefix) = node_of(&m, &c.caller)?;
+    m.store().seen(&node, now())?;
     if poll.nonce.len() != 32 || !poll.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

@@ -151,9 +151,18 @@ impl Partitions {
     }
 
     /// Kills the partition's processes and removes its directory (its slot
-    /// is free again).
+    /// is free again). While a process of its uid is left, the directory
+    /// stays, so the uid is not handed to another instance.
     pub fn wipe(&self, p: &Partition) -> anyhow::Result<()> {
         kill_all(p.uid);
+        let left = processes_of(p.uid).len();
+        if left > 0 {
+            bail!(
+                "{left} processes of uid {} survived SIGKILL: partition {} kept",
+                p.uid,
+                p.dir.display()
+            );
+        }
         std::fs::remove_dir_all(&p.dir).with_context(|| format!("removing {}", p.dir.display()))
     }
 }

@@ -380,6 +380,15 @@ impl Store {
             .optional()?)
     }
 
+    /// An agent called (any authenticated call keeps it live).
+    pub fn seen(&mut self, node: &str, now: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE node SET last_seen = ?1 WHERE name = ?2",
+            params![now, node],
+        )?;
+        Ok(())
+    }
+
     /// A node's view of routing: route metric per destination prefix.
     pub fn set_routes(
         &mut self,
@@ -652,8 +661,8 @@ impl Store {
     }
 
     /// Moves each copy whose node is revoked or silent since before
-    /// `live_since` to a live node of a site no other live copy of its
-    /// group is on. Returns (copy, from, to) for each move.
+    /// `live_since` to a live node of a site no other copy of its group is
+    /// on (live or not). Returns (copy, from, to) for each move.
     pub fn replace_lost_copies(
         &mut self,
         live_since: i64,
@@ -674,10 +683,12 @@ impl Store {
         for first in firsts {
             let group = self.group(&first.name)?;
             for lost in group.iter().filter(|i| !alive(&i.node)) {
+                // Every other copy's site, live or not: a lost copy that
+                // comes back must not find a second copy on its site.
                 let mut avoid: Vec<String> = self
                     .group(&first.name)?
                     .iter()
-                    .filter(|i| i.name != lost.name && alive(&i.node))
+                    .filter(|i| i.name != lost.name)
                     .filter_map(|i| node(&i.node).map(|n| n.site.clone()))
                     .collect();
                 if let Some(n) = node(&lost.node) {
@@ -1066,6 +1077,32 @@ url = "http://[{address}]:{port}/"
             .unwrap_or_default()
             .iter()
             .all(|i| i.state == "destroyed"));
+    }
+
+    #[test]
+    fn a_copy_never_moves_to_the_site_of_another_even_lost_copy() {
+        let mut d = db("two-lost");
+        let s = &mut d.1;
+        let _ = s.request(
+            "cache",
+            "http-static",
+            &kv(&[]),
+            &Placement::Copies(3),
+            &[],
+            100,
+        );
+        // Another node on n2's site; then n2 and n3 (sites 1 and 2) go silent.
+        let p: Ipv6Net = "fd5e:5e:0:9::/64".parse().unwrap_or_default();
+        s.register_node("n2b", p, 9, "site-1", 200)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p1: Ipv6Net = "fd5e:5e:0:1::/64".parse().unwrap_or_default();
+        s.register_node("n1", p1, 1, "site-0", 200)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let moves = s.replace_lost_copies(150, &[], 200).unwrap_or_default();
+        assert!(
+            moves.is_empty(),
+            "n3's copy must not join n2's site, where n2's copy will come back: {moves:?}"
+        );
     }
 
     #[test]

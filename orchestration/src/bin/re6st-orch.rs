@@ -71,7 +71,8 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         agent_timeout: u32,
     },
-    /// Run the agent of this node.
+    /// Run the agent of this node (as root: each instance runs in its own
+    /// partition: user, directory, address and cgroup).
     Agent {
         /// The master's URL (http://[overlay address]:port).
         #[arg(long)]

@@ -67,6 +67,14 @@ impl Catalog {
 mod tests {
     use super::*;
 
+    /// Why loading `dir` fails (empty if it does not).
+    fn load_error(dir: &Path) -> String {
+        Catalog::load(dir)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    }
+
     #[test]
     fn a_bad_or_doubled_descriptor_refuses_the_catalogue() {
         let dir = std::env::temp_dir().join(format!("orch-catalog-{}", std::process::id()));
@@ -83,25 +91,13 @@ mod tests {
         assert_eq!(c.names(), ["a"]);
         assert_eq!(c.get("a").map(|d| d.version), Some(2));
         write("b.toml", "name = \"a\"\ncommand = [\"false\"]\n");
-        let e = format!(
-            "{:#}",
-            Catalog::load(&dir)
-                .map(|_| ())
-                .err()
-                .unwrap_or_else(|| anyhow::anyhow!(""))
-        );
+        let e = load_error(&dir);
         assert!(
             e.contains("b.toml") && e.contains("already described"),
             "{e}"
         );
         write("b.toml", "name = \"b\"\ncommand = [\"{x}\"]\n");
-        let e = format!(
-            "{:#}",
-            Catalog::load(&dir)
-                .map(|_| ())
-                .err()
-                .unwrap_or_else(|| anyhow::anyhow!(""))
-        );
+        let e = load_error(&dir);
         assert!(e.contains("b.toml") && e.contains("{x}"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(Catalog::load(&dir).is_err(), "a missing directory");

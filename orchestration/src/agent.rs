@@ -25,6 +25,7 @@ use crate::catalog::Catalog;
 use crate::cgroup::{self, Cgroup};
 use crate::client::MasterClient;
 use crate::descriptor::{render, Descriptor, Promise};
+use crate::instance_key;
 use crate::partition::{confine, kill_all, Partition, Partitions};
 use crate::store::Report;
 
@@ -34,6 +35,8 @@ pub type CrlSource = Arc<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
 /// Agent settings.
 #[derive(Clone)]
 pub struct AgentConfig {
+    /// The master's URL, for instances that request child instances.
+    pub master_url: String,
     /// This node's name at the master.
     pub name: String,
     /// Its site (empty: a site of its own).
@@ -129,8 +132,9 @@ impl Place {
     }
 
     /// Replaces a file of the instance directory, as root: written beside
-    /// it (never through a symbolic link), then renamed over it.
-    fn replace(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    /// it (never through a symbolic link), then renamed over it. A private
+    /// file is readable by the partition's user only.
+    fn replace(&self, name: &str, bytes: &[u8], private: bool) -> anyhow::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = self.dir.join(format!(".{name}.new"));
@@ -138,10 +142,14 @@ impl Place {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(if private { 0o600 } else { 0o644 })
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
+        if let (true, Some(p)) = (private, &self.partition) {
+            std::os::unix::fs::fchown(&f, Some(p.uid), Some(p.uid))
+                .with_context(|| format!("giving {} to uid {}", tmp.display(), p.uid))?;
+        }
         f.write_all(bytes)
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, self.dir.join(name))
@@ -160,6 +168,10 @@ impl Place {
 }
 
 struct Running {
+    /// The instance's name.
+    name: String,
+    /// The master's URL (for the instance's own requests).
+    master_url: String,
     place: Place,
     /// The other copies' connection parameters, as last written to
     /// `peers.json`.
@@ -167,6 +179,8 @@ struct Running {
     generation: i64,
     descriptor: Descriptor,
     values: BTreeMap<String, String>,
+    /// The public half of the key made for this deployment (base64).
+    public_key: String,
     child: Option<tokio::process::Child>,
     started: Instant,
     restarts: u32,
@@ -233,6 +247,9 @@ impl Running {
         for (k, v) in &self.values {
             cmd.env(format!("RE6ST_{}", k.to_ascii_uppercase()), v);
         }
+        cmd.env("RE6ST_ORCH_MASTER", &self.master_url)
+            .env("RE6ST_ORCH_INSTANCE", &self.name)
+            .env("RE6ST_ORCH_KEY", self.place.dir.join(instance_key::FILE));
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", argv[0]))?;
@@ -333,7 +350,7 @@ impl Running {
         }
         let written = serde_json::to_vec(peers)
             .map_err(anyhow::Error::from)
-            .and_then(|b| self.place.replace("peers.json", &b));
+            .and_then(|b| self.place.replace("peers.json", &b, false));
         match written {
             Ok(()) => self.peers = Some(peers.to_vec()),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot write peers.json"),
@@ -376,6 +393,7 @@ impl Running {
             status: status.to_string(),
             connection,
             detail,
+            key: self.public_key.clone(),
         };
         if client.report(&report).await.is_ok() {
             self.reported = Some((status.to_string(), now));
@@ -470,6 +488,10 @@ async fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Ru
     }
     let mut values = d.resolve(&i.params).map_err(|e| e.to_string())?;
     let place = place(cfg, &i.name, d).await.map_err(|e| format!("{e:#}"))?;
+    let (pem, public_key) = instance_key::generate().map_err(|e| format!("{e:#}"))?;
+    place
+        .replace(instance_key::FILE, pem.as_bytes(), true)
+        .map_err(|e| format!("{e:#}"))?;
     values.insert("address".into(), place.address.to_string());
     values.insert("instance".into(), i.name.clone());
     values.insert("dir".into(), place.dir.to_string_lossy().into_owned());
@@ -489,6 +511,9 @@ async fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Ru
             .collect(),
         descriptor: d.clone(),
         values,
+        public_key,
+        name: i.name.clone(),
+        master_url: cfg.master_url.clone(),
         child: None,
         started: now,
         restarts: 0,
@@ -563,6 +588,7 @@ async fn apply(
                 status: "stopped".into(),
                 connection: BTreeMap::new(),
                 detail: String::new(),
+                key: String::new(),
             };
             if client.report(&report).await.is_ok() {
                 tracing::info!(instance = %i.name, "destroyed");
@@ -602,6 +628,7 @@ async fn apply(
                     status: "failing".into(),
                     connection: BTreeMap::new(),
                     detail: why.clone(),
+                    key: String::new(),
                 };
                 if client.report(&report).await.is_ok() {
                     refused.insert(i.name.clone(), (i.generation, why));

@@ -238,6 +238,7 @@ pub(crate) mod tests {
                     updated_at: NOW,
                     copy_of: String::new(),
                     copies: 1,
+                    requester: Default::default(),
                 },
                 version: 1,
                 peers: Vec::new(),

@@ -1,5 +1,6 @@
-//! Talking to the master: node-signed requests (agents, requesters on a
-//! node) or the operator's bearer token.
+//! Talking to the master: node-signed requests (agents), instance-signed
+//! requests (an instance asking for children) or the operator's bearer
+//! token.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use crate::assignment::{SignedAssignments, MAX_PAYLOAD};
 use crate::identity::NodeIdentity;
+use crate::instance_key::INSTANCE_HEADER;
 use crate::master::{Hello, RequestBody, CERT_HEADER};
 use crate::store::{Instance, Node, Report};
 
@@ -25,6 +27,8 @@ pub fn install_crypto() {
 pub enum Credentials {
     /// The node's identity (agents).
     Node(Box<NodeIdentity>),
+    /// An instance's name and the key its agent made for it.
+    Instance(String, Box<rcgen::KeyPair>),
     /// The operator's token.
     Admin(String),
 }
@@ -33,6 +37,7 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Node(id) => write!(f, "Node({id:?})"),
+            Self::Instance(name, _) => write!(f, "Instance({name})"),
             Self::Admin(_) => write!(f, "Admin"),
         }
     }
@@ -74,15 +79,21 @@ impl MasterClient {
         let url = format!("{}{path}", self.base);
         let body = body.unwrap_or_default();
         let mut req = self.http.request(method.clone(), &url);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         match &self.creds {
             Credentials::Node(id) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
                 let h = sign_request(&id.key, id.cert.serial, method.as_str(), path, &body, now)?;
                 req = req
                     .header("authorization", h)
                     .header(CERT_HEADER, B64.encode(&id.cert_pem));
+            }
+            Credentials::Instance(name, key) => {
+                let h = sign_request(key, 0, method.as_str(), path, &body, now)?;
+                req = req
+                    .header("authorization", h)
+                    .header(INSTANCE_HEADER, name.as_str());
             }
             Credentials::Admin(t) => req = req.header("authorization", format!("Bearer {t}")),
         }

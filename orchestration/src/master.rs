@@ -3,8 +3,11 @@
 //! signature (`Authorization: Re6st ...`, as for the registry), from a
 //! source address inside the certificate's prefix, so they can only talk to
 //! the master over the overlay; they may only greet, read their own
-//! assignments and report on their own instances. Operating (request, list,
-//! show, destroy, nodes) needs the operator's bearer token.
+//! assignments and report on their own instances. Instances authenticate
+//! with the key their agent made and reported for them (`X-Re6st-Instance`
+//! and the same signature), from inside their node's prefix; they may
+//! request, read and destroy what they own (`owner`). The operator's bearer
+//! token may do everything, and alone lists nodes and metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::assignment::{Assigned, Assignments, SignedAssignments};
 use crate::identity::NodeIdentity;
+use crate::instance_key::INSTANCE_HEADER;
+use crate::owner::{self, Requester};
 use crate::store::{Instance, Placement, Report, Store, StoreError};
 
 /// Largest accepted body.
@@ -82,6 +87,7 @@ impl From<StoreError> for ApiError {
         let code = match e {
             StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
             StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Forbidden(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())
@@ -97,6 +103,8 @@ fn unauth(why: impl Into<String>) -> ApiError {
 pub enum Caller {
     /// A node, by its certificate.
     Node(NodeCert),
+    /// An instance, by the key its agent reported.
+    Instance(String),
     /// The operator (bearer token).
     Admin,
 }
@@ -188,13 +196,36 @@ impl Master {
             };
         }
         let ra = RequestAuth::parse(auth).map_err(|e| unauth(e.to_string()))?;
+        let t = now();
+        if let Some(name) = headers.get(INSTANCE_HEADER) {
+            let name = name
+                .to_str()
+                .map_err(|_| unauth(format!("bad {INSTANCE_HEADER} header")))?;
+            let (prefix, key, started) = self
+                .store()
+                .instance_credentials(name)?
+                .ok_or_else(|| unauth(format!("no instance {name:?}")))?;
+            let key = crate::instance_key::public_key(&key).ok_or_else(|| {
+                unauth(format!(
+                    "{name} has no key yet: its agent has not reported one"
+                ))
+            })?;
+            if !started {
+                return Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!("{name} is being destroyed"),
+                ));
+            }
+            from_inside(src, prefix)?;
+            self.verify(&ra, &key, method, uri, body, t)?;
+            return Ok(Caller::Instance(name.to_string()));
+        }
         let pem = headers
             .get(CERT_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| B64.decode(v).ok())
             .and_then(|v| String::from_utf8(v).ok())
             .ok_or_else(|| unauth(format!("no {CERT_HEADER} header")))?;
-        let t = now();
         let cert = self
             .identity
             .ca
@@ -209,28 +240,42 @@ impl Master {
                 "revoked certificate".into(),
             ));
         }
-        let inside = match src {
-            IpAddr::V6(a) => cert.prefix.contains(&a),
-            IpAddr::V4(_) => false,
-        };
-        if !inside {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{src} is not inside {}: nodes talk to the master over the overlay",
-                    cert.prefix
-                ),
-            ));
-        }
+        from_inside(src, cert.prefix)?;
+        self.verify(&ra, &cert.public_key, method, uri, body, t)?;
+        Ok(Caller::Node(cert))
+    }
+
+    /// Checks a request signature by `public_key` and that its nonce is new.
+    fn verify(
+        &self,
+        ra: &RequestAuth,
+        public_key: &[u8],
+        method: &Method,
+        uri: &Uri,
+        body: &[u8],
+        t: i64,
+    ) -> Result<(), ApiError> {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        ra.verify(&cert.public_key, method.as_str(), path, body, t)
+        ra.verify(public_key, method.as_str(), path, body, t)
             .map_err(|e| unauth(e.to_string()))?;
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.retain(|_, at| (t - *at).abs() <= 2 * re6st_registry::auth::MAX_SKEW_S);
         if seen.insert(ra.nonce.clone(), t).is_some() {
             return Err(unauth("replayed request"));
         }
-        Ok(Caller::Node(cert))
+        Ok(())
+    }
+}
+
+/// Nodes and their instances talk to the master over the overlay: from an
+/// address inside the node's prefix.
+fn from_inside(src: IpAddr, prefix: Ipv6Net) -> Result<(), ApiError> {
+    match src {
+        IpAddr::V6(a) if prefix.contains(&a) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{src} is not inside {prefix}: nodes talk to the master over the overlay"),
+        )),
     }
 }
 
@@ -291,9 +336,9 @@ fn call(
 pub fn agent_cert(caller: &Caller) -> Result<&NodeCert, ApiError> {
     match caller {
         Caller::Node(cert) => Ok(cert),
-        Caller::Admin => Err(ApiError(
+        Caller::Admin | Caller::Instance(_) => Err(ApiError(
             StatusCode::FORBIDDEN,
-            "agents only: the operator token does not act as a node".into(),
+            "agents only: neither the operator token nor an instance acts as a node".into(),
         )),
     }
 }
@@ -302,8 +347,21 @@ pub fn agent_cert(caller: &Caller) -> Result<&NodeCert, ApiError> {
 /// neither place instances (which would run code on any node) nor read or
 /// destroy anyone's.
 pub fn operator(caller: &Caller) -> Result<(), ApiError> {
+    match requester(caller)? {
+        Requester::Operator => Ok(()),
+        Requester::Instance(name) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("operators only: instance {name} only sees what it requested"),
+        )),
+    }
+}
+
+/// The caller as a requester: the operator or an instance. A member node
+/// is neither.
+pub fn requester(caller: &Caller) -> Result<Requester, ApiError> {
     match caller {
-        Caller::Admin => Ok(()),
+        Caller::Admin => Ok(Requester::Operator),
+        Caller::Instance(name) => Ok(Requester::Instance(name.clone())),
         Caller::Node(cert) => Err(ApiError(
             StatusCode::FORBIDDEN,
             format!(
@@ -473,7 +531,7 @@ async fn report(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> 
 }
 
 async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
-    operator(&c.caller)?;
+    let who = requester(&c.caller)?;
     let r: RequestBody = parse(&c.body)?;
     let copies = r.copies.unwrap_or(1);
     if copies == 0 || copies > MAX_COPIES {
@@ -507,7 +565,15 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
     };
     let revoked = m.revoked()?;
     let mut s = m.store();
-    s.request(&r.name, &r.software, &r.params, &placement, &revoked, now())?;
+    s.request(
+        &who,
+        &r.name,
+        &r.software,
+        &r.params,
+        &placement,
+        &revoked,
+        now(),
+    )?;
     let view = group_view(&s.group(&r.name)?).ok_or_else(|| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -518,8 +584,15 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
 }
 
 async fn list(State(m): State<Shared>, c: Call) -> Result<Response, ApiError> {
-    operator(&c.caller)?;
-    Ok(Json(m.store().instances(None)?).into_response())
+    let who = requester(&c.caller)?;
+    let s = m.store();
+    let by = s.requesters()?;
+    let visible: Vec<Instance> = s
+        .instances(None)?
+        .into_iter()
+        .filter(|i| owner::may_read(&who, &i.name, &by).is_ok())
+        .collect();
+    Ok(Json(visible).into_response())
 }
 
 impl Master {
@@ -565,11 +638,12 @@ async fn show(
     UrlPath(name): UrlPath<String>,
     c: Call,
 ) -> Result<Response, ApiError> {
-    operator(&c.caller)?;
+    let who = requester(&c.caller)?;
     let s = m.store();
     let i = s
         .instance(&name)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no instance {name:?}")))?;
+    owner::may_read(&who, &name, &s.requesters()?).map_err(StoreError::from)?;
     let history: Vec<serde_json::Value> = s
         .history(&name)?
         .into_iter()
@@ -597,8 +671,8 @@ async fn destroy(
     UrlPath(name): UrlPath<String>,
     c: Call,
 ) -> Result<Response, ApiError> {
-    operator(&c.caller)?;
-    Ok(Json(m.store().destroy(&name, now())?).into_response())
+    let who = requester(&c.caller)?;
+    Ok(Json(m.store().destroy(&who, &name, now())?).into_response())
 }
 
 /// The API.
@@ -641,10 +715,11 @@ mod tests {
                 t + 86_400,
             )
             .unwrap_or_else(|e| panic!("{e}"));
+        static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
             "orch-auth-{}-{}.db",
             std::process::id(),
-            revoked.as_ref().map_or(9, Vec::len)
+            RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
         let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
@@ -762,6 +837,107 @@ mod tests {
         assert!(
             matches!(unknown, Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, _))),
             "{unknown:?}"
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn instances_sign_with_the_key_their_agent_reported() {
+        let (m, _, _, path) = setup(Some(Vec::new()));
+        let prefix: Ipv6Net = "fd5e:5e:0:2::/64".parse().unwrap_or_default();
+        let inside: IpAddr = "fd5e:5e:0:2::1:0"
+            .parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        let elsewhere: IpAddr = "fd5e:5e:0:3::1"
+            .parse()
+            .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        {
+            let mut s = m.store();
+            s.add_software("name = \"svc\"\ncommand = [\"true\"]\n")
+                .unwrap_or_else(|e| panic!("{e}"));
+            s.register_node("n2", prefix, 42, "site-2", now())
+                .unwrap_or_else(|e| panic!("{e}"));
+            s.request(
+                &Requester::Operator,
+                "web",
+                "svc",
+                &BTreeMap::new(),
+                &Placement::Auto,
+                &[],
+                now(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let key = re6st_registry::cert::generate_key().unwrap_or_else(|e| panic!("{e}"));
+        let uri: Uri = "/v1/instances".parse().unwrap_or_default();
+        let signed = |key: &rcgen::KeyPair, name: &str| {
+            let mut h = HeaderMap::new();
+            let auth = sign_request(key, 0, "GET", "/v1/instances", b"", now()).unwrap_or_default();
+            h.insert(
+                "authorization",
+                auth.parse().unwrap_or_else(|e| panic!("{e}")),
+            );
+            h.insert(
+                INSTANCE_HEADER,
+                name.parse().unwrap_or_else(|e| panic!("{e}")),
+            );
+            h
+        };
+        let before = m.authenticate(&signed(&key, "web"), &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(before, Err(ApiError(StatusCode::UNAUTHORIZED, ref d)) if d.contains("no key yet")),
+            "{before:?}"
+        );
+        let report = Report {
+            name: "web".into(),
+            generation: 1,
+            status: "starting".into(),
+            connection: BTreeMap::new(),
+            detail: String::new(),
+            key: B64.encode(key.public_key_raw()),
+        };
+        m.store()
+            .report("n2", &report, now())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let h = signed(&key, "web");
+        let ok = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(ok, Ok(Caller::Instance(ref n)) if n == "web"),
+            "{ok:?}"
+        );
+        assert!(
+            matches!(requester(&Caller::Instance("web".into())), Ok(Requester::Instance(ref n)) if n == "web")
+        );
+        assert!(operator(&Caller::Instance("web".into())).is_err());
+        assert!(agent_cert(&Caller::Instance("web".into())).is_err());
+        let replay = m.authenticate(&h, &Method::GET, &uri, b"", inside);
+        assert!(matches!(replay, Err(ApiError(StatusCode::UNAUTHORIZED, _))));
+        // Another key (the node's own, a member's), another node, another
+        // instance's name: refused.
+        let other = re6st_registry::cert::generate_key().unwrap_or_else(|e| panic!("{e}"));
+        let forged = m.authenticate(&signed(&other, "web"), &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(forged, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
+            "{forged:?}"
+        );
+        let away = m.authenticate(&signed(&key, "web"), &Method::GET, &uri, b"", elsewhere);
+        assert!(
+            matches!(away, Err(ApiError(StatusCode::FORBIDDEN, _))),
+            "{away:?}"
+        );
+        let unknown = m.authenticate(&signed(&key, "nope"), &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(unknown, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
+            "{unknown:?}"
+        );
+        // Being destroyed, it may no longer act.
+        m.store()
+            .destroy(&Requester::Operator, "web", now())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let gone = m.authenticate(&signed(&key, "web"), &Method::GET, &uri, b"", inside);
+        assert!(
+            matches!(gone, Err(ApiError(StatusCode::FORBIDDEN, _))),
+            "{gone:?}"
         );
         let _ = std::fs::remove_file(path);
     }

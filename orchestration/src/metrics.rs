@@ -111,6 +111,7 @@ mod tests {
             updated_at: 0,
             copy_of: String::new(),
             copies: 1,
+            requester: Default::default(),
         };
         let instances = [i("ready"), i("ready"), i("failing")];
         let nodes = [

@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use crate::descriptor::{Descriptor, DescriptorError};
+use crate::owner::{self, Refusal, Requester, Requesters};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum StoreError {
     /// Something named does not exist (404).
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not do this (403).
+    #[error("{0}")]
+    Forbidden(#[from] Refusal),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
@@ -82,6 +86,9 @@ pub struct Instance {
     /// How many copies its group has (1: not copied).
     #[serde(default = "one")]
     pub copies: u32,
+    /// Who requested it (and owns it).
+    #[serde(default)]
+    pub requester: Requester,
 }
 
 fn one() -> u32 {
@@ -105,6 +112,10 @@ pub struct Report {
     /// instance's history.
     #[serde(default)]
     pub detail: String,
+    /// The instance's public key (raw Ed25519, base64), which the agent
+    /// made for it: the instance signs its own requests with it.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// A node as the master knows it.
@@ -152,7 +163,9 @@ CREATE TABLE IF NOT EXISTS instance(
     generation INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
     copy_of TEXT NOT NULL DEFAULT '',
-    copies INTEGER NOT NULL DEFAULT 1
+    copies INTEGER NOT NULL DEFAULT 1,
+    requester TEXT NOT NULL DEFAULT 'operator',
+    instance_key TEXT NOT NULL DEFAULT ''
 ) STRICT;
 CREATE TABLE IF NOT EXISTS history(
     instance TEXT NOT NULL,
@@ -180,11 +193,13 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// Columns added since the first schema: (table, column, declaration).
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     ("node", "serial", "INTEGER NOT NULL DEFAULT 0"),
     ("node", "site", "TEXT NOT NULL DEFAULT ''"),
     ("instance", "copy_of", "TEXT NOT NULL DEFAULT ''"),
     ("instance", "copies", "INTEGER NOT NULL DEFAULT 1"),
+    ("instance", "requester", "TEXT NOT NULL DEFAULT 'operator'"),
+    ("instance", "instance_key", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Brings a database made by an earlier version to the current schema.
@@ -221,6 +236,7 @@ type Row = (
     i64,
     String,
     i64,
+    String,
 );
 
 fn instance_of(r: Row) -> Result<Instance, StoreError> {
@@ -236,11 +252,13 @@ fn instance_of(r: Row) -> Result<Instance, StoreError> {
         updated_at: r.8,
         copy_of: r.9,
         copies: u32::try_from(r.10).unwrap_or(1),
+        requester: Requester::try_from(r.11).map_err(StoreError::Corrupt)?,
     })
 }
 
 const INSTANCE_COLUMNS: &str =
-    "name, software, params, node, state, status, connection, generation, updated_at, copy_of, copies";
+    "name, software, params, node, state, status, connection, generation, updated_at, copy_of, copies,
+     requester";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok((
@@ -255,6 +273,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
@@ -500,9 +519,12 @@ impl Store {
         }
     }
 
-    /// Requests an instance (idempotent; see the module documentation).
+    /// Requests an instance for `requester` (idempotent; see the module
+    /// documentation): a new one it will own, or an update of one it owns.
+    #[allow(clippy::too_many_arguments)] // each is one independent input of a request
     pub fn request(
         &mut self,
+        requester: &Requester,
         name: &str,
         software: &str,
         given: &BTreeMap<String, String>,
@@ -515,6 +537,12 @@ impl Store {
                 "bad instance name {name:?}: letters, digits, '-', '_', '.'"
             )));
         }
+        let by = self.requesters()?;
+        let destroyed = match requester {
+            Requester::Instance(me) => self.instance(me)?.is_none_or(|i| i.state != "started"),
+            Requester::Operator => false,
+        };
+        owner::may_request(requester, name, &by, destroyed)?;
         let d = self.software(software)?;
         let resolved = d.resolve(given)?;
         if let Some(cur) = self.instance(name)? {
@@ -584,9 +612,18 @@ impl Store {
                 let copy_of = if k == 0 { "" } else { name };
                 tx.execute(
                     "INSERT INTO instance(name, software, params, node, state, status, generation,
-                        updated_at, copy_of, copies)
-                     VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5, ?6, ?7)",
-                    params![n, software, json(&resolved)?, node, now, copy_of, copies],
+                        updated_at, copy_of, copies, requester)
+                     VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5, ?6, ?7, ?8)",
+                    params![
+                        n,
+                        software,
+                        json(&resolved)?,
+                        node,
+                        now,
+                        copy_of,
+                        copies,
+                        requester.to_string()
+                    ],
                 )?;
                 tx.execute(
                     "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, 'pending', ?3)",
@@ -700,7 +737,8 @@ impl Store {
                 let to = to.into_iter().next().unwrap_or_default();
                 self.conn.execute(
                     "UPDATE instance SET node = ?1, status = 'pending', connection = '{}',
-                        generation = generation + 1, updated_at = ?2 WHERE name = ?3",
+                        instance_key = '', generation = generation + 1, updated_at = ?2
+                     WHERE name = ?3",
                     params![to, now, lost.name],
                 )?;
                 let silent = node(&lost.node).map_or(0, |n| now - n.last_seen);
@@ -751,27 +789,106 @@ impl Store {
         rows.into_iter().map(instance_of).collect()
     }
 
-    /// Asks for an instance to be destroyed (its agent stops it, then
-    /// reports "stopped" and the instance is forgotten).
-    pub fn destroy(&mut self, name: &str, now: i64) -> Result<Instance, StoreError> {
+    /// The requester of every instance.
+    pub fn requesters(&self) -> Result<Requesters, StoreError> {
+        let mut st = self.conn.prepare("SELECT name, requester FROM instance")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(n, r)| Ok((n, Requester::try_from(r).map_err(StoreError::Corrupt)?)))
+            .collect()
+    }
+
+    /// Asks, for `requester`, that an instance be destroyed with every
+    /// instance it owns (each agent stops its own, then reports "stopped"
+    /// and the instance is forgotten).
+    pub fn destroy(
+        &mut self,
+        requester: &Requester,
+        name: &str,
+        now: i64,
+    ) -> Result<Instance, StoreError> {
         let cur = self
             .instance(name)?
             .ok_or_else(|| StoreError::NotFound(format!("no instance {name:?}")))?;
+        let by = self.requesters()?;
+        owner::may_destroy(requester, name, &by)?;
         if !cur.copy_of.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "{name} is a copy of {}: destroy {} instead",
                 cur.copy_of, cur.copy_of
             )));
         }
-        for i in self.group(name)? {
-            self.conn.execute(
-                "UPDATE instance SET state = 'destroyed', updated_at = ?1 WHERE name = ?2",
-                params![now, i.name],
+        let group: Vec<Requester> = self
+            .group(name)?
+            .into_iter()
+            .map(|i| Requester::Instance(i.name))
+            .collect();
+        let doomed: Vec<&String> = by
+            .keys()
+            .filter(|n| {
+                group
+                    .iter()
+                    .any(|g| *g == Requester::Instance(n.to_string()) || owner::owns(g, n, &by))
+            })
+            .collect();
+        let tx = self.conn.transaction()?;
+        for n in doomed {
+            let changed = tx.execute(
+                "UPDATE instance SET state = 'destroyed', updated_at = ?1
+                 WHERE name = ?2 AND state != 'destroyed'",
+                params![now, n],
             )?;
-            self.log(&i.name, now, "destroying", "destroy requested")?;
+            if changed > 0 {
+                let why = match by.get(n.as_str()) {
+                    Some(Requester::Instance(r))
+                        if !group.contains(&Requester::Instance(n.clone())) =>
+                    {
+                        format!("destroy requested: its requester {r} is destroyed")
+                    }
+                    _ => format!("destroy requested by {requester}"),
+                };
+                tx.execute(
+                    "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, 'destroying', ?3)",
+                    params![n, now, why],
+                )?;
+            }
         }
+        tx.commit()?;
         self.instance(name)?
             .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
+    }
+
+    /// What authenticates an instance's own requests: the prefix of the
+    /// node it runs on, the public key its agent reported (empty until
+    /// then) and whether it is started.
+    pub fn instance_credentials(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Ipv6Net, String, bool)>, StoreError> {
+        let r = self
+            .conn
+            .query_row(
+                "SELECT node.prefix, instance.instance_key, instance.state FROM instance
+                 JOIN node ON node.name = instance.node WHERE instance.name = ?1",
+                params![name],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()?;
+        r.map(|(prefix, key, state)| {
+            let prefix = prefix
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("node prefix {prefix:?}")))?;
+            Ok((prefix, key, state == "started"))
+        })
+        .transpose()
     }
 
     /// An agent's report on one of its instances. Reports from another node
@@ -787,6 +904,11 @@ impl Store {
         if !["starting", "ready", "failing", "stopped"].contains(&status) {
             return Err(StoreError::Invalid(format!("unknown status {status:?}")));
         }
+        if !r.key.is_empty() && crate::instance_key::public_key(&r.key).is_none() {
+            return Err(StoreError::Invalid(
+                "key: base64 of a raw Ed25519 public key".into(),
+            ));
+        }
         let cur = self
             .instance(name)?
             .ok_or_else(|| StoreError::NotFound(format!("no instance {name:?}")))?;
@@ -796,6 +918,12 @@ impl Store {
         if generation != cur.generation {
             // A report about parameters that were since changed: ignore it.
             return Ok(());
+        }
+        if !r.key.is_empty() {
+            self.conn.execute(
+                "UPDATE instance SET instance_key = ?1 WHERE name = ?2",
+                params![r.key, name],
+            )?;
         }
         if cur.state == "destroyed" && status == "stopped" {
             self.conn
@@ -833,6 +961,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OP: Requester = Requester::Operator;
 
     const HTTP: &str = r#"
 name = "http-static"
@@ -881,6 +1011,7 @@ url = "http://[{address}]:{port}/"
             status: status.into(),
             connection: connection.clone(),
             detail: String::new(),
+            key: String::new(),
         }
     }
 
@@ -895,15 +1026,32 @@ url = "http://[{address}]:{port}/"
     fn requests_are_idempotent_and_parameters_update() {
         let mut d = db("idem");
         let s = &mut d.1;
-        let a = s.request("web", "http-static", &kv(&[]), &Placement::Auto, &[], 1);
+        let a = s.request(
+            &OP,
+            "web",
+            "http-static",
+            &kv(&[]),
+            &Placement::Auto,
+            &[],
+            1,
+        );
         let Ok(a) = a else { panic!("{a:?}") };
         assert_eq!(
             (a.node.as_str(), a.generation, a.params["port"].as_str()),
             ("n1", 1, "8080")
         );
-        let again = s.request("web", "http-static", &kv(&[]), &Placement::Auto, &[], 2);
+        let again = s.request(
+            &OP,
+            "web",
+            "http-static",
+            &kv(&[]),
+            &Placement::Auto,
+            &[],
+            2,
+        );
         assert_eq!(again.as_ref().ok(), Some(&a), "same request, same answer");
         let b = s.request(
+            &OP,
             "web",
             "http-static",
             &kv(&[("port", "81")]),
@@ -915,7 +1063,15 @@ url = "http://[{address}]:{port}/"
             matches!(&b, Ok(b) if b.generation == 2 && b.node == "n1" && b.status == "pending")
         );
         // Least loaded next.
-        let c = s.request("web2", "http-static", &kv(&[]), &Placement::Auto, &[], 4);
+        let c = s.request(
+            &OP,
+            "web2",
+            "http-static",
+            &kv(&[]),
+            &Placement::Auto,
+            &[],
+            4,
+        );
         assert!(matches!(&c, Ok(c) if c.node == "n2"), "{c:?}");
     }
 
@@ -924,9 +1080,10 @@ url = "http://[{address}]:{port}/"
         let mut d = db("bad");
         let s = &mut d.1;
         let cases = [
-            s.request("x", "mariadb", &kv(&[]), &Placement::Auto, &[], 1)
+            s.request(&OP, "x", "mariadb", &kv(&[]), &Placement::Auto, &[], 1)
                 .err(),
             s.request(
+                &OP,
                 "x",
                 "http-static",
                 &kv(&[("port", "http")]),
@@ -936,6 +1093,7 @@ url = "http://[{address}]:{port}/"
             )
             .err(),
             s.request(
+                &OP,
                 "x",
                 "http-static",
                 &kv(&[("colour", "red")]),
@@ -945,6 +1103,7 @@ url = "http://[{address}]:{port}/"
             )
             .err(),
             s.request(
+                &OP,
                 "x",
                 "http-static",
                 &kv(&[]),
@@ -953,8 +1112,16 @@ url = "http://[{address}]:{port}/"
                 1,
             )
             .err(),
-            s.request("../x", "http-static", &kv(&[]), &Placement::Auto, &[], 1)
-                .err(),
+            s.request(
+                &OP,
+                "../x",
+                "http-static",
+                &kv(&[]),
+                &Placement::Auto,
+                &[],
+                1,
+            )
+            .err(),
         ];
         let texts: Vec<String> = cases.iter().map(|e| format!("{e:?}")).collect();
         for (e, want) in texts.iter().zip([
@@ -975,7 +1142,7 @@ url = "http://[{address}]:{port}/"
         let s = &mut d.1;
         // n1 has serial 1: revoked.
         let placed = |s: &mut Store, name: &str, placement: &Placement| {
-            s.request(name, "http-static", &kv(&[]), placement, &[1], 1)
+            s.request(&OP, name, "http-static", &kv(&[]), placement, &[1], 1)
                 .map(|i| i.node)
         };
         for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
@@ -1002,6 +1169,7 @@ url = "http://[{address}]:{port}/"
         let s = &mut d.1;
         let cache = s
             .request(
+                &OP,
                 "cache",
                 "http-static",
                 &kv(&[]),
@@ -1018,6 +1186,7 @@ url = "http://[{address}]:{port}/"
         nodes.sort_unstable();
         assert_eq!(nodes, ["n1", "n2", "n3"], "one copy per site");
         let again = s.request(
+            &OP,
             "cache",
             "http-static",
             &kv(&[]),
@@ -1027,6 +1196,7 @@ url = "http://[{address}]:{port}/"
         );
         assert_eq!(again.map(|i| i.generation).ok(), Some(1), "idempotent");
         let more = s.request(
+            &OP,
             "big",
             "http-static",
             &kv(&[]),
@@ -1040,7 +1210,7 @@ url = "http://[{address}]:{port}/"
         );
         assert_eq!(s.instance("big").ok().flatten(), None, "nothing written");
         assert!(
-            s.destroy("cache.1", 101).is_err(),
+            s.destroy(&OP, "cache.1", 101).is_err(),
             "copies go with their group"
         );
 
@@ -1071,7 +1241,7 @@ url = "http://[{address}]:{port}/"
         let moves = s.replace_lost_copies(250, &[], 300).unwrap_or_default();
         assert!(moves.is_empty(), "no live site: {moves:?}");
 
-        let _ = s.destroy("cache", 301);
+        let _ = s.destroy(&OP, "cache", 301);
         assert!(s
             .group("cache")
             .unwrap_or_default()
@@ -1084,6 +1254,7 @@ url = "http://[{address}]:{port}/"
         let mut d = db("two-lost");
         let s = &mut d.1;
         let _ = s.request(
+            &OP,
             "cache",
             "http-static",
             &kv(&[]),
@@ -1140,6 +1311,7 @@ url = "http://[{address}]:{port}/"
         let _ = s.set_routes("n2", &r(200), 5);
         let _ = s.set_routes("n3", &r(0xFFFF), 5);
         let i = s.request(
+            &OP,
             "db",
             "http-static",
             &kv(&[]),
@@ -1150,6 +1322,7 @@ url = "http://[{address}]:{port}/"
         assert!(matches!(&i, Ok(i) if i.node == "n2"), "{i:?}");
         let own: Ipv6Net = "fd5e:5e:0:3::/64".parse().unwrap_or_default();
         let j = s.request(
+            &OP,
             "db2",
             "http-static",
             &kv(&[]),
@@ -1164,6 +1337,7 @@ url = "http://[{address}]:{port}/"
         let none: Ipv6Net = "fd5e:5e:0:77::/64".parse().unwrap_or_default();
         assert!(s
             .request(
+                &OP,
                 "db3",
                 "http-static",
                 &kv(&[]),
@@ -1180,6 +1354,7 @@ url = "http://[{address}]:{port}/"
         let path = d.0.clone();
         let s = &mut d.1;
         let _ = s.request(
+            &OP,
             "web",
             "http-static",
             &kv(&[]),
@@ -1207,6 +1382,7 @@ url = "http://[{address}]:{port}/"
         );
         // A stale generation's report is ignored.
         let _ = s.request(
+            &OP,
             "web",
             "http-static",
             &kv(&[("port", "81")]),
@@ -1219,10 +1395,180 @@ url = "http://[{address}]:{port}/"
             s.instance("web").ok().flatten().map(|w| w.status),
             Some("pending".into())
         );
-        let _ = s.destroy("web", 5);
+        let _ = s.destroy(&OP, "web", 5);
         let _ = s.report("n2", &rep("web", 2, "stopped", &BTreeMap::new()), 6);
         assert_eq!(s.instance("web").ok().flatten(), None);
         let h = s.history("web").unwrap_or_default();
         assert_eq!(h.last().map(|x| x.1.as_str()), Some("destroyed"), "{h:?}");
+    }
+
+    #[test]
+    fn instances_own_their_children_and_take_them_down() {
+        let mut d = db("owner");
+        let s = &mut d.1;
+        let on = |n: &str| Placement::Node(n.into());
+        let web = Requester::Instance("web".into());
+        let other = Requester::Instance("other".into());
+        for name in ["web", "other"] {
+            s.request(&OP, name, "http-static", &kv(&[]), &on("n1"), &[], 1)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let db = s
+            .request(&web, "db", "http-static", &kv(&[]), &on("n2"), &[], 2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(db.requester, web);
+        let child = Requester::Instance("db".into());
+        s.request(&child, "backup", "http-static", &kv(&[]), &on("n3"), &[], 2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Nobody else may update, take or destroy them.
+        let update = kv(&[("port", "81")]);
+        for (who, name) in [(&other, "db"), (&web, "other"), (&child, "web")] {
+            let r = s.request(who, name, "http-static", &update, &Placement::Auto, &[], 3);
+            assert!(
+                matches!(r, Err(StoreError::Forbidden(_))),
+                "{who} {name}: {r:?}"
+            );
+            let r = s.destroy(who, name, 3);
+            assert!(
+                matches!(r, Err(StoreError::Forbidden(_))),
+                "{who} {name}: {r:?}"
+            );
+        }
+        assert!(matches!(
+            s.destroy(&web, "web", 3),
+            Err(StoreError::Forbidden(Refusal::Itself(_)))
+        ));
+        assert_eq!(
+            s.instance("db").ok().flatten().map(|i| i.generation),
+            Some(1)
+        );
+        // The owner may update its grandchild.
+        let b = s
+            .request(
+                &web,
+                "backup",
+                "http-static",
+                &update,
+                &Placement::Auto,
+                &[],
+                3,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((b.generation, b.requester), (2, child.clone()));
+        // A destroyed instance requests nothing more; destroying web takes
+        // db and backup with it, and leaves other alone.
+        s.destroy(&OP, "web", 4).unwrap_or_else(|e| panic!("{e}"));
+        let states: Vec<(String, String)> = s
+            .instances(None)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| (i.name, i.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("backup".into(), "destroyed".into()),
+                ("db".into(), "destroyed".into()),
+                ("other".into(), "started".into()),
+                ("web".into(), "destroyed".into()),
+            ]
+        );
+        let h = s.history("backup").unwrap_or_default();
+        assert!(
+            h.last()
+                .is_some_and(|x| x.2.contains("its requester db is destroyed")),
+            "{h:?}"
+        );
+        let r = s.request(
+            &web,
+            "late",
+            "http-static",
+            &kv(&[]),
+            &Placement::Auto,
+            &[],
+            5,
+        );
+        assert!(
+            matches!(r, Err(StoreError::Forbidden(Refusal::Destroyed(_)))),
+            "{r:?}"
+        );
+        assert_eq!(s.instance("late").ok().flatten(), None);
+        // Children count against a quota.
+        for k in 0..crate::owner::MAX_CHILDREN {
+            s.request(
+                &other,
+                &format!("c{k}"),
+                "http-static",
+                &kv(&[]),
+                &Placement::Auto,
+                &[],
+                6,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let r = s.request(
+            &other,
+            "c99",
+            "http-static",
+            &kv(&[]),
+            &Placement::Auto,
+            &[],
+            6,
+        );
+        assert!(
+            matches!(r, Err(StoreError::Forbidden(Refusal::TooManyChildren(_)))),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn the_reported_key_authenticates_the_instance_until_it_moves() {
+        let mut d = db("key");
+        let s = &mut d.1;
+        let _ = s.request(
+            &OP,
+            "kv",
+            "http-static",
+            &kv(&[]),
+            &Placement::Copies(2),
+            &[],
+            1,
+        );
+        let group = s.group("kv").unwrap_or_default();
+        let first = group.first().map(|i| i.node.clone()).unwrap_or_default();
+        let (key, _) = crate::instance_key::generate()
+            .map_or_else(|e| panic!("{e:#}"), |(_, public)| (public, ()));
+        let mut r = rep("kv", 1, "starting", &BTreeMap::new());
+        r.key = "AAAA".into();
+        assert!(s.report(&first, &r, 2).is_err(), "not a public key");
+        r.key = key.clone();
+        let other = if first == "n1" { "n2" } else { "n1" };
+        assert!(s.report(other, &r, 2).is_err(), "another node's report");
+        assert_eq!(
+            s.instance_credentials("kv").ok().flatten().map(|c| c.1),
+            Some(String::new())
+        );
+        s.report(&first, &r, 2).unwrap_or_else(|e| panic!("{e}"));
+        let (prefix, k, started) = s
+            .instance_credentials("kv")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no credentials"));
+        assert_eq!((k, started), (key, true));
+        let node = s.nodes().unwrap_or_default();
+        assert!(node
+            .iter()
+            .any(|n| n.name == first && n.prefix == prefix.to_string()));
+        assert_eq!(s.instance_credentials("nope").ok().flatten(), None);
+        // Its node goes silent: the copy moves, and the old key is void.
+        for n in ["n1", "n2", "n3"].into_iter().filter(|n| *n != first) {
+            s.seen(n, 200).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let moves = s.replace_lost_copies(150, &[], 200).unwrap_or_default();
+        assert!(moves.iter().any(|m| m.0 == "kv"), "{moves:?}");
+        assert_eq!(
+            s.instance_credentials("kv").ok().flatten().map(|c| c.1),
+            Some(String::new())
+        );
     }
 }

@@ -82,6 +82,7 @@ fn instance(software: &str) -> Instance {
         updated_at: now(),
         copy_of: String::new(),
         copies: 1,
+        requester: Default::default(),
     }
 }
 
@@ -137,7 +138,7 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
     std::fs::create_dir_all(dir.0.join("catalog")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(
         dir.0.join("catalog/marker.toml"),
-        "name = \"marker\"\nversion = 1\ncommand = [\"sh\", \"-c\", \"echo ran > ran; exec sleep 30\"]\n",
+        "name = \"marker\"\nversion = 1\ncommand = [\"sh\", \"-c\", \"echo $RE6ST_ORCH_INSTANCE $RE6ST_ORCH_MASTER $RE6ST_ORCH_KEY > ran; exec sleep 30\"]\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let ca = Ca::generate("fd5e:5e::/48".parse().unwrap_or_default(), now() - 10, 10)
@@ -169,6 +170,7 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
     let crl_flag = revoked.clone();
     let base = dir.0.join("instances");
     let cfg = AgentConfig {
+        master_url: format!("http://{addr}"),
         name: "agent".into(),
         site: String::new(),
         serial: agent_id.cert.serial,
@@ -241,6 +243,42 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ran(&base), "the genuine assignment did not run");
+    // It was given its name, the master's URL and its own key, whose
+    // public half the agent reports.
+    let seen = std::fs::read_to_string(base.join("job/ran")).unwrap_or_default();
+    let key_path = base.join("job/instance.key");
+    assert_eq!(
+        seen.trim(),
+        format!("job http://{addr} {}", key_path.display())
+    );
+    let mode = std::fs::metadata(&key_path).map_or(0, |m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode, 0o600);
+    let key =
+        re6st_orchestration::instance_key::load(&key_path).unwrap_or_else(|e| panic!("{e:#}"));
+    let start = Instant::now();
+    let reported = loop {
+        let last = fake
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|r| !r.key.is_empty())
+            .map(|r| r.key.clone());
+        if last.is_some() || start.elapsed() > Duration::from_secs(5) {
+            break last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        reported
+            .as_deref()
+            .and_then(re6st_orchestration::instance_key::public_key),
+        Some(key.public_key_raw().to_vec())
+    );
     let _ = stop.send(());
     let _ = agent.await;
 }

@@ -32,12 +32,19 @@ struct Cli {
 #[derive(clap::Args, Debug)]
 struct Who {
     /// The master's URL (http://[overlay address]:port).
-    #[arg(long, default_value = "http://[::1]:7080")]
+    #[arg(long, env = "RE6ST_ORCH_MASTER", default_value = "http://[::1]:7080")]
     master: String,
     /// The operator token (the master's --admin-token-file). A node's own
     /// identity is not enough: members are not operators.
     #[arg(long, default_value = "/etc/re6st-orch/admin.token")]
     admin_token_file: PathBuf,
+    /// Act as this instance (inside a partition, the agent sets it): it
+    /// may request child instances, and read and destroy what it requested.
+    #[arg(long, env = "RE6ST_ORCH_INSTANCE", requires = "instance_key")]
+    instance: Option<String>,
+    /// The instance's key (the agent writes it into the partition).
+    #[arg(long, env = "RE6ST_ORCH_KEY", requires = "instance")]
+    instance_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,6 +220,13 @@ enum NodeCmd {
 }
 
 fn client(who: &Who) -> anyhow::Result<MasterClient> {
+    if let (Some(name), Some(key)) = (&who.instance, &who.instance_key) {
+        let key = re6st_orchestration::instance_key::load(key)?;
+        return MasterClient::new(
+            &who.master,
+            Credentials::Instance(name.clone(), Box::new(key)),
+        );
+    }
     let f = &who.admin_token_file;
     let token = std::fs::read_to_string(f)
         .with_context(|| format!("reading the operator token {}", f.display()))?;
@@ -233,8 +247,13 @@ fn master_address(url: &str) -> anyhow::Result<std::net::Ipv6Addr> {
 }
 
 fn print_instance(i: &re6st_orchestration::store::Instance) {
+    use re6st_orchestration::owner::Requester;
+    let by = match &i.requester {
+        Requester::Operator => String::new(),
+        r => format!(" requested by {r}"),
+    };
     println!(
-        "{} ({} on {}): {} [{}]",
+        "{} ({} on {}): {} [{}]{by}",
         i.name, i.software, i.node, i.status, i.state
     );
     for (k, v) in &i.connection {
@@ -340,6 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             let source = LastVerifiedCrl::new(network_config, identity.ca.clone());
             let cfg = re6st_orchestration::agent::AgentConfig {
+                master_url: master.clone(),
                 name,
                 site,
                 serial: identity.cert.serial,

@@ -160,6 +160,31 @@ impl Orch {
         self.m.host(i)?.output(&self.orch, &all)
     }
 
+    /// `re6st-orch ARGS` in node `i` as the user `uid` of a partition,
+    /// signing as instance `name` with the key at `key`.
+    pub fn cli_as(
+        &self,
+        i: usize,
+        uid: u32,
+        name: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output> {
+        let uid = uid.to_string();
+        let mut all: Vec<&str> = vec!["--reuid", &uid, "--regid", &uid, "--clear-groups"];
+        all.push(&self.orch);
+        all.extend(args);
+        all.extend([
+            "--master",
+            &self.url,
+            "--instance",
+            name,
+            "--instance-key",
+            key,
+        ]);
+        self.m.host(i)?.output("setpriv", &all)
+    }
+
     pub fn master(&self) -> Result<Process> {
         self.master_with(&[])
     }

@@ -536,6 +536,165 @@ fn copies_survive_a_lost_site() -> Result<()> {
     Ok(())
 }
 
+/// Instances request child instances they own; ownership bounds what
+/// each may see and destroy; a member's or a stolen key gets nothing.
+fn instances_own_what_they_request() -> Result<()> {
+    let _cleanup = CgroupCleanup(2);
+    let o = Orch::start("orchown", 2, &[])?;
+    let _master = o.master()?;
+    let _agents = [o.agent(1, "")?, o.agent(2, "")?];
+    wait_until(
+        "two agents registered",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let t = text(&o.cli(0, &["nodes"]).ok()?);
+            (t.contains("n1 ") && t.contains("n2 ")).then_some(())
+        },
+    )?;
+    let probe = |name: &str, node: &str| {
+        o.cli(
+            0,
+            &[
+                "request",
+                "probe",
+                name,
+                "--node",
+                node,
+                "--param",
+                "file=/dev/null",
+                "--wait",
+                "--timeout",
+                "30",
+            ],
+        )
+    };
+    for (name, node) in [("parent", "n1"), ("sibling", "n1"), ("other", "n2")] {
+        let out = probe(name, node)?;
+        check(out.status.success(), format!("{name}: {}", text(&out)))?;
+    }
+    // parent is partition 0 of n1, sibling partition 1.
+    let uid = uid_base(2, 1);
+    let key_of = |name: &str| {
+        o.m.nodes[1]
+            .dir
+            .join(format!("instances/{name}/instance.key"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let key = key_of("parent");
+    let as_parent = |args: &[&str]| o.cli_as(1, uid, "parent", &key, args);
+
+    let started = Instant::now();
+    let out = as_parent(&[
+        "request",
+        "probe",
+        "child",
+        "--param",
+        "file=/dev/null",
+        "--wait",
+        "--timeout",
+        "30",
+    ])?;
+    check(out.status.success(), format!("child: {}", text(&out)))?;
+    eprintln!(
+        "child requested by an instance ready {:?} after",
+        started.elapsed()
+    );
+    let all = text(&o.cli(0, &["list"])?);
+    check(
+        all.contains("child (probe on") && all.contains("requested by instance:parent"),
+        format!("the operator's list: {all}"),
+    )?;
+    let mine = text(&as_parent(&["list"])?);
+    check(
+        mine.contains("child (") && mine.contains("parent (") && !mine.contains("other ("),
+        format!("parent's list: {mine}"),
+    )?;
+    for (args, want) in [
+        (
+            vec!["destroy", "other"],
+            "which instance:parent does not own",
+        ),
+        (vec!["show", "other"], "which instance:parent does not own"),
+        (
+            vec!["request", "probe", "other", "--param", "file=/etc/hostname"],
+            "which instance:parent does not own",
+        ),
+        (vec!["destroy", "parent"], "cannot destroy itself"),
+        (vec!["nodes"], "operators only"),
+    ] {
+        let out = as_parent(&args)?;
+        check(
+            !out.status.success() && text(&out).contains(want) && text(&out).contains("403"),
+            format!("parent {args:?}: {}", text(&out)),
+        )?;
+    }
+    // Another partition cannot read parent's key.
+    let out = o.m.host(1)?.output(
+        "setpriv",
+        &[
+            "--reuid",
+            &(uid + 1).to_string(),
+            "--regid",
+            &(uid + 1).to_string(),
+            "--clear-groups",
+            "cat",
+            &key,
+        ],
+    )?;
+    check(
+        !out.status.success() && !text(&out).contains("PRIVATE KEY"),
+        format!("sibling read parent's key: {}", text(&out)),
+    )?;
+    // sibling, on the same node, signing as parent with its own key, and
+    // parent's real key used from another node, are refused.
+    let sibling_key = key_of("sibling");
+    let out = o.cli_as(1, uid + 1, "parent", &sibling_key, &["list"])?;
+    check(
+        !out.status.success() && text(&out).contains("bad signature"),
+        format!("sibling as parent: {}", text(&out)),
+    )?;
+    let stolen = o.m.nodes[2].dir.join("stolen.key");
+    std::fs::copy(&key, &stolen).map_err(|e| netns_tests::Error::io("copying the key", e))?;
+    let out = o.cli_as(2, 0, "parent", &stolen.to_string_lossy(), &["list"])?;
+    check(
+        !out.status.success() && text(&out).contains("over the overlay"),
+        format!("parent's key used on n2: {}", text(&out)),
+    )?;
+    let _ = std::fs::remove_file(&stolen);
+    // parent destroys its child; destroying parent takes its other child.
+    let out = as_parent(&["destroy", "child"])?;
+    check(
+        out.status.success(),
+        format!("destroy child: {}", text(&out)),
+    )?;
+    let out = as_parent(&[
+        "request",
+        "probe",
+        "child2",
+        "--param",
+        "file=/dev/null",
+        "--wait",
+    ])?;
+    check(out.status.success(), format!("child2: {}", text(&out)))?;
+    let out = o.cli(0, &["destroy", "parent"])?;
+    check(
+        out.status.success(),
+        format!("destroy parent: {}", text(&out)),
+    )?;
+    wait_until(
+        "parent and its children gone",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let t = text(&o.cli(0, &["list"]).ok()?);
+            (!t.contains("child") && !t.contains("parent") && t.contains("other (")).then_some(())
+        },
+    )?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         (
@@ -543,5 +702,9 @@ fn main() -> ExitCode {
             master_and_agents_over_the_overlay,
         ),
         ("copies_survive_a_lost_site", copies_survive_a_lost_site),
+        (
+            "instances_own_what_they_request",
+            instances_own_what_they_request,
+        ),
     ])
 }

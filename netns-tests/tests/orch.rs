@@ -573,6 +573,25 @@ fn instances_own_what_they_request() -> Result<()> {
         let out = probe(name, node)?;
         check(out.status.success(), format!("{name}: {}", text(&out)))?;
     }
+    // The operator works from another node: its requests are signed with
+    // the token, which relays never see; the token itself as a bearer
+    // is refused there.
+    let far = text(&o.cli(2, &["list"])?);
+    check(
+        far.contains("parent (") && far.contains("other ("),
+        format!("the operator's list from n2: {far}"),
+    )?;
+    let master_host = o.m.nodes[0].address.to_string();
+    let bearer = o.http(
+        2,
+        &master_host,
+        "7080",
+        "GET /v1/instances HTTP/1.0\\r\\nAuthorization: Bearer s3cret-operator-token\\r\\n\\r\\n",
+    );
+    check(
+        bearer.starts_with("HTTP/1.0 401") && bearer.contains("only from this node"),
+        format!("the bearer token from n2: {bearer:?}"),
+    )?;
     // parent is partition 0 of n1, sibling partition 1.
     let uid = uid_base(2, 1);
     let key_of = |name: &str| {

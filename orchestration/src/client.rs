@@ -1,6 +1,6 @@
 //! Talking to the master: node-signed requests (agents), instance-signed
-//! requests (an instance asking for children) or the operator's bearer
-//! token.
+//! requests (an instance asking for children) or requests signed with the
+//! operator's token (never sent itself).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -95,7 +95,11 @@ impl MasterClient {
                     .header("authorization", h)
                     .header(INSTANCE_HEADER, name.as_str());
             }
-            Credentials::Admin(t) => req = req.header("authorization", format!("Bearer {t}")),
+            Credentials::Admin(t) => {
+                let nonce = re6st_registry::config::random_bytes::<16>()?;
+                let h = crate::operator_auth::sign(t, method.as_str(), path, &body, nonce, now);
+                req = req.header("authorization", h);
+            }
         }
         if !body.is_empty() {
             req = req.header("content-type", "application/json").body(body);

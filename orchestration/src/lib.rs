@@ -14,6 +14,7 @@ pub mod instance_key;
 pub mod kv;
 pub mod master;
 pub mod metrics;
+pub mod operator_auth;
 pub mod owner;
 pub mod partition;
 pub mod static_files;

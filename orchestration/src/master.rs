@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::assignment::{Assigned, Assignments, SignedAssignments};
 use crate::identity::NodeIdentity;
 use crate::instance_key::INSTANCE_HEADER;
+use crate::operator_auth::{self, OperatorAuth};
 use crate::owner::{self, Requester};
 use crate::store::{Instance, Placement, Report, Store, StoreError};
 
@@ -189,14 +190,31 @@ impl Master {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| unauth("no Authorization header"))?;
+        let t = now();
         if let Some(token) = auth.strip_prefix("Bearer ") {
+            if !self.on_this_node(src) {
+                return Err(unauth(
+                    "the operator token as a bearer is accepted only from this node: across the overlay relaying nodes would read it (re6st-orch signs with it instead)",
+                ));
+            }
             return match &self.admin_token {
                 Some(t) if constant_eq(t.as_bytes(), token.trim().as_bytes()) => Ok(Caller::Admin),
                 _ => Err(unauth("bad admin token")),
             };
         }
+        if auth.starts_with(operator_auth::SCHEME) {
+            let a = OperatorAuth::parse(auth).map_err(|e| unauth(e.to_string()))?;
+            let token = self
+                .admin_token
+                .as_deref()
+                .ok_or_else(|| unauth("this master has no operator token"))?;
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            a.verify(token, method.as_str(), path, body, t)
+                .map_err(|e| unauth(e.to_string()))?;
+            self.fresh(&a.nonce, t)?;
+            return Ok(Caller::Admin);
+        }
         let ra = RequestAuth::parse(auth).map_err(|e| unauth(e.to_string()))?;
-        let t = now();
         if let Some(name) = headers.get(INSTANCE_HEADER) {
             let name = name
                 .to_str()
@@ -258,12 +276,23 @@ impl Master {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         ra.verify(public_key, method.as_str(), path, body, t)
             .map_err(|e| unauth(e.to_string()))?;
+        self.fresh(&ra.nonce, t)
+    }
+
+    /// Refuses a nonce seen within the clock window (a replayed request).
+    fn fresh(&self, nonce: &str, t: i64) -> Result<(), ApiError> {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.retain(|_, at| (t - *at).abs() <= 2 * re6st_registry::auth::MAX_SKEW_S);
-        if seen.insert(ra.nonce.clone(), t).is_some() {
+        if seen.insert(nonce.to_string(), t).is_some() {
             return Err(unauth("replayed request"));
         }
         Ok(())
+    }
+
+    /// Whether `src` is this node: loopback or inside its prefix, where no
+    /// other node relays the traffic.
+    fn on_this_node(&self, src: IpAddr) -> bool {
+        src.is_loopback() || matches!(src, IpAddr::V6(a) if self.identity.cert.prefix.contains(&a))
     }
 }
 
@@ -784,22 +813,63 @@ mod tests {
             matches!(forged, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
             "signature over another path"
         );
+        // The bearer token only from the master's own node: relays would
+        // read it on its way across the overlay.
+        let loopback = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
         let mut h = HeaderMap::new();
         h.insert(
             "authorization",
             "Bearer tok".parse().unwrap_or_else(|e| panic!("{e}")),
         );
         assert!(matches!(
-            m.authenticate(&h, &Method::GET, &uri, b"", outside),
+            m.authenticate(&h, &Method::GET, &uri, b"", loopback),
             Ok(Caller::Admin)
         ));
+        let remote = m.authenticate(&h, &Method::GET, &uri, b"", outside);
+        assert!(
+            matches!(remote, Err(ApiError(StatusCode::UNAUTHORIZED, ref d)) if d.contains("only from this node")),
+            "{remote:?}"
+        );
         h.insert(
             "authorization",
             "Bearer nope".parse().unwrap_or_else(|e| panic!("{e}")),
         );
         assert!(m
-            .authenticate(&h, &Method::GET, &uri, b"", outside)
+            .authenticate(&h, &Method::GET, &uri, b"", loopback)
             .is_err());
+        // Signed with the token, from anywhere; once.
+        let signed = |token: &str, nonce: u8| {
+            let mut h = HeaderMap::new();
+            let v = crate::operator_auth::sign(
+                token,
+                "GET",
+                "/v1/agent/instances",
+                b"",
+                [nonce; 16],
+                now(),
+            );
+            h.insert("authorization", v.parse().unwrap_or_else(|e| panic!("{e}")));
+            h
+        };
+        assert!(matches!(
+            m.authenticate(&signed("tok", 1), &Method::GET, &uri, b"", outside),
+            Ok(Caller::Admin)
+        ));
+        let replay = m.authenticate(&signed("tok", 1), &Method::GET, &uri, b"", outside);
+        assert!(
+            matches!(replay, Err(ApiError(StatusCode::UNAUTHORIZED, ref d)) if d.contains("replayed")),
+            "{replay:?}"
+        );
+        let wrong = m.authenticate(&signed("nope", 2), &Method::GET, &uri, b"", outside);
+        assert!(
+            matches!(wrong, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
+            "{wrong:?}"
+        );
+        let body = m.authenticate(&signed("tok", 3), &Method::GET, &uri, b"{}", outside);
+        assert!(
+            matches!(body, Err(ApiError(StatusCode::UNAUTHORIZED, _))),
+            "{body:?}"
+        );
         h.insert(
             "authorization",
             "Re6st garbage".parse().unwrap_or_else(|e| panic!("{e}")),

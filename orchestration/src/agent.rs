@@ -22,7 +22,7 @@ use re6st_registry::cert::CaCert;
 
 use crate::assignment::{Assigned, AssignmentError, Expected, SignedAssignments};
 use crate::catalog::Catalog;
-use crate::cgroup::{self, Cgroup};
+use crate::cgroup::{Cgroup, Cgroups};
 use crate::client::MasterClient;
 use crate::descriptor::{render, Descriptor, Promise};
 use crate::instance_key;
@@ -65,6 +65,8 @@ pub struct AgentConfig {
     /// tests and development without root may do: instances can then read
     /// everything the agent can, the node key included.
     pub partitions: Option<Partitions>,
+    /// Where partitions get their control groups (`None`: no limits).
+    pub cgroups: Option<Cgroups>,
     /// re6stnet's control socket, to report routing for `--near` placement.
     pub ctl_socket: Option<PathBuf>,
     /// Period of the loop.
@@ -538,10 +540,11 @@ async fn place(cfg: &AgentConfig, name: &str, d: &Descriptor) -> anyhow::Result<
     };
     let p = parts.open(name)?;
     re6stnet::system::add_instance_address(p.address).await?;
-    let cgroup = match cgroup::layout() {
-        cgroup::Layout::V1 => Some(Cgroup::create(p.uid, &d.limits)?),
-        _ => None,
-    };
+    let cgroup = cfg
+        .cgroups
+        .as_ref()
+        .map(|c| c.create(p.uid, &d.limits))
+        .transpose()?;
     Ok(Place {
         dir: p.dir.clone(),
         address: p.address,
@@ -552,14 +555,16 @@ async fn place(cfg: &AgentConfig, name: &str, d: &Descriptor) -> anyhow::Result<
 
 /// Removes a destroyed instance's partition: processes, directory, cgroup
 /// and address.
-async fn wipe(parts: &Partitions, p: &Partition, name: &str) {
+async fn wipe(cfg: &AgentConfig, parts: &Partitions, p: &Partition, name: &str) {
     if let Err(e) = parts.wipe(p) {
         tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove the partition");
     }
     if let Err(e) = re6stnet::system::remove_instance_address(p.address).await {
         tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove its address");
     }
-    Cgroup::remove(p.uid);
+    if let Some(c) = &cfg.cgroups {
+        c.remove(p.uid);
+    }
     tracing::info!(instance = %name, uid = p.uid, "partition removed");
 }
 
@@ -658,7 +663,7 @@ async fn apply(
         .collect();
     if let Some(parts) = &cfg.partitions {
         for (n, p) in leftover {
-            wipe(parts, &p, &n).await;
+            wipe(cfg, parts, &p, &n).await;
         }
     }
 }
@@ -669,7 +674,7 @@ async fn remove_partition(cfg: &AgentConfig, name: &str) {
         return;
     };
     if let Some(p) = parts.existing().ok().and_then(|mut e| e.remove(name)) {
-        wipe(parts, &p, name).await;
+        wipe(cfg, parts, &p, name).await;
     }
 }
 
@@ -688,9 +693,6 @@ pub async fn run(
             if n > 0 {
                 tracing::info!(instance = %name, processes = n, "killed what an earlier agent left running");
             }
-        }
-        if cgroup::layout() != cgroup::Layout::V1 {
-            tracing::warn!("no cgroup v1 hierarchies for cpu, memory and pids: instance limits are not applied (cgroup v2 is not supported yet)");
         }
     }
     crate::client::install_crypto();

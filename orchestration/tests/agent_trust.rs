@@ -190,6 +190,7 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
         // Loopback only, on the host: no partitions (they would add an
         // address to the host's lo); netns-tests/tests/orch.rs has them.
         partitions: None,
+        cgroups: None,
         ctl_socket: None,
         period: Duration::from_millis(100),
     };

@@ -371,6 +371,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 crl: Arc::new(move || source.current()),
                 catalog,
                 partitions: Some(parts),
+                cgroups: match re6st_orchestration::cgroup::Cgroups::setup() {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "instance limits (cpu, memory, pids) are not applied");
+                        None
+                    }
+                },
                 ctl_socket: Some(ctl_socket),
                 period: Duration::from_millis(period_ms.max(100)),
             };

@@ -438,6 +438,22 @@ fn copies_survive_a_lost_site() -> Result<()> {
     )?;
     eprintln!("a PUT on one copy read from another after {took:?}");
 
+    // A lone instance beside the first copy.
+    let out = o.cli(
+        0,
+        &[
+            "request",
+            "http-static",
+            "lone",
+            "--node",
+            &placed[0],
+            "--wait",
+            "--timeout",
+            "30",
+        ],
+    )?;
+    check(out.status.success(), format!("lone: {}", text(&out)))?;
+
     // Lose the site of the first copy: agent and re6stnet killed.
     let victim = o.m.index(&placed[0])?;
     agents[victim - 1].kill()?;
@@ -488,6 +504,18 @@ fn copies_survive_a_lost_site() -> Result<()> {
         )?;
     }
 
+    // Destroying the lone instance of the lost node: its agent cannot
+    // report it stopped, so the master forgets it.
+    let out = o.cli(0, &["destroy", "lone"])?;
+    check(out.status.success(), format!("destroy lone: {}", text(&out)))?;
+    let (_, took) = wait_until(
+        "the lost node's destroyed instance forgotten",
+        Duration::from_secs(TIMEOUT_S + 10),
+        Duration::from_millis(300),
+        || (!text(&o.cli(0, &["list"]).ok()?).contains("lone (")).then_some(()),
+    )?;
+    eprintln!("a destroyed instance of the lost node forgotten after {took:?}");
+
     // The new copy answers, with the data written before it existed.
     let new = now_on
         .iter()
@@ -511,7 +539,7 @@ fn copies_survive_a_lost_site() -> Result<()> {
     agents[victim - 1] = o.agent(victim, sites[victim])?;
     let stale = o.m.nodes[victim].dir.join("instances");
     wait_until(
-        "the returning node's stale partition removed",
+        "the returning node's stale partitions (copy and lone) removed",
         Duration::from_secs(30),
         Duration::from_millis(300),
         || {

@@ -140,12 +140,24 @@ impl Master {
     }
 
     /// Re-places copies whose agent has been silent longer than the agent
-    /// timeout (or whose node is revoked); returns the moves.
+    /// timeout (or whose node is revoked), and forgets destroyed instances
+    /// on such nodes; returns the moves.
     pub fn replace_lost_copies(&self) -> Vec<(String, String, String)> {
         let Some(revoked) = (self.crl)() else {
             return Vec::new();
         };
         let t = now();
+        match self
+            .store()
+            .forget_lost_destroyed(t - self.agent_timeout_s, &revoked, t)
+        {
+            Ok(gone) => {
+                for (instance, node) in gone {
+                    tracing::info!(%instance, %node, "destroyed instance forgotten: its agent is silent or revoked");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "forgetting destroyed instances"),
+        }
         match self
             .store()
             .replace_lost_copies(t - self.agent_timeout_s, &revoked, t)

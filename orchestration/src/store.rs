@@ -757,6 +757,42 @@ impl Store {
         Ok(moves)
     }
 
+    /// Forgets destroyed instances whose node is revoked or silent since
+    /// before `live_since`: their agent cannot report them stopped, and
+    /// their names would stay taken. An agent that comes back stops and
+    /// wipes what its signed list no longer names. Returns (instance, node).
+    pub fn forget_lost_destroyed(
+        &mut self,
+        live_since: i64,
+        revoked: &[u64],
+        now: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let nodes = self.nodes()?;
+        let lost: Vec<(String, String)> = self
+            .instances(None)?
+            .into_iter()
+            .filter(|i| i.state == "destroyed")
+            .filter(|i| {
+                nodes
+                    .iter()
+                    .find(|n| n.name == i.node)
+                    .is_none_or(|n| n.last_seen < live_since || revoked.contains(&n.serial))
+            })
+            .map(|i| (i.name, i.node))
+            .collect();
+        for (name, node) in &lost {
+            self.conn
+                .execute("DELETE FROM instance WHERE name = ?1", params![name])?;
+            self.log(
+                name,
+                now,
+                "destroyed",
+                &format!("forgotten: its node {node} is silent or revoked"),
+            )?;
+        }
+        Ok(lost)
+    }
+
     fn log(&self, instance: &str, at: i64, status: &str, detail: &str) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
@@ -1570,5 +1606,37 @@ url = "http://[{address}]:{port}/"
             s.instance_credentials("kv").ok().flatten().map(|c| c.1),
             Some(String::new())
         );
+    }
+
+    #[test]
+    fn destroyed_instances_of_lost_nodes_are_forgotten() {
+        let mut d = db("forget");
+        let s = &mut d.1;
+        let on = |n: &str| Placement::Node(n.into());
+        for (name, node) in [("a", "n1"), ("b", "n2"), ("c", "n3")] {
+            s.request(&OP, name, "http-static", &kv(&[]), &on(node), &[], 100)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        for name in ["a", "b"] {
+            s.destroy(&OP, name, 110).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // n1 stays live, n2 goes silent, n3 is revoked (serial 3) but c is
+        // not destroyed: only b is forgotten.
+        s.seen("n1", 200).unwrap_or_else(|e| panic!("{e}"));
+        let gone = s.forget_lost_destroyed(150, &[3], 200).unwrap_or_default();
+        assert_eq!(gone, [("b".to_string(), "n2".to_string())]);
+        let names: Vec<String> = s
+            .instances(None)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["a", "c"]);
+        let h = s.history("b").unwrap_or_default();
+        assert!(h.last().is_some_and(|x| x.2.contains("forgotten")), "{h:?}");
+        // Its name is free again.
+        assert!(s
+            .request(&OP, "b", "http-static", &kv(&[]), &on("n1"), &[], 201)
+            .is_ok());
     }
 }

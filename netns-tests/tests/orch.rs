@@ -507,7 +507,10 @@ fn copies_survive_a_lost_site() -> Result<()> {
     // Destroying the lone instance of the lost node: its agent cannot
     // report it stopped, so the master forgets it.
     let out = o.cli(0, &["destroy", "lone"])?;
-    check(out.status.success(), format!("destroy lone: {}", text(&out)))?;
+    check(
+        out.status.success(),
+        format!("destroy lone: {}", text(&out)),
+    )?;
     let (_, took) = wait_until(
         "the lost node's destroyed instance forgotten",
         Duration::from_secs(TIMEOUT_S + 10),
@@ -551,6 +554,49 @@ fn copies_survive_a_lost_site() -> Result<()> {
     check(
         copy_nodes(&text(&out)) == now_on,
         format!("copies moved again: {}", text(&out)),
+    )?;
+    // Grown to four copies: the new one, on the returned site, serves the
+    // value; shrunk to two, two copies answer the group.
+    let (grown, took) = wait_until(
+        "four copies ready",
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || {
+            let out = o
+                .cli(0, &["request", "kv", "cache", "--copies", "4"])
+                .ok()?;
+            let t = text(&out);
+            (t.contains(": ready") && copy_nodes(&t).len() == 4).then_some(t)
+        },
+    )?;
+    eprintln!("grown from 3 to 4 copies, ready after {took:?}");
+    let fourth = copy_hosts(&grown)
+        .get(&placed[0])
+        .cloned()
+        .unwrap_or_default();
+    wait_until(
+        "the fourth copy serving the value",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            o.http(0, &fourth, "8090", get)
+                .ends_with("hello")
+                .then_some(())
+        },
+    )?;
+    let out = o.cli(0, &["request", "kv", "cache", "--copies", "2"])?;
+    check(
+        copy_nodes(&text(&out)).len() == 2,
+        format!("shrunk to two: {}", text(&out)),
+    )?;
+    wait_until(
+        "two copies left running",
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        || {
+            let t = text(&o.cli(0, &["list"]).ok()?);
+            (t.matches("cache").count() == 2).then_some(())
+        },
     )?;
     let out = o.cli(0, &["destroy", "cache"])?;
     check(out.status.success(), format!("destroy: {}", text(&out)))?;

@@ -467,7 +467,9 @@ pub struct RequestBody {
     pub node: Option<String>,
     /// Near this prefix.
     pub near: Option<String>,
-    /// Copies on distinct sites (default 1).
+    /// Copies on distinct sites: a new group, or the new size of an
+    /// existing one (none: 1 for a new instance, unchanged for one that
+    /// exists).
     #[serde(default)]
     pub copies: Option<u32>,
 }
@@ -594,7 +596,7 @@ async fn request(State(m): State<Shared>, c: Call) -> Result<Response, ApiError>
                 "--copies places each copy on another site: not with --node or --near".into(),
             ))
         }
-        (None, None) if copies > 1 => Placement::Copies(copies),
+        (None, None) if r.copies.is_some() => Placement::Copies(copies),
         (Some(n), None) => Placement::Node(n),
         (None, Some(p)) => Placement::Near(p.parse().map_err(|_| {
             ApiError(

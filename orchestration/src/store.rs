@@ -183,6 +183,13 @@ fn unjson<T: for<'a> Deserialize<'a>>(s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The K of a copy named `NAME.K` (0 for the first copy).
+fn copy_index(name: &str) -> u32 {
+    name.rsplit_once('.')
+        .and_then(|(_, k)| k.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Names of instances and nodes: what a shell and a URL path take safely.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -558,19 +565,16 @@ impl Store {
                     cur.copy_of, cur.copy_of
                 )));
             }
-            if let Placement::Copies(n) = placement {
-                if *n != cur.copies {
-                    return Err(StoreError::Invalid(format!(
-                        "{name} has {} copies; changing the number of copies is not supported yet",
-                        cur.copies
-                    )));
-                }
-            }
             let group = self.group(name)?;
-            if group
+            let have = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            let wanted = match placement {
+                Placement::Copies(n) => *n,
+                _ => have,
+            };
+            let same = group
                 .iter()
-                .all(|i| i.state == "started" && i.params == resolved)
-            {
+                .all(|i| i.state == "started" && i.params == resolved);
+            if same && wanted == have {
                 return Ok(cur);
             }
             if let Placement::Node(n) = placement {
@@ -581,14 +585,78 @@ impl Store {
                     )));
                 }
             }
-            for i in &group {
-                self.conn.execute(
-                    "UPDATE instance SET params = ?1, state = 'started', status = 'pending',
-                        generation = generation + 1, updated_at = ?2 WHERE name = ?3",
-                    params![json(&resolved)?, now, i.name],
-                )?;
-                self.log(&i.name, now, "pending", "parameters changed")?;
+            // Everything is decided before anything is written: a group
+            // that cannot grow is left as it is.
+            let added = if wanted > have {
+                self.new_copies(name, &group, wanted - have, revoked)?
+            } else {
+                Vec::new()
+            };
+            let mut removed: Vec<&Instance> =
+                group.iter().filter(|i| !i.copy_of.is_empty()).collect();
+            removed.sort_by_key(|i| (i.status == "ready", std::cmp::Reverse(copy_index(&i.name))));
+            removed.truncate(have.saturating_sub(wanted) as usize);
+            let tx = self.conn.transaction()?;
+            let log = |tx: &rusqlite::Transaction<'_>, n: &str, status: &str, detail: &str| {
+                tx.execute(
+                    "INSERT INTO history(instance, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
+                    params![n, now, status, detail],
+                )
+            };
+            if !same {
+                for i in &group {
+                    tx.execute(
+                        "UPDATE instance SET params = ?1, state = 'started', status = 'pending',
+                            generation = generation + 1, updated_at = ?2 WHERE name = ?3",
+                        params![json(&resolved)?, now, i.name],
+                    )?;
+                    log(&tx, &i.name, "pending", "parameters changed")?;
+                }
             }
+            // A removed copy leaves the group at once (its peers, the
+            // group's view and re-placement no longer see it) and goes
+            // like any destroyed instance.
+            for i in &removed {
+                tx.execute(
+                    "UPDATE instance SET state = 'destroyed', copy_of = '', copies = 1,
+                        updated_at = ?1 WHERE name = ?2",
+                    params![now, i.name],
+                )?;
+                log(
+                    &tx,
+                    &i.name,
+                    "destroying",
+                    &format!("{name} down to {wanted} copies"),
+                )?;
+            }
+            for (n, node) in &added {
+                tx.execute(
+                    "INSERT INTO instance(name, software, params, node, state, status, generation,
+                        updated_at, copy_of, copies, requester)
+                     VALUES (?1, ?2, ?3, ?4, 'started', 'pending', 1, ?5, ?6, ?7, ?8)",
+                    params![
+                        n,
+                        software,
+                        json(&resolved)?,
+                        node,
+                        now,
+                        name,
+                        wanted,
+                        cur.requester.to_string()
+                    ],
+                )?;
+                log(
+                    &tx,
+                    n,
+                    "pending",
+                    &format!("{name} up to {wanted} copies: on {node}"),
+                )?;
+            }
+            tx.execute(
+                "UPDATE instance SET copies = ?1 WHERE name = ?2 OR copy_of = ?2",
+                params![wanted, name],
+            )?;
+            tx.commit()?;
         } else {
             let (nodes, copies) = match placement {
                 Placement::Copies(n) => (self.copy_nodes(*n, revoked, &[])?, *n),
@@ -634,6 +702,39 @@ impl Store {
         }
         self.instance(name)?
             .ok_or_else(|| StoreError::Corrupt(format!("{name} vanished")))
+    }
+
+    /// `count` more copies for the group of `name`: (name, node) each, on
+    /// sites none of the group is on, with the lowest free `NAME.K` names.
+    fn new_copies(
+        &self,
+        name: &str,
+        group: &[Instance],
+        count: u32,
+        revoked: &[u64],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let nodes = self.nodes()?;
+        let avoid: Vec<String> = group
+            .iter()
+            .filter_map(|i| nodes.iter().find(|n| n.name == i.node))
+            .map(|n| n.site.clone())
+            .collect();
+        let placed = self.copy_nodes(count, revoked, &avoid)?;
+        let mut names = Vec::new();
+        let mut k = 1;
+        while names.len() < placed.len() {
+            let n = format!("{name}.{k}");
+            if !valid_name(&n) {
+                return Err(StoreError::Invalid(format!(
+                    "copy name {n:?} is not valid: choose a shorter name"
+                )));
+            }
+            if self.instance(&n)?.is_none() {
+                names.push(n);
+            }
+            k += 1;
+        }
+        Ok(names.into_iter().zip(placed).collect())
     }
 
     /// An instance and its further copies, first copy first.
@@ -1638,5 +1739,102 @@ url = "http://[{address}]:{port}/"
         assert!(s
             .request(&OP, "b", "http-static", &kv(&[]), &on("n1"), &[], 201)
             .is_ok());
+    }
+
+    #[test]
+    fn a_group_grows_and_shrinks_to_the_requested_copies() {
+        let mut d = db("resize");
+        let s = &mut d.1;
+        let ask = |s: &mut Store, n: u32, t: i64| {
+            s.request(
+                &OP,
+                "kv",
+                "http-static",
+                &kv(&[]),
+                &Placement::Copies(n),
+                &[],
+                t,
+            )
+        };
+        let sizes = |s: &Store| {
+            s.group("kv")
+                .unwrap_or_default()
+                .iter()
+                .map(|i| (i.name.clone(), i.copies))
+                .collect::<Vec<_>>()
+        };
+        ask(s, 2, 1).unwrap_or_else(|e| panic!("{e}"));
+        let two = s.group("kv").unwrap_or_default();
+        // Growing puts the new copy on the one site without a copy.
+        ask(s, 3, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            sizes(s),
+            [("kv".into(), 3), ("kv.1".into(), 3), ("kv.2".into(), 3)]
+        );
+        let mut nodes: Vec<String> = s
+            .group("kv")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.node)
+            .collect();
+        nodes.sort();
+        assert_eq!(nodes, ["n1", "n2", "n3"]);
+        assert_eq!(
+            s.group("kv").unwrap_or_default()[..2]
+                .iter()
+                .map(|i| i.generation)
+                .collect::<Vec<_>>(),
+            two.iter().map(|i| i.generation).collect::<Vec<_>>(),
+            "the existing copies are not redeployed"
+        );
+        // More copies than sites: refused, nothing written.
+        assert!(matches!(ask(s, 4, 3), Err(StoreError::Invalid(_))));
+        assert_eq!(sizes(s).len(), 3);
+        // Shrinking removes a copy that is not ready first.
+        for (name, node) in s
+            .group("kv")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| (i.name, i.node))
+            .collect::<Vec<_>>()
+        {
+            if name != "kv.1" {
+                s.report(&node, &rep(&name, 1, "ready", &kv(&[("url", "u")])), 4)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        ask(s, 2, 5).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sizes(s), [("kv".into(), 2), ("kv.2".into(), 2)]);
+        let gone = s.instance("kv.1").ok().flatten();
+        assert!(
+            matches!(&gone, Some(g) if g.state == "destroyed" && g.copy_of.is_empty()),
+            "{gone:?}"
+        );
+        // Growing again while kv.1 is still going takes the next free name.
+        ask(s, 3, 6).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            sizes(s),
+            [("kv".into(), 3), ("kv.2".into(), 3), ("kv.3".into(), 3)]
+        );
+        // Down to one: a single instance, never re-placed.
+        ask(s, 1, 7).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sizes(s), [("kv".into(), 1)]);
+        let on = s
+            .instance("kv")
+            .ok()
+            .flatten()
+            .map(|i| i.node)
+            .unwrap_or_default();
+        for n in ["n1", "n2", "n3"].into_iter().filter(|n| *n != on) {
+            s.seen(n, 500).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(s
+            .replace_lost_copies(400, &[], 500)
+            .unwrap_or_default()
+            .is_empty());
+        // Without --copies an existing group keeps its size.
+        s.request(&OP, "kv", "http-static", &kv(&[]), &Placement::Auto, &[], 8)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sizes(s).len(), 1);
     }
 }

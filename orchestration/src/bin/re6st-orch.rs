@@ -135,9 +135,10 @@ enum Cmd {
         #[arg(long)]
         near: Option<String>,
         /// Run N copies, each on another site (agents' --site); a copy whose
-        /// agent goes silent is re-placed on a site without one.
-        #[arg(long, default_value_t = 1, conflicts_with_all = ["node", "near"])]
-        copies: u32,
+        /// agent goes silent is re-placed on a site without one. Given for an
+        /// existing group, it grows or shrinks to N (none: unchanged).
+        #[arg(long, conflicts_with_all = ["node", "near"])]
+        copies: Option<u32>,
         /// Wait until it is ready.
         #[arg(long)]
         wait: bool,
@@ -409,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 params: map,
                 node,
                 near,
-                copies: Some(copies),
+                copies,
             };
             let mut i = c.request(&body).await?;
             let start = Instant::now();

@@ -666,6 +666,27 @@ fn instances_own_what_they_request() -> Result<()> {
         bearer.starts_with("HTTP/1.0 401") && bearer.contains("only from this node"),
         format!("the bearer token from n2: {bearer:?}"),
     )?;
+    // A member node, signing with its own certificate, may not operate.
+    let member = netns_tests::binary("r6t-member")?
+        .to_string_lossy()
+        .into_owned();
+    let n2_dir = o.m.nodes[2].dir.to_string_lossy().into_owned();
+    for args in [
+        vec!["list"],
+        vec!["show", "other"],
+        vec!["request", "probe", "mine", "--node", "n1"],
+        vec!["destroy", "other"],
+    ] {
+        let mut all = vec!["--dir", n2_dir.as_str(), "--master", o.url.as_str()];
+        all.extend(&args);
+        let out = o.m.host(2)?.output(&member, &all)?;
+        check(
+            !out.status.success()
+                && text(&out).contains("operators only: node")
+                && text(&out).contains("403"),
+            format!("member n2 {args:?}: {}", text(&out)),
+        )?;
+    }
     // parent is partition 0 of n1, sibling partition 1.
     let uid = uid_base(2, 1);
     let key_of = |name: &str| {

@@ -24,10 +24,12 @@ use crate::assignment::{Assigned, AssignmentError, Expected, SignedAssignments};
 use crate::catalog::Catalog;
 use crate::cgroup::{Cgroup, Cgroups};
 use crate::client::MasterClient;
-use crate::descriptor::{render, Descriptor, Promise};
+use crate::descriptor::{render, Descriptor};
 use crate::instance_key;
 use crate::partition::{confine, kill_all, Partition, Partitions};
+use crate::plan::{plan, Refusals, Step};
 use crate::store::Report;
+use crate::supervision::Supervision;
 
 /// The revoked serials now, `None` while no network configuration verified.
 pub type CrlSource = Arc<dyn Fn() -> Option<Vec<u64>> + Send + Sync>;
@@ -71,13 +73,6 @@ pub struct AgentConfig {
     pub ctl_socket: Option<PathBuf>,
     /// Period of the loop.
     pub period: Duration,
-}
-
-struct PromiseState {
-    promise: Promise,
-    next: Instant,
-    failures: u32,
-    ever_ok: bool,
 }
 
 /// Where and as whom an instance runs.
@@ -184,15 +179,9 @@ struct Running {
     /// The public half of the key made for this deployment (base64).
     public_key: String,
     child: Option<tokio::process::Child>,
-    started: Instant,
-    restarts: u32,
-    next_start: Instant,
-    promises: Vec<PromiseState>,
-    reported: Option<(String, Instant)>,
+    /// When to start, check and report (the decisions).
+    sv: Supervision,
 }
-
-/// Longest wait before restarting a crashed instance.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 fn program(cmd: &str) -> PathBuf {
     // Our own services run from this very binary.
@@ -257,11 +246,6 @@ impl Running {
             .with_context(|| format!("starting {}", argv[0]))?;
         tracing::info!(pid = ?child.id(), program = %argv[0], "instance process started");
         self.child = Some(child);
-        self.started = Instant::now();
-        for p in &mut self.promises {
-            p.next = Instant::now() + Duration::from_millis(500);
-            p.failures = 0;
-        }
         Ok(())
     }
 
@@ -273,39 +257,37 @@ impl Running {
         self.place.kill();
     }
 
-    /// Restart with back-off when the process exited.
+    /// Notices an exit, and starts the process when its supervision says.
     fn supervise(&mut self, now: Instant) {
         if let Some(c) = &mut self.child {
             match c.try_wait() {
                 Ok(Some(status)) => {
                     tracing::warn!(%status, "instance process exited");
                     self.child = None;
-                    if now.duration_since(self.started) > Duration::from_secs(60) {
-                        self.restarts = 0;
-                    }
-                    let backoff = Duration::from_secs(1) * (1u32 << self.restarts.min(5));
-                    self.next_start = now + backoff.min(MAX_BACKOFF);
-                    self.restarts += 1;
+                    self.sv.handle_exited(now);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "checking the instance process"),
             }
         }
-        if self.child.is_none() && now >= self.next_start {
-            if let Err(e) = self.start() {
-                tracing::warn!(error = %format!("{e:#}"), "cannot start the instance");
-                self.next_start = now + MAX_BACKOFF;
+        if self.sv.poll_start(now) {
+            match self.start() {
+                Ok(()) => self.sv.handle_started(now),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot start the instance");
+                    self.sv.handle_start_failed(now);
+                }
             }
         }
     }
 
+    /// Runs the promises that are due.
     async fn run_promises(&mut self, http: &reqwest::Client, now: Instant) {
-        for p in &mut self.promises {
-            if now < p.next || self.child.is_none() {
+        for k in self.sv.poll_checks(now) {
+            let Some(p) = self.descriptor.promises.get(k) else {
                 continue;
-            }
-            p.next = now + Duration::from_secs(p.promise.period_s);
-            let ok = match (&p.promise.http, &p.promise.command) {
+            };
+            let ok = match (&p.http, &p.command) {
                 (Some(url), _) => match render(url, &self.values) {
                     Ok(url) => http
                         .get(&url)
@@ -335,17 +317,10 @@ impl Running {
                 }
                 (None, None) => false,
             };
-            if ok {
-                p.failures = 0;
-                p.ever_ok = true;
-            } else {
-                p.failures += 1;
-            }
+            self.sv.handle_check(k, ok);
         }
     }
 
-    /// Keeps `peers.json` (the other copies' connection parameters) as the
-    /// master last signed it.
     fn write_peers(&mut self, peers: &[BTreeMap<String, String>]) {
         if self.peers.as_deref() == Some(peers) {
             return;
@@ -359,16 +334,11 @@ impl Running {
         }
     }
 
-    /// Reports the status when it changed, or every 10 s.
-    async fn report(&mut self, name: &str, client: &MasterClient, now: Instant) {
-        let status = self.status();
-        let due = self
-            .reported
-            .as_ref()
-            .is_none_or(|(s, at)| s != status || now.duration_since(*at) > Duration::from_secs(10));
-        if !due {
+    /// Reports the status when its supervision says.
+    async fn report(&mut self, client: &MasterClient, now: Instant) {
+        let Some(status) = self.sv.poll_report(now) else {
             return;
-        }
+        };
         let connection = self
             .descriptor
             .connection
@@ -376,52 +346,30 @@ impl Running {
             .filter_map(|(k, v)| Some((k.clone(), render(v, &self.values).ok()?)))
             .collect();
         let detail = self
-            .promises
-            .iter()
-            .filter(|p| p.failures > 0)
-            .map(|p| {
-                let what = match (&p.promise.http, &p.promise.command) {
+            .sv
+            .failing_promises()
+            .into_iter()
+            .filter_map(|(k, failures)| {
+                let p = self.descriptor.promises.get(k)?;
+                let what = match (&p.http, &p.command) {
                     (Some(url), _) => render(url, &self.values).unwrap_or_else(|_| url.clone()),
                     (None, Some(cmd)) => cmd.join(" "),
                     (None, None) => String::new(),
                 };
-                format!("promise {what} failed {} time(s) in a row", p.failures)
+                Some(format!("promise {what} failed {failures} time(s) in a row"))
             })
             .collect::<Vec<_>>()
             .join("; ");
         let report = Report {
-            name: name.to_string(),
+            name: self.name.clone(),
             generation: self.generation,
-            status: status.to_string(),
+            status: status.as_str().to_string(),
             connection,
             detail,
             key: self.public_key.clone(),
         };
         if client.report(&report).await.is_ok() {
-            self.reported = Some((status.to_string(), now));
-        }
-    }
-
-    fn status(&self) -> &'static str {
-        if self.child.is_none() {
-            return if self.restarts > 0 {
-                "failing"
-            } else {
-                "starting"
-            };
-        }
-        if self
-            .promises
-            .iter()
-            .any(|p| p.failures >= p.promise.failures)
-        {
-            "failing"
-        } else if self.promises.iter().all(|p| p.ever_ok)
-            && self.started.elapsed() >= Duration::from_millis(500)
-        {
-            "ready"
-        } else {
-            "starting"
+            self.sv.handle_reported(status, now);
         }
     }
 }
@@ -497,30 +445,22 @@ async fn prepare_run(cfg: &AgentConfig, a: &Assigned, now: Instant) -> Result<Ru
     values.insert("address".into(), place.address.to_string());
     values.insert("instance".into(), i.name.clone());
     values.insert("dir".into(), place.dir.to_string_lossy().into_owned());
+    let promises: Vec<(Duration, u32)> = d
+        .promises
+        .iter()
+        .map(|p| (Duration::from_secs(p.period_s), p.failures))
+        .collect();
     Ok(Running {
         place,
         peers: None,
         generation: i.generation,
-        promises: d
-            .promises
-            .iter()
-            .map(|p| PromiseState {
-                promise: p.clone(),
-                next: now,
-                failures: 0,
-                ever_ok: false,
-            })
-            .collect(),
+        sv: Supervision::new(now, &promises),
         descriptor: d.clone(),
         values,
         public_key,
         name: i.name.clone(),
         master_url: cfg.master_url.clone(),
         child: None,
-        started: now,
-        restarts: 0,
-        next_start: now,
-        reported: None,
     })
 }
 
@@ -568,102 +508,90 @@ async fn wipe(cfg: &AgentConfig, parts: &Partitions, p: &Partition, name: &str) 
     tracing::info!(instance = %name, uid = p.uid, "partition removed");
 }
 
-/// Follows a verified assignment list: stops what was destroyed, changed
-/// or dropped, prepares what is new, and reports what cannot run here.
+/// Carries out the plan for a verified assignment list (`plan`).
 async fn apply(
     cfg: &AgentConfig,
     client: &MasterClient,
     list: &[Assigned],
     running: &mut BTreeMap<String, Running>,
-    refused: &mut BTreeMap<String, (i64, String)>,
+    refused: &mut Refusals,
     now: Instant,
 ) {
-    let wanted: Vec<&str> = list.iter().map(|a| a.instance.name.as_str()).collect();
-    refused.retain(|n, _| wanted.contains(&n.as_str()));
-    for a in list {
-        let i = &a.instance;
-        if i.state == "destroyed" {
-            if let Some(mut r) = running.remove(&i.name) {
-                r.stop().await;
-            }
-            remove_partition(cfg, &i.name).await;
-            let report = Report {
-                name: i.name.clone(),
-                generation: i.generation,
-                status: "stopped".into(),
-                connection: BTreeMap::new(),
-                detail: String::new(),
-                key: String::new(),
-            };
-            if client.report(&report).await.is_ok() {
-                tracing::info!(instance = %i.name, "destroyed");
-            }
-            continue;
-        }
-        let stale = running
-            .get(&i.name)
-            .is_some_and(|r| r.generation != i.generation);
-        if stale {
-            if let Some(mut r) = running.remove(&i.name) {
-                r.stop().await;
-            }
-        }
-        if let Some(r) = running.get_mut(&i.name) {
-            r.write_peers(&a.peers);
-            continue;
-        }
-        match prepare_run(cfg, a, now).await {
-            Ok(mut r) => {
-                tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
-                refused.remove(&i.name);
-                r.write_peers(&a.peers);
-                running.insert(i.name.clone(), r);
-            }
-            Err(why) => {
-                let known = refused
-                    .get(&i.name)
-                    .is_some_and(|(g, w)| *g == i.generation && *w == why);
-                if known {
-                    continue;
+    refused.retain_assigned(list);
+    let generations: BTreeMap<String, i64> = running
+        .iter()
+        .map(|(n, r)| (n.clone(), r.generation))
+        .collect();
+    for step in plan(list, &generations) {
+        match step {
+            Step::Remove(a) => {
+                let i = &a.instance;
+                if let Some(mut r) = running.remove(&i.name) {
+                    r.stop().await;
                 }
-                tracing::warn!(instance = %i.name, reason = %why, "cannot run this instance");
+                remove_partition(cfg, &i.name).await;
                 let report = Report {
                     name: i.name.clone(),
                     generation: i.generation,
-                    status: "failing".into(),
+                    status: "stopped".into(),
                     connection: BTreeMap::new(),
-                    detail: why.clone(),
+                    detail: String::new(),
                     key: String::new(),
                 };
                 if client.report(&report).await.is_ok() {
-                    refused.insert(i.name.clone(), (i.generation, why));
+                    tracing::info!(instance = %i.name, "destroyed");
                 }
             }
-        }
-    }
-    // Instances the master no longer has (the signed list is the truth):
-    // stop them and remove their partitions.
-    let gone: Vec<String> = running
-        .keys()
-        .filter(|n| !wanted.contains(&n.as_str()))
-        .cloned()
-        .collect();
-    for n in gone {
-        if let Some(mut r) = running.remove(&n) {
-            r.stop().await;
-        }
-    }
-    let leftover: Vec<(String, Partition)> = cfg
-        .partitions
-        .as_ref()
-        .and_then(|parts| parts.existing().ok())
-        .into_iter()
-        .flatten()
-        .filter(|(n, _)| !wanted.contains(&n.as_str()))
-        .collect();
-    if let Some(parts) = &cfg.partitions {
-        for (n, p) in leftover {
-            wipe(cfg, parts, &p, &n).await;
+            Step::Stop(name) => {
+                if let Some(mut r) = running.remove(&name) {
+                    r.stop().await;
+                }
+            }
+            Step::Keep(a) => {
+                if let Some(r) = running.get_mut(&a.instance.name) {
+                    r.write_peers(&a.peers);
+                }
+            }
+            Step::Deploy(a) => {
+                let i = &a.instance;
+                match prepare_run(cfg, a, now).await {
+                    Ok(mut r) => {
+                        tracing::info!(instance = %i.name, software = %i.software, generation = i.generation, "deploying");
+                        refused.clear(&i.name);
+                        r.write_peers(&a.peers);
+                        running.insert(i.name.clone(), r);
+                    }
+                    Err(why) if refused.is_new(&i.name, i.generation, &why) => {
+                        tracing::warn!(instance = %i.name, reason = %why, "cannot run this instance");
+                        let report = Report {
+                            name: i.name.clone(),
+                            generation: i.generation,
+                            status: "failing".into(),
+                            connection: BTreeMap::new(),
+                            detail: why.clone(),
+                            key: String::new(),
+                        };
+                        if client.report(&report).await.is_ok() {
+                            refused.reported(&i.name, i.generation, why);
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            Step::WipeUnassigned => {
+                let Some(parts) = &cfg.partitions else {
+                    continue;
+                };
+                let leftover: Vec<(String, Partition)> = parts
+                    .existing()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(n, _)| !list.iter().any(|a| a.instance.name == *n))
+                    .collect();
+                for (n, p) in leftover {
+                    wipe(cfg, parts, &p, &n).await;
+                }
+            }
         }
     }
 }
@@ -701,9 +629,7 @@ pub async fn run(
         .build()
         .context("HTTP client for promises")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    // Assigned instances this node cannot run, with the generation and the
-    // reason already reported.
-    let mut refused: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    let mut refused = Refusals::default();
     let mut tick = tokio::time::interval(cfg.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_hello = Instant::now();
@@ -749,10 +675,10 @@ pub async fn run(
         if let Some(list) = verified {
             apply(&cfg, &client, &list, &mut running, &mut refused, now).await;
         }
-        for (name, r) in &mut running {
+        for r in running.values_mut() {
             r.supervise(now);
             r.run_promises(&http, now).await;
-            r.report(name, &client, now).await;
+            r.report(&client, now).await;
         }
     }
     for (_, mut r) in running {

@@ -17,5 +17,7 @@ pub mod metrics;
 pub mod operator_auth;
 pub mod owner;
 pub mod partition;
+pub mod plan;
 pub mod static_files;
 pub mod store;
+pub mod supervision;

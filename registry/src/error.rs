@@ -41,6 +41,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Allowed, but not again so soon (a rate limit).
+    #[error("too soon: {0}")]
+    TooSoon(String),
     /// A request body over the size limit.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -67,7 +70,8 @@ impl Error {
             | Self::NotFound(m)
             | Self::Conflict(m)
             | Self::Exhausted(m)
-            | Self::TooLarge(m) => m.clone(),
+            | Self::TooLarge(m)
+            | Self::TooSoon(m) => m.clone(),
             other => other.to_string(),
         }
     }
@@ -82,6 +86,7 @@ impl Error {
             Self::Conflict(_) => "conflict",
             Self::Exhausted(_) => "exhausted",
             Self::TooLarge(_) => "too_large",
+            Self::TooSoon(_) => "too_soon",
             Self::Corrupt(_) | Self::Db(_) | Self::Cert(_) | Self::Io { .. } => "internal",
             Self::Transport(_) => "transport",
         }

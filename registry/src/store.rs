@@ -26,7 +26,7 @@ use crate::prefix::{Allocator, Block};
 pub const DEFAULT_TOKEN_LIFETIME_S: i64 = 7 * 86_400;
 
 /// Schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// A certificate is renewable this long before it expires.
 pub const RENEW_BEFORE_S: i64 = 30 * 86_400;
 /// Peer records older than this are not handed out.
@@ -73,6 +73,27 @@ CREATE TABLE nonce(nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL) STRICT;
 const SCHEMA_V2: &str = "
 CREATE TABLE quarantine(prefix TEXT PRIMARY KEY, until INTEGER NOT NULL) STRICT;
 ";
+
+/// Version 3: certificates superseded by a renewal, revoked once the node
+/// has shown it holds the new one (`due` set then); each certificate's
+/// WireGuard key, so that no two live certificates share one.
+const SCHEMA_V3: &str = "
+CREATE TABLE superseded(serial INTEGER PRIMARY KEY, prefix TEXT NOT NULL, not_after INTEGER NOT NULL, due INTEGER) STRICT;
+ALTER TABLE cert ADD COLUMN wg_key BLOB;
+";
+
+/// A superseded certificate stays valid this long after the node first
+/// authenticates with its new one: time for every peer to learn the new
+/// serial over the tunnels (see `NodeCore::install_certificate`).
+pub const SUPERSEDE_AFTER_S: i64 = 3600;
+
+/// A node gets at most [`CERTS_PER_WINDOW`] certificates (its join
+/// included) in this time; a renewal that changes nothing returns the
+/// current one and is not counted. Enough to rotate a WireGuard key at
+/// once, not to fill the certificate table and the CRL.
+pub const CERT_WINDOW_S: i64 = 3600;
+/// See [`CERT_WINDOW_S`].
+pub const CERTS_PER_WINDOW: i64 = 3;
 
 /// Parameters of `re6st-registry init`.
 #[derive(Clone, Debug)]
@@ -242,6 +263,7 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA)?;
         tx.execute_batch(SCHEMA_V2)?;
+        tx.execute_batch(SCHEMA_V3)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let abs = |f: &Path| -> Result<String> {
             let a = std::fs::canonicalize(f)
@@ -301,6 +323,14 @@ impl Store {
             tx.pragma_update(None, "user_version", 2)?;
             tx.commit()?;
             version = 2;
+        }
+        if version == 2 {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA_V3)?;
+            fill_wg_keys(&tx)?;
+            tx.pragma_update(None, "user_version", 3)?;
+            tx.commit()?;
+            version = 3;
         }
         if version != SCHEMA_VERSION {
             return Err(Error::Corrupt(format!(
@@ -552,6 +582,7 @@ impl Store {
                 "this key already holds {p}: renew instead of joining again"
             )));
         }
+        refuse_shared_wg_key(&tx, &wg_key, None, now)?;
         let len = u8::try_from(len).map_err(|_| Error::Corrupt("token prefix_len".into()))?;
         let mut alloc = load_free(&tx)?;
         let block = alloc.allocate(len)?;
@@ -567,8 +598,8 @@ impl Store {
         let prefix = block.net().to_string();
         let serial_i = to_i64(serial, "serial")?;
         tx.execute(
-            "INSERT INTO cert(serial, prefix, pem, not_after, issued) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![serial_i, prefix, cert, now + validity, now],
+            "INSERT INTO cert(serial, prefix, pem, not_after, issued, wg_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![serial_i, prefix, cert, now + validity, now, wg_key.as_slice()],
         )?;
         tx.execute(
             "INSERT INTO node(prefix, serial, public_key, not_after, created, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
@@ -656,6 +687,13 @@ impl Store {
             "UPDATE node SET last_seen = ?1 WHERE prefix = ?2",
             params![now, cert.prefix.to_string()],
         )?;
+        // The node holds its new certificate: the ones it superseded go
+        // to the CRL once its peers have had time to learn the new serial.
+        tx.execute(
+            "UPDATE superseded SET due = ?1 WHERE due IS NULL AND prefix = ?2
+             AND ?3 = (SELECT serial FROM node WHERE prefix = ?2)",
+            params![now + SUPERSEDE_AFTER_S, cert.prefix.to_string(), serial],
+        )?;
         tx.commit()?;
         Ok(cert)
     }
@@ -701,6 +739,18 @@ impl Store {
                 renewed: false,
             });
         }
+        let recent: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM cert WHERE prefix = ?1 AND issued > ?2",
+            params![prefix, now - CERT_WINDOW_S],
+            |r| r.get(0),
+        )?;
+        if recent >= CERTS_PER_WINDOW {
+            return Err(Error::TooSoon(format!(
+                "{prefix} got {recent} certificates in the last {CERT_WINDOW_S} s: \
+                 {CERTS_PER_WINDOW} at most"
+            )));
+        }
+        refuse_shared_wg_key(&tx, &wg, Some(&prefix), now)?;
         let serial = next_serial(&tx)?;
         let cert = ca.issue(&IssueRequest {
             public_key: key.clone(),
@@ -712,12 +762,17 @@ impl Store {
         })?;
         let serial_i = to_i64(serial, "serial")?;
         tx.execute(
-            "INSERT INTO cert(serial, prefix, pem, not_after, issued) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![serial_i, prefix, cert, now + validity, now],
+            "INSERT INTO cert(serial, prefix, pem, not_after, issued, wg_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![serial_i, prefix, cert, now + validity, now, wg.as_slice()],
         )?;
         tx.execute(
             "UPDATE node SET serial = ?1, not_after = ?2, last_seen = ?3 WHERE prefix = ?4",
             params![serial_i, now + validity, now, prefix],
+        )?;
+        // The previous certificate is revoked once the node uses this one.
+        tx.execute(
+            "INSERT OR IGNORE INTO superseded(serial, prefix, not_after, due) VALUES (?1, ?2, ?3, NULL)",
+            params![current, prefix, not_after],
         )?;
         tx.commit()?;
         Ok(Issued {
@@ -1017,6 +1072,7 @@ fn advance_hmac(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
 fn free_node(conn: &Connection, prefix: &str, now: i64) -> Result<()> {
     conn.execute("DELETE FROM node WHERE prefix = ?1", params![prefix])?;
     conn.execute("DELETE FROM peer WHERE prefix = ?1", params![prefix])?;
+    conn.execute("DELETE FROM superseded WHERE prefix = ?1", params![prefix])?;
     let until: Option<i64> = conn.query_row(
         "SELECT MAX(not_after) FROM cert WHERE prefix = ?1",
         params![prefix],
@@ -1067,12 +1123,62 @@ fn expire_locked(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
         "DELETE FROM token WHERE expires IS NOT NULL AND expires < ?1 AND used_by IS NULL",
         params![now],
     )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO revoked(serial, not_after, date)
+         SELECT serial, not_after, ?1 FROM superseded WHERE due <= ?1 AND not_after >= ?1",
+        params![now],
+    )?;
+    conn.execute(
+        "DELETE FROM superseded WHERE due <= ?1 OR not_after < ?1",
+        params![now],
+    )?;
     let mut config = load_config(conn, ca)?;
     let crl = load_crl(conn, now)?;
     if crl != config.crl {
         config.crl = crl;
         bump(&mut config, now);
         save_config(conn, ca, &config)?;
+    }
+    Ok(())
+}
+
+/// Refuses a WireGuard key that a live certificate of another node holds
+/// (its tunnels would be taken for that node's).
+fn refuse_shared_wg_key(
+    conn: &Connection,
+    wg_key: &[u8; 32],
+    mine: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    let holder: Option<String> = conn
+        .query_row(
+            "SELECT prefix FROM cert WHERE wg_key = ?1 AND not_after >= ?2 AND prefix != ?3
+             AND serial NOT IN (SELECT serial FROM revoked) LIMIT 1",
+            params![wg_key.as_slice(), now, mine.unwrap_or("")],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match holder {
+        Some(p) => Err(Error::Conflict(format!(
+            "this WireGuard key is {p}'s: every node needs its own"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Schema 3: the WireGuard key of every stored certificate.
+fn fill_wg_keys(conn: &Connection) -> Result<()> {
+    let certs: Vec<(i64, String)> = {
+        let mut st = conn.prepare("SELECT serial, pem FROM cert")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (serial, pem) in certs {
+        let wg = NodeCert::from_pem(&pem)?.wg_key;
+        conn.execute(
+            "UPDATE cert SET wg_key = ?1 WHERE serial = ?2",
+            params![wg.as_slice(), serial],
+        )?;
     }
     Ok(())
 }
@@ -1136,8 +1242,16 @@ mod tests {
     fn join(s: &mut Store, now: i64) -> Result<(rcgen::KeyPair, Issued)> {
         let token = s.add_token(None, None, None, now)?;
         let key = generate_key()?;
-        let issued = s.join(&token, &make_csr(&key)?, [3; 32], now)?;
+        let issued = s.join(&token, &make_csr(&key)?, wg_key_of(&key), now)?;
         Ok((key, issued))
+    }
+
+    /// A WireGuard key of each node's own (taken from its node key).
+    fn wg_key_of(key: &rcgen::KeyPair) -> [u8; 32] {
+        let raw = key.public_key_raw();
+        let mut wg = [0; 32];
+        wg.copy_from_slice(&raw[raw.len() - 32..]);
+        wg
     }
 
     #[test]
@@ -1263,14 +1377,17 @@ mod tests {
         Ok(())
     }
 
-    /// A database of schema version 1 gains the quarantine table on open.
+    /// A database of schema version 1 gains the quarantine table on open,
+    /// then the superseded table and the certificates' WireGuard keys.
     #[test]
     fn schema_1_is_migrated() -> Result<()> {
-        let f = fixture()?;
+        let mut f = fixture()?;
         let db = f.store.path.clone();
-        f.store
-            .conn
-            .execute_batch("DROP TABLE quarantine; PRAGMA user_version = 1;")?;
+        let (old_key, old) = join(&mut f.store, NOW)?;
+        f.store.conn.execute_batch(
+            "DROP TABLE quarantine; DROP TABLE superseded; ALTER TABLE cert DROP COLUMN wg_key;
+             PRAGMA user_version = 1;",
+        )?;
         drop(f.store);
         let mut store = Store::open(&db)?;
         let (_, a) = join(&mut store, NOW)?;
@@ -1279,6 +1396,117 @@ mod tests {
             .conn
             .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))?;
         assert_eq!(held, 1);
+        let wg: Vec<u8> = store.conn.query_row(
+            "SELECT wg_key FROM cert WHERE serial = ?1",
+            params![to_i64(old.serial, "serial")?],
+            |r| r.get(0),
+        )?;
+        assert_eq!(wg, wg_key_of(&old_key));
+        Ok(())
+    }
+
+    fn authenticated(s: &mut Store, key: &rcgen::KeyPair, serial: u64, t: i64) -> Result<NodeCert> {
+        let h = sign_request(key, serial, "POST", "/v1/renew", b"", t)?;
+        s.authenticate(&RequestAuth::parse(&h)?, "POST", "/v1/renew", b"", t, true)
+    }
+
+    /// A renewal supersedes the previous certificate: it goes to the CRL
+    /// [`SUPERSEDE_AFTER_S`] after the node first shows the new one, not
+    /// before (its peers learn the new serial meanwhile), and without a
+    /// Babel key rotation (the node is still a member).
+    #[test]
+    fn renewal_supersedes_the_old_certificate_once_the_new_one_is_used() -> Result<()> {
+        let mut f = fixture()?;
+        let (key, a) = join(&mut f.store, NOW)?;
+        let later = NOW + 340 * 86_400;
+        let node = authenticated(&mut f.store, &key, a.serial, later)?;
+        let renewed = f.store.renew(&node, None, later)?;
+        assert!(renewed.renewed);
+        let hmac = f.store.hmac_keys()?;
+        // The answer may be lost: the old certificate still authenticates
+        // and a retry gets the new one.
+        f.store.expire(later + 86_400)?;
+        assert!(
+            f.store.config()?.crl.is_empty(),
+            "not before the node uses it"
+        );
+        let t = later + 86_400 + 1;
+        let node = authenticated(&mut f.store, &key, a.serial, t)?;
+        let again = f.store.renew(&node, None, t)?;
+        assert_eq!((again.serial, again.renewed), (renewed.serial, false));
+        f.store.expire(t + SUPERSEDE_AFTER_S)?;
+        assert!(
+            f.store.config()?.crl.is_empty(),
+            "the old serial proves nothing"
+        );
+        let used = t + 10;
+        authenticated(&mut f.store, &key, renewed.serial, used)?;
+        f.store.expire(used + SUPERSEDE_AFTER_S - 1)?;
+        assert!(f.store.config()?.crl.is_empty(), "peers get time to learn");
+        f.store.expire(used + SUPERSEDE_AFTER_S)?;
+        assert_eq!(f.store.config()?.crl, vec![a.serial]);
+        assert_eq!(f.store.list_nodes()?.len(), 1, "still a member");
+        assert_eq!(f.store.hmac_keys()?, hmac, "no Babel key rotation");
+        assert!(matches!(
+            authenticated(&mut f.store, &key, a.serial, used + SUPERSEDE_AFTER_S + 1),
+            Err(Error::Forbidden(_))
+        ));
+        Ok(())
+    }
+
+    /// A node gets [`CERTS_PER_WINDOW`] certificates per [`CERT_WINDOW_S`];
+    /// a renewal that changes nothing is answered with the current one.
+    #[test]
+    fn renewals_are_rate_limited_per_node() -> Result<()> {
+        let mut f = fixture()?;
+        let (key, a) = join(&mut f.store, NOW)?;
+        let mut serial = a.serial;
+        for (i, wg) in [[7; 32], [8; 32]].into_iter().enumerate() {
+            let t = NOW + 10 + i as i64;
+            let node = authenticated(&mut f.store, &key, serial, t)?;
+            let r = f.store.renew(&node, Some(wg), t)?;
+            assert!(r.renewed);
+            serial = r.serial;
+        }
+        let node = authenticated(&mut f.store, &key, serial, NOW + 20)?;
+        assert!(matches!(
+            f.store.renew(&node, Some([9; 32]), NOW + 20),
+            Err(Error::TooSoon(_))
+        ));
+        assert!(!f.store.renew(&node, None, NOW + 21)?.renewed);
+        let t = NOW + 11 + CERT_WINDOW_S;
+        let node = authenticated(&mut f.store, &key, serial, t)?;
+        assert!(f.store.renew(&node, Some([9; 32]), t)?.renewed);
+        Ok(())
+    }
+
+    /// No two live certificates of different nodes share a WireGuard key:
+    /// not at join, not at renewal; a revoked holder frees it.
+    #[test]
+    fn a_wireguard_key_belongs_to_one_node() -> Result<()> {
+        let mut f = fixture()?;
+        let (key_a, a) = join(&mut f.store, NOW)?;
+        let wg_a = wg_key_of(&key_a);
+        let token = f.store.add_token(None, None, None, NOW)?;
+        let key_b = generate_key()?;
+        let csr_b = make_csr(&key_b)?;
+        assert!(matches!(
+            f.store.join(&token, &csr_b, wg_a, NOW),
+            Err(Error::Conflict(_))
+        ));
+        let b = f.store.join(&token, &csr_b, wg_key_of(&key_b), NOW)?;
+        let t = NOW + CERT_WINDOW_S;
+        let node_b = authenticated(&mut f.store, &key_b, b.serial, t)?;
+        assert!(matches!(
+            f.store.renew(&node_b, Some(wg_a), t),
+            Err(Error::Conflict(_))
+        ));
+        // Its own key again is fine (a renewal keeps it).
+        let node_a = authenticated(&mut f.store, &key_a, a.serial, t)?;
+        assert!(f.store.renew(&node_a, Some(wg_a), t + 340 * 86_400).is_ok());
+        f.store.revoke(&RevokeTarget::Serial(a.serial), t + 1)?;
+        let node_b = authenticated(&mut f.store, &key_b, b.serial, t + 2)?;
+        assert!(f.store.renew(&node_b, Some(wg_a), t + 2)?.renewed);
         Ok(())
     }
 
@@ -1386,7 +1614,7 @@ mod tests {
             .ca()
             .cert()
             .verify_node(&renewed.cert, Some(later + 300 * 86_400))?;
-        assert_eq!(c.wg_key, [3; 32]);
+        assert_eq!(c.wg_key, wg_key_of(&key));
         Ok(())
     }
 

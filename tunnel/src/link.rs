@@ -196,6 +196,12 @@ impl Link {
     }
 }
 
+/// A link's WireGuard key is another peer's: two nodes cannot share one
+/// (the registry refuses it; a link never takes over another's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this WireGuard key is {0}'s link")]
+pub struct KeyInUse(pub Peer);
+
 /// All links of a node, by index and by peer key.
 pub struct Links {
     secret: [u8; 32],
@@ -241,7 +247,9 @@ impl Links {
     }
 
     /// Adds a link with this index (24 bits, chosen by the caller);
-    /// returns the index of the link to the same key it replaces, if any.
+    /// returns the index of the link to the same peer and key it
+    /// replaces, if any. A key that another peer's link holds is refused:
+    /// that link stays.
     pub fn add(
         &mut self,
         index: u32,
@@ -249,8 +257,16 @@ impl Links {
         peer_key: [u8; 32],
         endpoint: Option<SocketAddr>,
         keepalive: Option<u16>,
-    ) -> Option<u32> {
+    ) -> Result<Option<u32>, KeyInUse> {
         let index = index & 0x00ff_ffff;
+        if let Some(other) = self
+            .by_key
+            .get(&peer_key)
+            .and_then(|i| self.by_index.get(i))
+            .filter(|l| l.peer != peer)
+        {
+            return Err(KeyInUse(other.peer));
+        }
         let replaced = self.by_key.remove(&peer_key);
         if let Some(old) = replaced {
             self.by_index.remove(&old);
@@ -271,7 +287,7 @@ impl Links {
             ),
         );
         self.by_key.insert(peer_key, index);
-        replaced.filter(|&old| old != index)
+        Ok(replaced.filter(|&old| old != index))
     }
 
     /// Removes a link.
@@ -404,9 +420,11 @@ mod tests {
             "198.18.2.2:326".parse().unwrap_or_else(|_| panic!()),
         );
         let ia = 1;
-        a.add(ia, peer(2), public(sb), Some(addr_b), None);
+        a.add(ia, peer(2), public(sb), Some(addr_b), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let ib = 1;
-        b.add(ib, peer(1), public(sa), None, None);
+        b.add(ib, peer(1), public(sa), None, None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut buf = vec![0u8; BUF];
         // a sends a packet: queued, a handshake initiation goes out.
         let init = a
@@ -463,7 +481,8 @@ mod tests {
         for _ in 0..(HANDSHAKES_PER_S as usize + 50) {
             // A new link each time: a flood of fresh initiations.
             let ic = 7;
-            c.add(ic, peer(2), public(sb), Some(addr), None);
+            c.add(ic, peer(2), public(sb), Some(addr), None)
+                .unwrap_or_else(|e| panic!("{e}"));
             let init = c
                 .get_mut(ic)
                 .and_then(|l| l.initiate(&mut buf))
@@ -490,11 +509,13 @@ mod tests {
         let mut b = Links::new(sb);
         let mut c = Links::new(sc);
         let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
-        b.add(1, peer(3), public(sc), None, None);
+        b.add(1, peer(3), public(sc), None, None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut buf = vec![0u8; BUF];
         let mut answered = 0;
         for _ in 0..(HANDSHAKES_PER_S as usize * 9 / 10) {
-            c.add(7, peer(2), public(sb), Some(addr), None);
+            c.add(7, peer(2), public(sb), Some(addr), None)
+                .unwrap_or_else(|e| panic!("{e}"));
             let init = c
                 .get_mut(7)
                 .and_then(|l| l.initiate(&mut buf))
@@ -511,6 +532,23 @@ mod tests {
         assert_eq!(answered, HANDSHAKES_PER_S as usize * 9 / 10);
     }
 
+    /// A second peer presenting a key another peer's link holds gets no
+    /// link, and the first link stays; the same peer replaces its own.
+    #[test]
+    fn a_link_never_takes_another_peers_key() {
+        let (sa, sb) = (key(1), key(2));
+        let mut a = Links::new(sa);
+        assert_eq!(a.add(1, peer(2), public(sb), None, None), Ok(None));
+        assert_eq!(
+            a.add(2, peer(3), public(sb), None, None),
+            Err(KeyInUse(peer(2)))
+        );
+        assert_eq!(a.indices(), vec![1]);
+        assert_eq!(a.get_mut(1).map(|l| l.peer), Some(peer(2)));
+        assert_eq!(a.add(5, peer(2), public(sb), None, None), Ok(Some(1)));
+        assert_eq!(a.indices(), vec![5]);
+    }
+
     #[test]
     fn strangers_and_garbage_are_dropped_and_counted() {
         let (sa, sb, sc) = (key(1), key(2), key(3));
@@ -520,9 +558,11 @@ mod tests {
         let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
         let mut buf = vec![0u8; BUF];
         // b only knows a; c (another key) tries to talk to b.
-        b.add(1, peer(1), public(sa), None, None);
+        b.add(1, peer(1), public(sa), None, None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let ic = 7;
-        c.add(ic, peer(2), public(sb), Some(addr), None);
+        c.add(ic, peer(2), public(sb), Some(addr), None)
+            .unwrap_or_else(|e| panic!("{e}"));
         let init = c
             .get_mut(ic)
             .and_then(|l| l.initiate(&mut buf))

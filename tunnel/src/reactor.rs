@@ -336,8 +336,13 @@ impl<P: InProcess> Reactor<P> {
             tun,
             link_local,
         } = l;
-        if let Some(old) = self.links.add(index, peer, peer_key, endpoint, Some(25)) {
-            self.remove_io(old);
+        match self.links.add(index, peer, peer_key, endpoint, Some(25)) {
+            Ok(Some(old)) => self.remove_io(old),
+            Ok(None) => {}
+            Err(_) => {
+                self.drop_count("key_in_use");
+                return;
+            }
         }
         self.remove_io(index);
         let token = Token(TUN | index as usize);

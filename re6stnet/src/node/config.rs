@@ -192,6 +192,12 @@ impl NodeCore {
         self.cert_pem = pem.clone();
         self.push(Action::SaveCertificate(pem));
         self.refresh_record(now);
+        // Every peer message carries our certificate: our tunnel peers
+        // learn the new serial before the registry revokes the old one.
+        let version = self.netconf.version;
+        for p in self.tunnel_peers() {
+            self.send_peer(unix, p, &Body::ConfigVersion { version });
+        }
         Ok(())
     }
 

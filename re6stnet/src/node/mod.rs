@@ -582,7 +582,7 @@ impl NodeCore {
         self.next_name = self.next_name.wrapping_add(1) & 0xffff;
         let name = format!("re6st-{:04x}", self.next_name);
         tracing::info!(peer = %p, interface = %name, outgoing, "tunnel");
-        let t = Tunnel::new(name.clone(), outgoing, cert.serial, now);
+        let t = Tunnel::new(name.clone(), outgoing, cert.serial, cert.wg_key, now);
         self.timers.set(Timer::Tunnel(p), t.deadline());
         self.tunnels.insert(p, t);
         self.metrics.tunnels_opened += 1;

@@ -65,6 +65,11 @@ impl NodeCore {
             .entry(body_kind(&body).to_string())
             .or_default() += 1;
         let from = cert.prefix;
+        if let Some(t) = self.tunnels.get_mut(&from) {
+            if t.follow_renewal(cert.serial, &cert.wg_key) {
+                tracing::info!(peer = %from, serial = cert.serial, "peer renewed its certificate");
+            }
+        }
         match body {
             Body::EndpointsRequest => {
                 if let Some(record) = self.record.clone() {

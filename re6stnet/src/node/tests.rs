@@ -681,6 +681,51 @@ fn renewal_before_expiry_retried_after_failure() {
     assert_eq!(sim.count(0, renew), 2, "no renewal needed any more");
 }
 
+/// A renewed node tells its tunnel peers its new certificate: when the
+/// registry later revokes the superseded serial, the tunnel stays. A
+/// certificate with another WireGuard key does not move the tunnel.
+#[test]
+fn a_renewal_keeps_the_tunnels_when_the_old_serial_is_revoked() {
+    let mut sim = Sim::new(3, &netconf(1, |c| c.client_count = 2));
+    sim.run_until(Duration::from_secs(5));
+    let renew = |sim: &mut Sim, i: usize, wg_key: [u8; 32], serial: u64| {
+        let key = re6st_registry::cert::load_key(&sim.nodes[i].key_pem).unwrap();
+        let pem = sim
+            .ca
+            .issue(&IssueRequest {
+                public_key: key.public_key_raw().to_vec(),
+                prefix: sim.nodes[i].prefix,
+                wg_key,
+                serial,
+                not_before: NOW - 10,
+                not_after: NOW + 365 * 86_400,
+            })
+            .unwrap();
+        sim.answer(i, RegistryResult::Renewed(Ok(pem)));
+        sim.deliver();
+    };
+    // Node 0 keeps its WireGuard key ([1; 32]); node 1 changes it.
+    renew(&mut sim, 0, [1; 32], 90);
+    renew(&mut sim, 1, [9; 32], 91);
+    let (a, b) = (sim.nodes[0].prefix, sim.nodes[1].prefix);
+    assert!(sim.tunnels(2).iter().any(|t| t.peer == a));
+    assert!(sim.tunnels(2).iter().any(|t| t.peer == b));
+    let c2 = netconf(2, |c| {
+        c.client_count = 2;
+        c.crl = vec![sim.nodes[0].serial, sim.nodes[1].serial];
+    });
+    let (now, unix) = (sim.now, sim.unix());
+    sim.cores[2].handle_registry(now, unix, RegistryResult::Config(Ok(signed(&sim.ca, &c2))));
+    sim.deliver();
+    assert!(sim.tunnels(2).iter().any(|t| t.peer == a), "renewed: kept");
+    assert!(
+        sim.tunnels(2).iter().all(|t| t.peer != b),
+        "another key: closed"
+    );
+    assert_eq!(lost(&sim.cores[2], LossReason::Revoked), 1);
+    assert!(!sim.cores[0].revoked());
+}
+
 /// With the registry down, nodes still open tunnels from their caches and
 /// keep them; the configuration and the Babel keys are asked again with
 /// growing delays.

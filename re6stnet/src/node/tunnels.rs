@@ -16,8 +16,10 @@ pub struct Tunnel {
     pub name: String,
     /// We opened it.
     pub outgoing: bool,
-    /// The serial of the peer's certificate.
+    /// The serial of the peer's certificate (the newest it has shown).
     pub serial: u64,
+    /// The peer's WireGuard key: the tunnel's, whatever its certificate.
+    pub wg_key: [u8; 32],
     /// When it was added.
     pub created: Instant,
     /// Its WireGuard handshake completed.
@@ -43,16 +45,29 @@ pub enum Verdict {
 
 impl Tunnel {
     /// A new tunnel, not up yet.
-    pub fn new(name: String, outgoing: bool, serial: u64, now: Instant) -> Self {
+    pub fn new(name: String, outgoing: bool, serial: u64, wg_key: [u8; 32], now: Instant) -> Self {
         Self {
             name,
             outgoing,
             serial,
+            wg_key,
             created: now,
             up: false,
             last_neighbour: now,
             cost: 1,
         }
+    }
+
+    /// The peer signed with a certificate of another serial: a renewal
+    /// that keeps the tunnel's key moves the tunnel onto it (so the
+    /// superseded serial in a later CRL does not close it). A
+    /// certificate with another key says nothing about this tunnel.
+    pub fn follow_renewal(&mut self, serial: u64, wg_key: &[u8; 32]) -> bool {
+        let newer = serial > self.serial && *wg_key == self.wg_key;
+        if newer {
+            self.serial = serial;
+        }
+        newer
     }
 
     /// When it must be looked at again.

@@ -43,9 +43,9 @@ pub struct AgentConfig {
     pub name: String,
     /// Its site (empty: a site of its own).
     pub site: String,
-    /// The serial of its certificate: once the CRL names it, the agent
-    /// stops its instances and stops asking for more.
-    pub serial: u64,
+    /// The serial of its certificate now (it follows renewals): once the
+    /// CRL names it, the agent stops its instances and stops asking for more.
+    pub serial: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Where instance directories go.
     pub base_dir: PathBuf,
     /// The node's overlay address (the `{address}` of descriptors).
@@ -640,10 +640,11 @@ pub async fn run(
             () = &mut shutdown => break,
         }
         let now = Instant::now();
-        if (cfg.crl)().is_some_and(|crl| crl.contains(&cfg.serial)) {
+        let serial = (cfg.serial)();
+        if (cfg.crl)().is_some_and(|crl| crl.contains(&serial)) {
             if !running.is_empty() {
                 tracing::error!(
-                    serial = cfg.serial,
+                    serial,
                     "this node's certificate is revoked: stopping its instances"
                 );
             }

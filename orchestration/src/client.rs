@@ -3,6 +3,7 @@
 //! operator's token (never sent itself).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -12,7 +13,7 @@ use re6st_registry::auth::sign_request;
 use serde::de::DeserializeOwned;
 
 use crate::assignment::{SignedAssignments, MAX_PAYLOAD};
-use crate::identity::NodeIdentity;
+use crate::identity::LiveIdentity;
 use crate::instance_key::INSTANCE_HEADER;
 use crate::master::{Hello, RequestBody, CERT_HEADER};
 use crate::store::{Instance, Node, Report};
@@ -26,7 +27,7 @@ pub fn install_crypto() {
 /// How the client proves who it is.
 pub enum Credentials {
     /// The node's identity (agents).
-    Node(Box<NodeIdentity>),
+    Node(Arc<LiveIdentity>),
     /// An instance's name and the key its agent made for it.
     Instance(String, Box<rcgen::KeyPair>),
     /// The operator's token.
@@ -83,7 +84,8 @@ impl MasterClient {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         match &self.creds {
-            Credentials::Node(id) => {
+            Credentials::Node(live) => {
+                let id = live.current();
                 let h = sign_request(&id.key, id.cert.serial, method.as_str(), path, &body, now)?;
                 req = req
                     .header("authorization", h)

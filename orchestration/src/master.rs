@@ -27,7 +27,7 @@ use re6st_registry::cert::NodeCert;
 use serde::{Deserialize, Serialize};
 
 use crate::assignment::{Assigned, Assignments, SignedAssignments};
-use crate::identity::NodeIdentity;
+use crate::identity::LiveIdentity;
 use crate::instance_key::INSTANCE_HEADER;
 use crate::operator_auth::{self, OperatorAuth};
 use crate::owner::{self, Requester};
@@ -41,7 +41,7 @@ pub const CERT_HEADER: &str = "x-re6st-cert";
 /// The master's shared state.
 pub struct Master {
     store: Mutex<Store>,
-    identity: NodeIdentity,
+    identity: LiveIdentity,
     crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
     admin_token: Option<String>,
     seen: Mutex<HashMap<String, i64>>,
@@ -118,7 +118,7 @@ impl Master {
     /// revocations cannot be checked.
     pub fn new(
         store: Store,
-        identity: NodeIdentity,
+        identity: LiveIdentity,
         crl: Box<dyn Fn() -> Option<Vec<u64>> + Send + Sync>,
         admin_token: Option<String>,
         agent_timeout_s: i64,
@@ -258,6 +258,7 @@ impl Master {
             .ok_or_else(|| unauth(format!("no {CERT_HEADER} header")))?;
         let cert = self
             .identity
+            .current()
             .ca
             .verify_node(&pem, Some(t))
             .map_err(|e| unauth(format!("certificate: {e}")))?;
@@ -304,7 +305,8 @@ impl Master {
     /// Whether `src` is this node: loopback or inside its prefix, where no
     /// other node relays the traffic.
     fn on_this_node(&self, src: IpAddr) -> bool {
-        src.is_loopback() || matches!(src, IpAddr::V6(a) if self.identity.cert.prefix.contains(&a))
+        src.is_loopback()
+            || matches!(src, IpAddr::V6(a) if self.identity.current().cert.prefix.contains(&a))
     }
 }
 
@@ -561,7 +563,7 @@ async fn assignments(
         issued_at: now(),
         instances,
     };
-    let signed = SignedAssignments::sign(&a, &m.identity)
+    let signed = SignedAssignments::sign(&a, &m.identity.current())
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("signing: {e:#}")))?;
     Ok(Json(signed).into_response())
 }
@@ -768,7 +770,7 @@ mod tests {
         let store = Store::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let m = Master::new(
             store,
-            crate::assignment::tests::identity(&ca, 1, 41),
+            LiveIdentity::fixed(crate::assignment::tests::identity(&ca, 1, 41)),
             Box::new(move || revoked.clone()),
             Some("tok".into()),
             60,

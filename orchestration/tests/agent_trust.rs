@@ -18,7 +18,7 @@ use re6st_orchestration::agent::{self, AgentConfig};
 use re6st_orchestration::assignment::{Assigned, Assignments, SignedAssignments};
 use re6st_orchestration::catalog::Catalog;
 use re6st_orchestration::client::{Credentials, MasterClient};
-use re6st_orchestration::identity::NodeIdentity;
+use re6st_orchestration::identity::{LiveIdentity, NodeIdentity};
 use re6st_orchestration::master::Poll;
 use re6st_orchestration::store::{Instance, Report};
 use re6st_registry::cert::Ca;
@@ -173,7 +173,10 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
         master_url: format!("http://{addr}"),
         name: "agent".into(),
         site: String::new(),
-        serial: agent_id.cert.serial,
+        serial: {
+            let serial = agent_id.cert.serial;
+            Arc::new(move || serial)
+        },
         base_dir: base.clone(),
         address: agent_id.cert.address,
         node: agent_id.cert.prefix,
@@ -196,7 +199,7 @@ async fn the_agent_runs_only_what_the_master_signed_for_it() {
     };
     let client = MasterClient::new(
         &format!("http://{addr}"),
-        Credentials::Node(Box::new(agent_id)),
+        Credentials::Node(Arc::new(LiveIdentity::fixed(agent_id))),
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

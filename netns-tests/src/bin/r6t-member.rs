@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use re6st_orchestration::client::{Credentials, MasterClient};
-use re6st_orchestration::identity::NodeIdentity;
+use re6st_orchestration::identity::LiveIdentity;
 use re6st_orchestration::master::RequestBody;
 
 #[derive(Parser, Debug)]
@@ -54,8 +54,8 @@ enum Cmd {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let id = NodeIdentity::from_dir(&cli.dir)?;
-    let c = MasterClient::new(&cli.master, Credentials::Node(Box::new(id)))?;
+    let id = LiveIdentity::from_dir(&cli.dir)?;
+    let c = MasterClient::new(&cli.master, Credentials::Node(std::sync::Arc::new(id)))?;
     Ok(match cli.cmd {
         Cmd::List => format!("{:?}", c.list().await?),
         Cmd::Show { name } => c.show(&name).await?.to_string(),

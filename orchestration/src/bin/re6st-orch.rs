@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use re6st_orchestration::catalog::Catalog;
 use re6st_orchestration::client::{Credentials, MasterClient};
 use re6st_orchestration::crl_source::LastVerifiedCrl;
-use re6st_orchestration::identity::NodeIdentity;
+use re6st_orchestration::identity::LiveIdentity;
 use re6st_orchestration::master::{self, Master, RequestBody};
 use re6st_orchestration::store::Store;
 
@@ -274,7 +274,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             allow_underlay,
             agent_timeout,
         } => {
-            let identity = NodeIdentity::from_dir(&dir)?;
+            let live = LiveIdentity::from_dir(&dir)?;
+            let identity = live.current();
             let ca = identity.ca.clone();
             let own = match listen.ip() {
                 IpAddr::V6(a) => identity.cert.prefix.contains(&a),
@@ -306,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let source = LastVerifiedCrl::new(network_config, ca);
             let crl = Box::new(move || source.current());
-            let m = Master::new(store, identity, crl, admin, i64::from(agent_timeout));
+            let m = Master::new(store, live, crl, admin, i64::from(agent_timeout));
             let watcher = m.clone();
             tokio::spawn(async move {
                 let period =
@@ -351,7 +352,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the agent must run as root: it runs each instance as its own user, in its own directory, address and cgroup");
             }
-            let identity = NodeIdentity::from_dir(&dir)?;
+            let live = Arc::new(LiveIdentity::from_dir(&dir)?);
+            let identity = live.current();
             let parts = re6st_orchestration::partition::Partitions::new(
                 &state,
                 uid_base,
@@ -363,7 +365,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 master_url: master.clone(),
                 name,
                 site,
-                serial: identity.cert.serial,
+                serial: {
+                    let live = Arc::clone(&live);
+                    Arc::new(move || live.current().cert.serial)
+                },
                 base_dir: state,
                 address: identity.cert.address,
                 node: identity.cert.prefix,
@@ -382,7 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ctl_socket: Some(ctl_socket),
                 period: Duration::from_millis(period_ms.max(100)),
             };
-            let client = MasterClient::new(&master, Credentials::Node(Box::new(identity)))?;
+            let client = MasterClient::new(&master, Credentials::Node(live))?;
             re6st_orchestration::agent::run(cfg, client, re6stnet::shutdown_signal()).await
         }
         Cmd::Request {

@@ -17,7 +17,7 @@ use ipnet::{IpNet, Ipv6Net};
 use re6st_registry::api::RenewRequest;
 use re6st_registry::cert::overlay_address;
 use re6st_registry::client::{Identity as ClientId, RegistryClient};
-use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
+use re6st_registry::config::{Freshness, HmacKeys, NetworkConfig, SignedConfig, STALE_BOUND_S};
 use re6st_routing::driver::{self, Command, DriverConfig};
 use re6st_routing::embedded::Embedded;
 use re6st_routing::metric::RttParams;
@@ -116,14 +116,29 @@ async fn initial_config(
             }
         }
         if let Some(c) = cached.clone() {
-            tracing::info!(
-                version = c.1.version,
-                "using the cached network configuration"
-            );
-            return Ok(c);
+            match c.1.freshness(unix()) {
+                Freshness::Fresh => {
+                    tracing::info!(version = c.1.version, "using the cached network configuration");
+                    return Ok(c);
+                }
+                Freshness::Stale => {
+                    tracing::warn!(
+                        version = c.1.version,
+                        valid_until = c.1.valid_until,
+                        "using the cached network configuration past its validity: its CRL may miss revocations"
+                    );
+                    return Ok(c);
+                }
+                Freshness::Expired => tracing::error!(
+                    version = c.1.version,
+                    valid_until = c.1.valid_until,
+                    bound_s = STALE_BOUND_S,
+                    "the cached network configuration is too old to trust its CRL: waiting for the registry"
+                ),
+            }
         }
         if registry.is_none() {
-            anyhow::bail!("no registry configured and no cached network configuration");
+            anyhow::bail!("no registry configured and no cached network configuration still valid");
         }
         tracing::info!(retry_in_s = delay.as_secs(), "waiting for the registry");
         tokio::time::sleep(delay).await;

@@ -21,6 +21,27 @@ use crate::error::{Error, Result};
 /// Version of the registry protocol spoken by this code.
 pub const PROTOCOL: u32 = 1;
 
+/// A configuration (and its CRL) is valid this long after it is signed;
+/// the registry signs it again at half of it, so that a node cut off from
+/// the registry and from every up-to-date peer notices it.
+pub const CONFIG_VALIDITY_S: i64 = 7 * 86_400;
+
+/// How long past its validity a configuration is still used: a node
+/// refuses one older than that, from a peer or its own cache (it then
+/// waits for the registry). A running node keeps the one it has.
+pub const STALE_BOUND_S: i64 = 30 * 86_400;
+
+/// How current a configuration is (see [`NetworkConfig::freshness`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its validity, or signed before configurations had one.
+    Fresh,
+    /// Past its validity, within [`STALE_BOUND_S`]: used, and a newer one asked for.
+    Stale,
+    /// Past [`STALE_BOUND_S`] beyond its validity: refused.
+    Expired,
+}
+
 /// The network configuration every node caches and applies live.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +80,10 @@ pub struct NetworkConfig {
     pub crl: Vec<u64>,
     /// Version of the HMAC key set (a rotation floods like any change).
     pub hmac_version: u64,
+    /// Unix seconds after which this configuration is stale (see
+    /// [`Freshness`]); 0 in configurations signed before it existed.
+    #[serde(default)]
+    pub valid_until: i64,
 }
 
 /// A settable parameter: its name, and how to check and apply a value.
@@ -147,6 +172,18 @@ impl NetworkConfig {
             registry_urls: Vec::new(),
             crl: Vec::new(),
             hmac_version: 1,
+            valid_until: now + CONFIG_VALIDITY_S,
+        }
+    }
+
+    /// How current this configuration is at `unix`.
+    pub fn freshness(&self, unix: i64) -> Freshness {
+        if self.valid_until == 0 || unix <= self.valid_until {
+            Freshness::Fresh
+        } else if unix <= self.valid_until.saturating_add(STALE_BOUND_S) {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
         }
     }
 

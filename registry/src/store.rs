@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::auth::{RequestAuth, SignedPeerRecord, MAX_SKEW_S};
 use crate::cert::{check_csr, Ca, IssueRequest, NodeCert};
-use crate::config::{random_bytes, HmacKeys, NetworkConfig, SignedConfig};
+use crate::config::{random_bytes, HmacKeys, NetworkConfig, SignedConfig, CONFIG_VALIDITY_S};
 use crate::error::{Error, Result};
 use crate::prefix::{Allocator, Block};
 
@@ -1001,6 +1001,7 @@ fn save_config(conn: &Connection, ca: &Ca, config: &NetworkConfig) -> Result<()>
 fn bump(config: &mut NetworkConfig, now: i64) {
     config.version += 1;
     config.issued_at = now;
+    config.valid_until = now + CONFIG_VALIDITY_S;
 }
 
 fn load_crl(conn: &Connection, now: i64) -> Result<Vec<u64>> {
@@ -1134,7 +1135,8 @@ fn expire_locked(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
     )?;
     let mut config = load_config(conn, ca)?;
     let crl = load_crl(conn, now)?;
-    if crl != config.crl {
+    // Signed again at half of its validity, changed or not.
+    if crl != config.crl || config.valid_until - now < CONFIG_VALIDITY_S / 2 {
         config.crl = crl;
         bump(&mut config, now);
         save_config(conn, ca, &config)?;
@@ -1408,6 +1410,33 @@ mod tests {
     fn authenticated(s: &mut Store, key: &rcgen::KeyPair, serial: u64, t: i64) -> Result<NodeCert> {
         let h = sign_request(key, serial, "POST", "/v1/renew", b"", t)?;
         s.authenticate(&RequestAuth::parse(&h)?, "POST", "/v1/renew", b"", t, true)
+    }
+
+    /// The configuration is signed again at half of its validity, so a
+    /// fresh one always exists; its freshness moves from fresh to stale to
+    /// expired.
+    #[test]
+    fn the_configuration_is_signed_again_before_it_goes_stale() -> Result<()> {
+        use crate::config::{Freshness, STALE_BOUND_S};
+        let mut f = fixture()?;
+        let c = f.store.config()?;
+        assert!(c.valid_until >= NOW + CONFIG_VALIDITY_S);
+        f.store.expire(c.valid_until - CONFIG_VALIDITY_S / 2 - 1)?;
+        assert_eq!(f.store.config()?.version, c.version, "not yet");
+        let t = c.valid_until - CONFIG_VALIDITY_S / 2 + 1;
+        f.store.expire(t)?;
+        let d = f.store.config()?;
+        assert_eq!(
+            (d.version, d.valid_until),
+            (c.version + 1, t + CONFIG_VALIDITY_S)
+        );
+        assert_eq!(d.freshness(d.valid_until), Freshness::Fresh);
+        assert_eq!(d.freshness(d.valid_until + 1), Freshness::Stale);
+        assert_eq!(
+            d.freshness(d.valid_until + STALE_BOUND_S + 1),
+            Freshness::Expired
+        );
+        Ok(())
     }
 
     /// A renewal supersedes the previous certificate: it goes to the CRL

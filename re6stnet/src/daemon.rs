@@ -575,7 +575,7 @@ impl Driver {
                         .and_then(|s| open_hmac(&ca, &secret, &s)),
                 ),
                 RegistryRequest::Bootstrap => {
-                    RegistryResult::Bootstrap(r.bootstrap(Some(&id)).await.map_err(text))
+                    RegistryResult::Bootstrap(r.bootstrap(&id).await.map_err(text))
                 }
                 RegistryRequest::Publish(record) => {
                     RegistryResult::Published(r.publish_peer(&id, &record).await.map_err(text))

@@ -159,10 +159,10 @@ impl RegistryClient {
             .await
     }
 
-    /// A few peers to start from (node-signed: never ourselves).
-    pub async fn bootstrap(&self, who: Option<&Identity<'_>>) -> Result<Vec<SignedPeerRecord>> {
+    /// A few peers to start from (members only, never ourselves).
+    pub async fn bootstrap(&self, who: &Identity<'_>) -> Result<Vec<SignedPeerRecord>> {
         let a: BootstrapAnswer = self
-            .send(reqwest::Method::GET, "/v1/bootstrap", None, who)
+            .send(reqwest::Method::GET, "/v1/bootstrap", None, Some(who))
             .await?;
         Ok(a.peers)
     }

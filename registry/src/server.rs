@@ -310,17 +310,12 @@ async fn get_bootstrap(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Signed requests get peers other than themselves; anonymous ones any.
-    let exclude = if headers.contains_key("authorization") {
-        Some(
-            node_auth(&st, &headers, &method, &uri, b"", false)
-                .await?
-                .prefix,
-        )
-    } else {
-        None
-    };
-    let peers = st.with_store(move |s| s.bootstrap(exclude, now())).await?;
+    // Members only (the records are the membership's underlay
+    // addresses), and never themselves.
+    let me = node_auth(&st, &headers, &method, &uri, b"", false)
+        .await?
+        .prefix;
+    let peers = st.with_store(move |s| s.bootstrap(Some(me), now())).await?;
     Ok(json(BootstrapAnswer { peers }))
 }
 

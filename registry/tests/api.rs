@@ -332,7 +332,7 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
         serial: b.serial,
     };
     for _ in 0..5 {
-        let peers = client.bootstrap(Some(&who)).await?;
+        let peers = client.bootstrap(&who).await?;
         assert_eq!(peers.len(), 4);
         for p in peers {
             let (_, cert) = p.verify(&ca, now(), &[])?;
@@ -358,10 +358,17 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
         Err(Error::Forbidden(_))
     ));
     assert!(client.config().await?.verify(&ca)?.crl.contains(&c.serial));
+    assert!(
+        matches!(client.bootstrap(&cid).await, Err(Error::Forbidden(_))),
+        "a revoked node learns no addresses"
+    );
     for _ in 0..5 {
-        for p in client.bootstrap(None).await? {
+        for p in client.bootstrap(&who).await? {
             assert_ne!(p.verify(&ca, now(), &[])?.1.prefix, c.prefix);
         }
     }
+    // Anonymous: the membership's underlay addresses are not public.
+    let anonymous = reqwest::get(format!("{}/v1/bootstrap", reg.url)).await?;
+    assert_eq!(anonymous.status(), 401);
     Ok(())
 }

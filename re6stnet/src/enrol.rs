@@ -194,21 +194,15 @@ pub async fn enrol(opts: &EnrolOptions) -> anyhow::Result<EnrolReport> {
         );
     }
 
-    let wg_secret = match (&keep, read_opt(&wg_path)?) {
-        (Some(_), Some(_)) => load_wg_key(&wg_path)?,
-        _ => {
-            let secret = random_bytes::<32>()?;
-            write_atomic(
-                &wg_path,
-                format!("{}\n", B64.encode(secret)).as_bytes(),
-                0o600,
-            )?;
-            secret
-        }
+    // New keys are written only once the registry has certified them, so
+    // a refused join leaves the directory as it was.
+    let (wg_secret, new_wg) = match (&keep, read_opt(&wg_path)?) {
+        (Some(_), Some(_)) => (load_wg_key(&wg_path)?, false),
+        _ => (random_bytes::<32>()?, true),
     };
     let wg_public = x25519_public(&wg_secret);
 
-    let (issued, joined, key): (Issued, bool, _) = match keep {
+    let (issued, joined, key, new_key): (Issued, bool, _, _) = match keep {
         Some((key, cert)) => {
             let want_wg = (cert.wg_key != wg_public).then(|| B64.encode(wg_public));
             let issued = client
@@ -221,29 +215,31 @@ pub async fn enrol(opts: &EnrolOptions) -> anyhow::Result<EnrolReport> {
                 )
                 .await
                 .context("renewing")?;
-            (issued, false, key)
+            (issued, false, key, false)
         }
         None => {
             let token = opts
                 .token
                 .as_deref()
                 .context("no certificate to renew here: --token is needed to join")?;
-            let key = match existing_key.filter(|_| !opts.force) {
-                Some(pem) => {
-                    load_key(&pem).with_context(|| format!("existing {}", key_path.display()))?
-                }
-                None => {
-                    let k = generate_key()?;
-                    write_atomic(&key_path, k.serialize_pem().as_bytes(), 0o600)?;
-                    k
-                }
+            let (key, new_key) = match existing_key.filter(|_| !opts.force) {
+                Some(pem) => (
+                    load_key(&pem).with_context(|| format!("existing {}", key_path.display()))?,
+                    false,
+                ),
+                None => (generate_key()?, true),
             };
             let req = JoinRequest {
                 token: token.to_string(),
                 csr: make_csr(&key)?,
                 wg_key: B64.encode(wg_public),
             };
-            (client.join(&req).await.context("joining")?, true, key)
+            (
+                client.join(&req).await.context("joining")?,
+                true,
+                key,
+                new_key,
+            )
         }
     };
     let cert = ca
@@ -251,6 +247,16 @@ pub async fn enrol(opts: &EnrolOptions) -> anyhow::Result<EnrolReport> {
         .context("the certificate the registry sent")?;
     if cert.public_key[..] != *key.public_key_raw() || cert.wg_key != wg_public {
         bail!("the registry sent a certificate for other keys");
+    }
+    if new_key {
+        write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    }
+    if new_wg {
+        write_atomic(
+            &wg_path,
+            format!("{}\n", B64.encode(wg_secret)).as_bytes(),
+            0o600,
+        )?;
     }
     write_atomic(&ca_path, ca.pem().as_bytes(), 0o644)?;
     write_atomic(&cert_path, issued.cert.as_bytes(), 0o644)?;

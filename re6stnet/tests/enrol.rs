@@ -114,6 +114,22 @@ async fn join_keep_pin_and_refuse_other_identities() -> anyhow::Result<()> {
     assert!(err.contains("--force"), "{err}");
     let kept = std::fs::read_to_string(node_dir.join("node.crt"))?;
     assert!(kept.contains("BEGIN CERTIFICATE"));
+    // A forced enrolment the registry refuses (a used token) changes
+    // no file: the node keeps its identity.
+    let files = |d: &std::path::Path| -> anyhow::Result<Vec<String>> {
+        ["node.key", "wg.key", "node.crt", "ca.crt"]
+            .iter()
+            .map(|f| Ok(std::fs::read_to_string(d.join(f))?))
+            .collect()
+    };
+    let before = files(&node_dir)?;
+    let refused = EnrolOptions {
+        force: true,
+        token: opts.token.clone(),
+        ..other.clone()
+    };
+    assert!(enrol(&refused).await.is_err());
+    assert_eq!(files(&node_dir)?, before, "nothing written before the join");
     // ... unless forced.
     let forced = enrol(&EnrolOptions {
         force: true,

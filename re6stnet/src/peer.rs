@@ -15,7 +15,6 @@
 //! floods node to node even with the registry down); drain request / ack
 //! (graceful tunnel retirement); node info for topology.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -25,6 +24,7 @@ use ipnet::Ipv6Net;
 use re6st_registry::auth::SignedPeerRecord;
 use re6st_registry::cert::{sign, verify_ed25519, CaCert, NodeCert};
 use re6st_registry::config::{random_bytes, SignedConfig};
+use re6st_tunnel::replay::ReplayWindow;
 use re6st_tunnel::setup::Identity;
 use re6st_tunnel::source_limit::SourceLimiter;
 use serde::{Deserialize, Serialize};
@@ -137,7 +137,7 @@ pub struct PeerProtocol {
     ca: CaCert,
     me: Identity,
     crl: Vec<u64>,
-    seen: HashMap<String, i64>,
+    seen: ReplayWindow,
     rate: SourceLimiter,
 }
 
@@ -148,7 +148,7 @@ impl PeerProtocol {
             ca,
             me,
             crl: Vec::new(),
-            seen: HashMap::new(),
+            seen: ReplayWindow::new(REPLAY_SLOTS),
             rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
         }
     }
@@ -255,15 +255,9 @@ impl PeerProtocol {
             &sig,
         )
         .map_err(|_| PeerError::BadSignature)?;
-        self.seen.retain(|_, exp| *exp > unix);
-        if self.seen.contains_key(&env.nonce) {
-            return Err(PeerError::Replay);
-        }
-        if self.seen.len() >= REPLAY_SLOTS {
-            // Full of fresh nonces: refuse rather than forget one early.
-            return Err(PeerError::Replay);
-        }
-        self.seen.insert(env.nonce, env.ts + 2 * MAX_SKEW_S);
+        self.seen
+            .check(&env.nonce, env.ts + 2 * MAX_SKEW_S, unix)
+            .map_err(|_| PeerError::Replay)?;
         Ok((cert, env.body))
     }
 }

@@ -22,6 +22,7 @@ pub mod offload;
 pub mod plane;
 pub mod policy;
 mod reactor;
+pub mod replay;
 pub mod setup;
 pub mod source_limit;
 pub mod tun;

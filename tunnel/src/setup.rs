@@ -32,6 +32,7 @@ use re6st_registry::cert::{sign, verify_ed25519, CaCert, NodeCert};
 use re6st_registry::config::random_bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::replay::ReplayWindow;
 use crate::source_limit::SourceLimiter;
 
 /// First bytes of every set-up datagram.
@@ -399,7 +400,7 @@ pub struct Responder {
     ca: CaCert,
     me: Identity,
     crl: Vec<u64>,
-    replay: HashMap<String, i64>,
+    replay: ReplayWindow,
     rate: SourceLimiter,
     stats: ResponderStats,
 }
@@ -425,7 +426,7 @@ impl Responder {
             ca,
             me,
             crl: Vec::new(),
-            replay: HashMap::new(),
+            replay: ReplayWindow::new(REPLAY_SLOTS),
             rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
             stats: ResponderStats::default(),
         }
@@ -479,15 +480,9 @@ impl Responder {
             &sig,
         )
         .map_err(|_| SetupError::BadSignature)?;
-        self.replay.retain(|_, exp| *exp > unix);
-        if self.replay.contains_key(&m.nonce) {
-            return Err(SetupError::Replay);
-        }
-        if self.replay.len() >= REPLAY_SLOTS {
-            // Full of fresh nonces: refuse rather than forget one early.
-            return Err(SetupError::RateLimited);
-        }
-        self.replay.insert(m.nonce.clone(), m.ts + 2 * MAX_SKEW_S);
+        self.replay
+            .check(&m.nonce, m.ts + 2 * MAX_SKEW_S, unix)
+            .map_err(|_| SetupError::Replay)?;
         Ok((cert, m.nonce))
     }
 

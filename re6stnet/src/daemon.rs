@@ -76,6 +76,8 @@ fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
 
 fn tunnel_iface(c: &NetworkConfig) -> InterfaceConfig {
     let mut i = InterfaceConfig::tunnel(hello_interval(c));
+    // Any member can reach our tunnels: no Babel there without keys.
+    i.requires_auth = true;
     i.rtt = Some(RttParams {
         min: Duration::from_millis(u64::from(c.rtt_min_ms)),
         max: Duration::from_millis(u64::from(c.rtt_max_ms)),

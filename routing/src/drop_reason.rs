@@ -37,11 +37,14 @@ pub enum DropReason {
     SeqnoRequestNoHops,
     /// Not sent: MACs are on and our link-local address there is unknown.
     NoLinkLocal,
+    /// The interface requires MACs and no keys are set yet: nothing is
+    /// received or sent there.
+    NoKeys,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         Self::NotLinkLocal,
         Self::UnknownInterface,
         Self::Unparsable,
@@ -57,6 +60,7 @@ impl DropReason {
         Self::SeqnoRequestTooFar,
         Self::SeqnoRequestNoHops,
         Self::NoLinkLocal,
+        Self::NoKeys,
     ];
 
     /// The label used in metrics and status (snake case).
@@ -77,6 +81,7 @@ impl DropReason {
             Self::SeqnoRequestTooFar => "seqno_request_too_far",
             Self::SeqnoRequestNoHops => "seqno_request_no_hops",
             Self::NoLinkLocal => "no_link_local",
+            Self::NoKeys => "no_keys",
         }
     }
 
@@ -91,6 +96,7 @@ impl DropReason {
                 | Self::NoPc
                 | Self::OldPc
                 | Self::UnknownIndex
+                | Self::NoKeys
         )
     }
 }

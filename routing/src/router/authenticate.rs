@@ -25,12 +25,16 @@ impl Router {
         bytes: &[u8],
         packet: &wire::Packet,
     ) -> Result<(), DropReason> {
-        let link_local = match self.ifaces.get(&iface) {
-            Some(i) => i.cfg.link_local,
+        let (link_local, requires_auth) = match self.ifaces.get(&iface) {
+            Some(i) => (i.cfg.link_local, i.cfg.requires_auth),
             None => return Err(DropReason::UnknownInterface),
         };
         let Some(auth) = self.auth.as_mut() else {
-            return Ok(());
+            return if requires_auth {
+                Err(DropReason::NoKeys)
+            } else {
+                Ok(())
+            };
         };
         let macs: Vec<&[u8]> = packet
             .trailer

@@ -42,6 +42,9 @@ pub struct InterfaceConfig {
     /// router, so nodes stay apart as RFC 8966's jitter wants), instead of
     /// each at its own phase. Dump slices keep their own phases.
     pub aligned: bool,
+    /// Babel runs here only with MACs: until keys are set, nothing is
+    /// accepted or sent (re6st's tunnels: any member could talk to us).
+    pub requires_auth: bool,
 }
 
 impl InterfaceConfig {
@@ -56,6 +59,7 @@ impl InterfaceConfig {
             cost_multiplier: 1,
             link_quality: LinkQuality::TwoOutOfThree,
             aligned: true,
+            requires_auth: false,
         }
     }
 }

@@ -467,6 +467,7 @@ impl Router {
     /// Finishes a packet (PC and MAC when authentication is on) and queues it.
     fn emit(&mut self, iface: IfaceId, dst: Destination, mut w: PacketWriter) {
         let bytes = match (&self.auth, self.ifaces.get_mut(&iface)) {
+            (None, Some(i)) if i.cfg.requires_auth => return self.count(DropReason::NoKeys),
             (Some(auth), Some(i)) => {
                 let Some(src) = i.cfg.link_local else {
                     // A MAC over `::` would be refused by every neighbour.

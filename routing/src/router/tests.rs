@@ -505,6 +505,49 @@ fn with_macs_on_nothing_is_sent_before_the_link_local_is_known() {
     assert!(r.poll_transmit().is_some());
 }
 
+/// An interface that requires MACs neither sends nor accepts anything
+/// before keys are set (a member on a tunnel cannot feed a keyless node
+/// routes); once they are, it runs.
+#[test]
+fn without_keys_an_interface_that_requires_them_stays_silent() {
+    let now = Instant::now();
+    let mut open = Router::new(RouterConfig::new(OURS, [2; 32]), now);
+    open.add_interface(A, InterfaceConfig::tunnel(HELLO), now);
+    open.handle_timeout(now);
+    let hello = open
+        .poll_transmit()
+        .unwrap_or_else(|| panic!("nothing sent"));
+    let mut r = Router::new(RouterConfig::new(OURS, [1; 32]), now);
+    let mut cfg = InterfaceConfig::tunnel(HELLO);
+    cfg.requires_auth = true;
+    r.add_interface(A, cfg, now);
+    r.set_link_local(A, ours(A));
+    r.handle_timeout(now);
+    assert!(r.poll_transmit().is_none());
+    let peer: IpAddr = "fe80::2".parse().unwrap_or_else(|_| panic!());
+    r.handle_packet(now, now, A, peer, &hello.bytes);
+    assert!(
+        r.neighbours().is_empty(),
+        "an unauthenticated Hello is not a neighbour"
+    );
+    assert!(
+        r.stats()
+            .drops
+            .get(&DropReason::NoKeys)
+            .copied()
+            .unwrap_or(0)
+            >= 2
+    );
+    let key = crate::auth::Key::new(crate::auth::Algorithm::HmacSha256, vec![7; 32])
+        .unwrap_or_else(|e| panic!("{e}"));
+    r.set_auth(Some(crate::auth::AuthConfig {
+        sign: key.clone(),
+        accept: vec![key],
+    }));
+    r.handle_timeout(now + HELLO * 2);
+    assert!(r.poll_transmit().is_some());
+}
+
 #[test]
 fn the_same_seed_gives_the_same_packets() {
     let run = || {

@@ -201,7 +201,7 @@ pub async fn run(
     let (signed, netconf) = initial_config(&cfg, &files, registry.as_deref()).await?;
     tracing::info!(%prefix, version = netconf.version, "network configuration");
 
-    system::enable_forwarding()?;
+    let forwarding = system::Forwarding::enable()?;
     let address = NodeAddress::install(prefix, network).await?;
     tracing::info!(address = %address.addr(), "node address");
     let overlay_table = OverlayTable::install(network, prefix, cfg.table).await?;
@@ -330,6 +330,7 @@ pub async fn run(
         .remove()
         .await
         .context("removing the node address")?;
+    forwarding.restore();
     Ok(())
 }
 

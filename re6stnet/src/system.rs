@@ -136,10 +136,68 @@ pub async fn remove_instance_address(addr: Ipv6Addr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns on IPv6 forwarding (a node relays for others).
-pub fn enable_forwarding() -> anyhow::Result<()> {
-    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-        .context("enabling IPv6 forwarding")
+const CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// IPv6 forwarding, turned on for the node's life (it relays for others)
+/// and back off at exit if it was off. Linux stops accepting Router
+/// Advertisements on every interface once forwarding is on, which would
+/// cost the host its autoconfigured underlay: interfaces that accepted
+/// them (`accept_ra` 1) get `accept_ra` 2 (accept even when forwarding)
+/// meanwhile. Nothing else of the host changes.
+#[derive(Debug)]
+pub struct Forwarding {
+    was_off: bool,
+    kept_ra: Vec<String>,
+}
+
+impl Forwarding {
+    /// Turns forwarding on.
+    pub fn enable() -> anyhow::Result<Self> {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+        let all = format!("{CONF}/all/forwarding");
+        let was_off = read(&all).with_context(|| format!("reading {all}"))? == "0";
+        let mut kept_ra = Vec::new();
+        if was_off {
+            let mut ifaces = Vec::new();
+            for e in std::fs::read_dir(CONF).with_context(|| format!("listing {CONF}"))? {
+                let name = e?.file_name().to_string_lossy().into_owned();
+                if let Ok(v) = read(&format!("{CONF}/{name}/accept_ra")) {
+                    ifaces.push((name, v));
+                }
+            }
+            for name in ras_to_keep(&ifaces) {
+                std::fs::write(format!("{CONF}/{name}/accept_ra"), "2")
+                    .with_context(|| format!("keeping Router Advertisements on {name}"))?;
+                tracing::info!(interface = %name, "accept_ra 2 while forwarding");
+                kept_ra.push(name);
+            }
+            std::fs::write(&all, "1").context("enabling IPv6 forwarding")?;
+        }
+        Ok(Self { was_off, kept_ra })
+    }
+
+    /// Puts forwarding and `accept_ra` back as they were.
+    pub fn restore(self) {
+        if self.was_off {
+            if let Err(e) = std::fs::write(format!("{CONF}/all/forwarding"), "0") {
+                tracing::warn!(error = %e, "IPv6 forwarding left on");
+            }
+        }
+        for name in self.kept_ra {
+            // The interface may be gone: nothing to put back then.
+            let _ = std::fs::write(format!("{CONF}/{name}/accept_ra"), "1");
+        }
+    }
+}
+
+/// Interfaces (not `all`, `default`) that accept Router Advertisements
+/// only while not forwarding.
+fn ras_to_keep(ifaces: &[(String, String)]) -> Vec<String> {
+    ifaces
+        .iter()
+        .filter(|(n, v)| n != "all" && n != "default" && v == "1")
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 /// Whether an underlay address is worth announcing.
@@ -210,6 +268,19 @@ pub fn detect_endpoints(port: u16, overlay: Ipv6Net) -> anyhow::Result<Vec<Socke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_interfaces_accepting_ras_without_forwarding_change() {
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let got = ras_to_keep(&[
+            s("all", "1"),
+            s("default", "1"),
+            s("eth0", "1"),
+            s("eth1", "0"),
+            s("wlan0", "2"),
+        ]);
+        assert_eq!(got, vec!["eth0".to_string()]);
+    }
 
     #[test]
     fn only_global_non_overlay_addresses_are_announced() {

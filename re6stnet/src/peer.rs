@@ -320,6 +320,26 @@ mod tests {
         }
     }
 
+    /// How large a CRL still floods between peers: a configuration is
+    /// one peer message, [`MAX_SIZE`] at most. The bound is printed and
+    /// guarded (`docs/security.md` gives it).
+    #[test]
+    fn configurations_flood_with_a_crl_of_hundreds_of_serials() {
+        let ca = ca();
+        let a = PeerProtocol::new(ca.cert().clone(), node(&ca, 1));
+        let b = node(&ca, 2);
+        let fits = |n: u64| {
+            let mut c = NetworkConfig::new("fd5e::/48", 64, NOW);
+            c.registry_urls = vec!["https://registry.example:8443".into()];
+            c.crl = (100_000..100_000 + n).collect();
+            let signed = SignedConfig::sign(&c, |m| ca.sign(m)).unwrap_or_else(|e| panic!("{e}"));
+            a.seal(b.cert.prefix, &Body::Config { signed }, NOW).is_ok()
+        };
+        let most = (0..10_000u64).take_while(|n| fits(*n)).last().unwrap_or(0);
+        println!("a configuration floods with up to {most} six-digit revoked serials");
+        assert!(most >= 600, "{most}");
+    }
+
     /// A member flooding from the addresses of its /64 gets one budget; a
     /// fresh network gets its own (and a source outside the sender's
     /// prefix is still refused).

@@ -21,7 +21,9 @@ use re6st_registry::config::{Freshness, HmacKeys, NetworkConfig, SignedConfig, S
 use re6st_routing::driver::{self, Command, DriverConfig};
 use re6st_routing::embedded::Embedded;
 use re6st_routing::metric::RttParams;
-use re6st_routing::router::{Filter, InterfaceConfig, RouterConfig, RoutingState};
+use re6st_routing::router::{
+    node_router_id, Filter, InterfaceConfig, Origin, RouterConfig, RoutingState,
+};
 use re6st_tunnel::cache::PeerCache;
 use re6st_tunnel::plane::{Event, PlaneError};
 use re6st_tunnel::policy::Peer;
@@ -47,30 +49,23 @@ fn unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The router-id of a node: its prefix folded to 8 bytes.
-pub fn router_id(prefix: Ipv6Net) -> [u8; 8] {
-    let a = overlay_address(prefix).octets();
-    let mut id = [0u8; 8];
-    for i in 0..8 {
-        id[i] = a[i] ^ a[i + 8];
-    }
-    id
-}
-
 /// Our link-local address on every tunnel (derived from the router-id).
 fn link_local(prefix: Ipv6Net) -> Ipv6Addr {
-    let id = u64::from_be_bytes(router_id(prefix));
+    let id = u64::from_be_bytes(node_router_id(prefix));
     Ipv6Addr::from((0xfe80u128 << 112) | u128::from(id))
 }
 
 /// Routes a node accepts from Babel: inside the network, no longer than a
 /// node prefix (a member cannot take over part of another node's prefix),
-/// and no default route (gateways are not supported yet).
+/// originated under the router-id of the prefix (a member cannot
+/// originate another node's prefix), and no default route (gateways are
+/// not supported yet).
 fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
     Filter {
         networks: vec![IpNet::V6(network)],
         max_plen: Some(c.prefix_len),
         default_from: Vec::new(),
+        origin: Origin::NodePrefix,
     }
 }
 
@@ -207,7 +202,7 @@ pub async fn run(
     let overlay_table = OverlayTable::install(network, prefix, cfg.table).await?;
 
     let hmac = state::load_hmac(&cfg.state_dir).filter(|k| k.version == netconf.hmac_version);
-    let mut rcfg = RouterConfig::new(router_id(prefix), driver::os_seed()?);
+    let mut rcfg = RouterConfig::new(node_router_id(prefix), driver::os_seed()?);
     rcfg.auth = hmac.as_ref().map(state::auth_config).transpose()?;
     rcfg.filter = routing_filter(network, &netconf);
     let driver_cfg = DriverConfig {
@@ -256,7 +251,7 @@ pub async fn run(
             interfaces: cfg.interfaces.clone(),
             config_refresh: cfg.config_refresh,
             registry: registry.is_some(),
-            seed: u64::from_be_bytes(router_id(prefix)) ^ t as u64,
+            seed: u64::from_be_bytes(node_router_id(prefix)) ^ t as u64,
         },
         now,
         t,
@@ -629,7 +624,7 @@ impl Driver {
                 prefix: prefix.to_string(),
                 address: overlay_address(prefix).to_string(),
                 network: self.files.ca.network().to_string(),
-                router_id: driver::format_router_id(&router_id(prefix)),
+                router_id: driver::format_router_id(&node_router_id(prefix)),
                 config_version: self.core.config().version,
                 hmac_version: self.core.hmac_version(),
                 endpoints: self

@@ -29,6 +29,9 @@ pub enum DropReason {
     TooSpecific,
     /// A default route that is not a configured gateway route.
     DefaultRoute,
+    /// A prefix announced under another router-id than the one it is
+    /// bound to (a member originating another node's prefix).
+    WrongOrigin,
     /// A finite Update with no router-id in force (RFC 8966 §4.6.9).
     NoRouterId,
     /// A Seqno Request more than 100 ahead of our seqno.
@@ -44,7 +47,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         Self::NotLinkLocal,
         Self::UnknownInterface,
         Self::Unparsable,
@@ -56,6 +59,7 @@ impl DropReason {
         Self::OutsideNetwork,
         Self::TooSpecific,
         Self::DefaultRoute,
+        Self::WrongOrigin,
         Self::NoRouterId,
         Self::SeqnoRequestTooFar,
         Self::SeqnoRequestNoHops,
@@ -77,6 +81,7 @@ impl DropReason {
             Self::OutsideNetwork => "outside_network",
             Self::TooSpecific => "too_specific",
             Self::DefaultRoute => "default_route",
+            Self::WrongOrigin => "wrong_origin",
             Self::NoRouterId => "no_router_id",
             Self::SeqnoRequestTooFar => "seqno_request_too_far",
             Self::SeqnoRequestNoHops => "seqno_request_no_hops",

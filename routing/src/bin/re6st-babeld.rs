@@ -240,6 +240,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         networks: cli.accept.iter().map(|p| p.trunc()).collect(),
         max_plen: cli.max_plen,
         default_from: cli.default_from.iter().map(|p| p.trunc()).collect(),
+        ..Filter::default()
     };
     let cfg = DriverConfig {
         router: rcfg,

@@ -8,10 +8,13 @@
 //! route). With [`Filter::networks`] set, destinations must lie inside one
 //! of them, and with [`Filter::max_plen`] none may be longer than it (a
 //! member cannot announce a more specific part of another node's prefix).
+//! With [`Filter::origin`] set, a prefix is accepted only under the
+//! router-id it is bound to (re6st: the one derived from a node prefix),
+//! so a member cannot originate another node's prefix under its own id.
 
 use std::net::Ipv6Addr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 
 use super::RouteKey;
 use crate::drop_reason::DropReason;
@@ -26,6 +29,30 @@ pub struct Filter {
     /// A default route is accepted only from a source prefix inside one of
     /// these (a gateway's `::/0 from <network>`).
     pub default_from: Vec<IpNet>,
+    /// Which router-id may originate a (non-default) destination.
+    pub origin: Origin,
+}
+
+/// Which router-id may originate a destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Any (plain Babel).
+    #[default]
+    Any,
+    /// re6st's node prefixes: only the router-id [`node_router_id`] of
+    /// the destination.
+    NodePrefix,
+}
+
+/// The router-id of the node holding `prefix`: its overlay address (the
+/// prefix with host part 1) folded to 8 bytes.
+pub fn node_router_id(prefix: Ipv6Net) -> [u8; 8] {
+    let a = (u128::from(prefix.network()) | 1).to_be_bytes();
+    let mut id = [0u8; 8];
+    for i in 0..8 {
+        id[i] = a[i] ^ a[i + 8];
+    }
+    id
 }
 
 fn martian(p: &IpNet) -> bool {
@@ -87,6 +114,19 @@ impl Filter {
         }
         Ok(())
     }
+
+    /// Whether `router_id` may originate `key` (checked on finite
+    /// Updates: a relay keeps the originator's router-id, RFC 8966 §3.7).
+    pub fn check_origin(&self, key: &RouteKey, router_id: [u8; 8]) -> Result<(), DropReason> {
+        match (self.origin, key.prefix) {
+            (Origin::NodePrefix, IpNet::V6(p))
+                if p.prefix_len() > 0 && node_router_id(p) != router_id =>
+            {
+                Err(DropReason::WrongOrigin)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -103,6 +143,7 @@ mod tests {
             networks: vec![key("fd00:1::/48", None).prefix],
             max_plen: Some(64),
             default_from: vec![key("fd00:1::/48", None).prefix],
+            origin: Origin::NodePrefix,
         }
     }
 
@@ -157,5 +198,21 @@ mod tests {
             Filter::default().check(&key("::/0", None)),
             Err(DropReason::DefaultRoute)
         );
+    }
+
+    #[test]
+    fn a_prefix_is_originated_only_under_its_own_router_id() {
+        let f = re6st();
+        let p = key("fd00:1:0:5::/64", None);
+        // fd00:1:0:5::1 folded.
+        let bound = [0xfd, 0, 0, 1, 0, 0, 0, 4];
+        assert_eq!(f.check_origin(&p, bound), Ok(()));
+        assert_eq!(
+            f.check_origin(&p, [0xfd, 0, 0, 1, 0, 0, 0, 6]),
+            Err(DropReason::WrongOrigin)
+        );
+        let gateway = key("::/0", Some("fd00:1::/48"));
+        assert_eq!(f.check_origin(&gateway, [9; 8]), Ok(()));
+        assert_eq!(Filter::default().check_origin(&p, [9; 8]), Ok(()));
     }
 }

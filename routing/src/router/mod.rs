@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-pub use filter::Filter;
+pub use filter::{node_router_id, Filter, Origin};
 pub use interface::InterfaceConfig;
 pub use status::{NeighbourInfo, RouteInfo, RoutingState, Stats};
 pub use table::{InstalledRoute, RouteKey};

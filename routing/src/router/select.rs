@@ -80,6 +80,11 @@ impl Router {
             // A retraction of a route we never had.
             (None, None) => return,
         };
+        if u.metric != INFINITY {
+            if let Err(reason) = self.cfg.filter.check_origin(&key, router_id) {
+                return self.count(reason);
+            }
+        }
         let source = SourceKey { router_id, key };
         let feasible = self.sources.feasible(&source, u.seqno, u.metric);
         let same_source = existing.as_ref().is_some_and(|r| r.router_id == router_id);

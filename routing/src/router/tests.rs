@@ -80,6 +80,7 @@ impl Harness {
             networks: vec![net("fd00:1::/48")],
             max_plen: Some(64),
             default_from: vec![net("fd00:1::/48")],
+            ..Filter::default()
         };
         let mut r = Router::new(cfg, now);
         for i in [A, B] {
@@ -438,6 +439,24 @@ fn the_input_filter_refuses_and_counts() {
     }
     let learned: Vec<IpNet> = h.r.routes(h.now).iter().map(|r| r.prefix).collect();
     assert_eq!(learned, vec![net("::/0")], "only the gateway route");
+}
+
+#[test]
+fn a_prefix_is_learned_only_from_the_router_id_it_is_bound_to() {
+    let mut h = Harness::with_neighbours();
+    // dest() is bound to the router-id of its first 64 bits.
+    h.r.cfg.filter.origin = Origin::NodePrefix;
+    // fd00:1:0:9::1 folded.
+    let bound = [0xfd, 0, 0, 1, 0, 0, 0, 8];
+    h.hear(A, &[update(ORIGIN, 1, 100)]);
+    assert_eq!(h.r.stats().drops.get(&DropReason::WrongOrigin), Some(&1));
+    assert_eq!(h.r.installed(dest(), None), None);
+    h.hear(B, &[update(bound, 1, 100)]);
+    h.run(Duration::from_millis(10));
+    assert!(h.r.installed(dest(), None).is_some(), "the owner's route");
+    // A retraction carries no claim and is not refused.
+    h.hear(A, &[update(ORIGIN, 2, INFINITY)]);
+    assert_eq!(h.r.stats().drops.get(&DropReason::WrongOrigin), Some(&1));
 }
 
 #[test]

@@ -86,6 +86,9 @@ pub struct Node {
     pub process: Option<Process>,
     /// Extra flags of its daemon.
     pub flags: Vec<String>,
+    /// The daemon's binary (`re6stnet`) and the arguments before the
+    /// settings (a misbehaving member runs `r6t-rogue node`).
+    pub command: Vec<String>,
 }
 
 /// A registry and nodes in a built network.
@@ -295,6 +298,7 @@ impl Mesh {
             address: c.address,
             process: None,
             flags: flags.iter().map(ToString::to_string).collect(),
+            command: vec!["re6stnet".into()],
         });
         Ok(())
     }
@@ -317,17 +321,19 @@ impl Mesh {
 
     /// Starts (or restarts) node `i`'s daemon.
     pub fn start_node(&mut self, i: usize) -> Result<()> {
-        let bin = crate::binary("re6stnet")?;
         let n = &self.nodes[i];
+        let program = n.command.first().map_or("re6stnet", String::as_str);
+        let bin = crate::binary(program)?;
         let dir = n.dir.to_string_lossy().into_owned();
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = n.command.iter().skip(1).cloned().collect();
+        args.extend([
             "--config".into(),
             format!("{dir}/re6stnet.toml"),
             "--state-dir".into(),
             format!("{dir}/state"),
             "--ctl-socket".into(),
             n.ctl.to_string_lossy().into_owned(),
-        ];
+        ]);
         args.extend(n.flags.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = self

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// Default configuration file (used when it exists and `--config` is not given).
@@ -70,6 +71,11 @@ pub struct NodeConfig {
     pub config_refresh: Duration,
     /// JSON logs.
     pub log_json: bool,
+    /// Destinations (with a source prefix for a source-specific route)
+    /// announced besides the node's own prefix. No flag sets it yet (a
+    /// gateway will, issue 15); the misbehaving-member netns test sets it
+    /// to announce what peers must refuse.
+    pub exports: Vec<(IpNet, Option<IpNet>)>,
 }
 
 /// Reads and checks a configuration file.
@@ -127,6 +133,7 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
             flags.config_refresh.or(file.config_refresh).unwrap_or(60),
         ),
         log_json: flags.log_json.or(file.log_json).unwrap_or(false),
+        exports: Vec::new(),
         dir,
     };
     if cfg.port == 0 {

@@ -226,6 +226,9 @@ pub async fn run(
     .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
     let mut routing = Routing::default();
     routing.send(&plane, Command::Export(IpNet::V6(prefix), None));
+    for &(dst, src) in &cfg.exports {
+        routing.send(&plane, Command::Export(dst, src));
+    }
     for i in &cfg.interfaces {
         if let Err(e) = routing.add_lan(&plane, i, tunnel_iface(&netconf)) {
             tracing::warn!(interface = %i, error = %format!("{e:#}"), "cannot run Babel here");

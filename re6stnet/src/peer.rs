@@ -41,6 +41,9 @@ pub const RATE_PER_S: f64 = 20.0;
 pub const RATE_SLOTS: usize = 1024;
 /// Remembered nonces, at most.
 pub const REPLAY_SLOTS: usize = 16_384;
+/// Remembered nonces of one sender, at most (its rate limit lets it
+/// send up to 2 440 in a message's lifetime).
+pub const REPLAY_PER_SENDER: usize = 1024;
 
 /// What a message says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +140,7 @@ pub struct PeerProtocol {
     ca: CaCert,
     me: Identity,
     crl: Vec<u64>,
-    seen: ReplayWindow,
+    seen: ReplayWindow<Ipv6Net>,
     rate: SourceLimiter,
 }
 
@@ -148,7 +151,7 @@ impl PeerProtocol {
             ca,
             me,
             crl: Vec::new(),
-            seen: ReplayWindow::new(REPLAY_SLOTS),
+            seen: ReplayWindow::new(REPLAY_PER_SENDER, REPLAY_SLOTS),
             rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
         }
     }
@@ -256,7 +259,7 @@ impl PeerProtocol {
         )
         .map_err(|_| PeerError::BadSignature)?;
         self.seen
-            .check(&env.nonce, env.ts + 2 * MAX_SKEW_S, unix)
+            .check(&cert.prefix, &env.nonce, env.ts + 2 * MAX_SKEW_S, unix)
             .map_err(|_| PeerError::Replay)?;
         Ok((cert, env.body))
     }

@@ -43,6 +43,9 @@ pub const MAX_SIZE: usize = 1400;
 pub const MAX_SKEW_S: i64 = 60;
 /// Remembered request nonces (replay protection), at most.
 pub const REPLAY_SLOTS: usize = 8192;
+/// Remembered request nonces of one initiator, at most (at 5 requests a
+/// second, about a tenth of a request's lifetime).
+pub const REPLAY_PER_SENDER: usize = 64;
 /// Source networks tracked by the rate limiter, at most.
 pub const RATE_SLOTS: usize = 1024;
 /// Requests per second per source network (/64 or /24; burst: twice that).
@@ -400,7 +403,7 @@ pub struct Responder {
     ca: CaCert,
     me: Identity,
     crl: Vec<u64>,
-    replay: ReplayWindow,
+    replay: ReplayWindow<Ipv6Net>,
     rate: SourceLimiter,
     stats: ResponderStats,
 }
@@ -426,7 +429,7 @@ impl Responder {
             ca,
             me,
             crl: Vec::new(),
-            replay: ReplayWindow::new(REPLAY_SLOTS),
+            replay: ReplayWindow::new(REPLAY_PER_SENDER, REPLAY_SLOTS),
             rate: SourceLimiter::new(RATE_PER_S, RATE_SLOTS),
             stats: ResponderStats::default(),
         }
@@ -481,7 +484,7 @@ impl Responder {
         )
         .map_err(|_| SetupError::BadSignature)?;
         self.replay
-            .check(&m.nonce, m.ts + 2 * MAX_SKEW_S, unix)
+            .check(&cert.prefix, &m.nonce, m.ts + 2 * MAX_SKEW_S, unix)
             .map_err(|_| SetupError::Replay)?;
         Ok((cert, m.nonce))
     }

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub peer_in: BTreeMap<String, u64>,
     /// Peer-protocol messages sent, by kind.
     pub peer_out: BTreeMap<String, u64>,
+    /// Peer-protocol messages that could not be sent (too large), by kind.
+    #[serde(default)]
+    pub peer_unsent: BTreeMap<String, u64>,
     /// Packets refused, by reason.
     pub rejected: BTreeMap<String, u64>,
 }
@@ -333,6 +336,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "counter",
         "Peer-protocol messages accepted, by kind.",
         labelled("kind", &m.peer_in),
+    );
+    one(
+        "peer_messages_unsent_total",
+        "counter",
+        "Peer-protocol messages that could not be sent (a configuration too large to flood), by kind.",
+        labelled("kind", &m.peer_unsent),
     );
     one(
         "peer_messages_sent_total",

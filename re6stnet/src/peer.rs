@@ -331,16 +331,30 @@ mod tests {
         let ca = ca();
         let a = PeerProtocol::new(ca.cert().clone(), node(&ca, 1));
         let b = node(&ca, 2);
-        let fits = |n: u64| {
+        let signed = |n: u64| {
             let mut c = NetworkConfig::new("fd5e::/48", 64, NOW);
             c.registry_urls = vec!["https://registry.example:8443".into()];
             c.crl = (100_000..100_000 + n).collect();
-            let signed = SignedConfig::sign(&c, |m| ca.sign(m)).unwrap_or_else(|e| panic!("{e}"));
-            a.seal(b.cert.prefix, &Body::Config { signed }, NOW).is_ok()
+            SignedConfig::sign(&c, |m| ca.sign(m)).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let fits = |n: u64| {
+            a.seal(b.cert.prefix, &Body::Config { signed: signed(n) }, NOW)
+                .is_ok()
         };
         let most = (0..10_000u64).take_while(|n| fits(*n)).last().unwrap_or(0);
-        println!("a configuration floods with up to {most} six-digit revoked serials");
-        assert!(most >= 600, "{most}");
+        let promised = (0..10_000u64)
+            .take_while(|n| signed(*n).floods())
+            .last()
+            .unwrap_or(0);
+        println!(
+            "a configuration floods with up to {most} six-digit revoked serials; \
+             the registry warns beyond {promised}"
+        );
+        assert!(promised >= 600, "{promised}");
+        assert!(
+            promised <= most,
+            "the registry's FLOOD_BYTES promises {promised} serials, {most} fit"
+        );
     }
 
     /// A member flooding from the addresses of its /64 gets one budget; a

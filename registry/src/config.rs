@@ -31,6 +31,13 @@ pub const CONFIG_VALIDITY_S: i64 = 7 * 86_400;
 /// waits for the registry). A running node keeps the one it has.
 pub const STALE_BOUND_S: i64 = 30 * 86_400;
 
+/// Largest signed configuration (its JSON) that floods between peers:
+/// re6stnet's peer messages are 8 KiB at most, with the sender's
+/// certificate and signature around it (re6stnet's peer tests check that
+/// this size still fits). Beyond it (about 930 revoked six-digit serials), nodes get
+/// new configurations from the registry only.
+pub const FLOOD_BYTES: usize = 7_000;
+
 /// How current a configuration is (see [`NetworkConfig::freshness`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {
@@ -267,6 +274,11 @@ impl SignedConfig {
             payload,
             signature: B64.encode(sign(&msg)?),
         })
+    }
+
+    /// Whether it is small enough to flood between peers ([`FLOOD_BYTES`]).
+    pub fn floods(&self) -> bool {
+        serde_json::to_string(self).is_ok_and(|t| t.len() <= FLOOD_BYTES)
     }
 
     /// Checks the signature with the CA and parses the configuration.

@@ -991,11 +991,17 @@ fn load_config(conn: &Connection, ca: &Ca) -> Result<NetworkConfig> {
 
 fn save_config(conn: &Connection, ca: &Ca, config: &NetworkConfig) -> Result<()> {
     let signed = SignedConfig::sign(config, |m| ca.sign(m))?;
-    set_meta(
-        conn,
-        "config",
-        &serde_json::to_string(&signed).map_err(|e| Error::Corrupt(e.to_string()))?,
-    )
+    let text = serde_json::to_string(&signed).map_err(|e| Error::Corrupt(e.to_string()))?;
+    if !signed.floods() {
+        tracing::warn!(
+            version = config.version,
+            bytes = text.len(),
+            crl = config.crl.len(),
+            "the network configuration no longer floods between peers: nodes get it \
+             from the registry only (at their next check, or when a peer announces it)"
+        );
+    }
+    set_meta(conn, "config", &text)
 }
 
 fn bump(config: &mut NetworkConfig, now: i64) {

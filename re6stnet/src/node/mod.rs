@@ -150,6 +150,8 @@ pub struct NodeCore {
     record: Option<SignedPeerRecord>,
     timers: Timers,
     busy: BTreeSet<RegistryKind>,
+    /// The newest configuration version a peer announced.
+    announced: u64,
     config_failures: u32,
     hmac_failures: u32,
     metrics: Metrics,
@@ -222,6 +224,7 @@ impl NodeCore {
             record: None,
             timers: Timers::default(),
             busy: BTreeSet::new(),
+            announced: 0,
             config_failures: 0,
             hmac_failures: 0,
             metrics: Metrics::default(),
@@ -268,6 +271,13 @@ impl NodeCore {
                 }
                 Timer::Hmac => self.request_hmac(),
                 Timer::Renew => self.check_renewal(now, unix),
+                Timer::Announced => {
+                    // Announced but not sent (too large to flood, or the
+                    // peer went away): the registry has it.
+                    if self.announced > self.netconf.version {
+                        self.request(RegistryRequest::Config);
+                    }
+                }
                 Timer::Ask(p) => {
                     if self.asking.remove(&p) {
                         self.unreachable(now, unix, p, FailReason::NoEndpointsAnswer);
@@ -500,7 +510,15 @@ impl NodeCore {
                     .entry(peer_messages::body_kind(body).to_string())
                     .or_default() += 1;
             }
-            Err(e) => tracing::warn!(error = %e, "sealing a peer message"),
+            Err(e) => {
+                let kind = peer_messages::body_kind(body);
+                tracing::warn!(error = %e, kind, "a peer message cannot be sealed");
+                *self
+                    .metrics
+                    .peer_unsent
+                    .entry(kind.to_string())
+                    .or_default() += 1;
+            }
         }
     }
 

@@ -100,6 +100,11 @@ impl NodeCore {
             Body::ConfigVersion { version } => {
                 if version > self.netconf.version {
                     self.send_peer(unix, from, &Body::ConfigRequest);
+                    if version > self.announced {
+                        self.announced = version;
+                        self.timers
+                            .set(super::Timer::Announced, now + super::ASK_TIMEOUT);
+                    }
                 }
             }
             Body::ConfigRequest => {

@@ -644,6 +644,35 @@ fn config_change_is_applied_live_and_flooded() {
     assert_eq!(sim.count(1, |a| *a == Action::SaveNetwork(old.clone())), 0);
 }
 
+/// A configuration too large to flood (a long CRL): the peer that has it
+/// counts what it cannot send, and the node it announced it to asks the
+/// registry at once instead of at its next check.
+#[test]
+fn a_configuration_too_large_to_flood_is_fetched_from_the_registry() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    // Both nodes' first checks answered: nothing outstanding.
+    let s1 = signed(&sim.ca, &netconf(1, |_| {}));
+    for i in 0..2 {
+        sim.answer(i, RegistryResult::Config(Ok(s1.clone())));
+    }
+    let c2 = netconf(2, |c| c.crl = (100_000..102_000).collect());
+    let s2 = signed(&sim.ca, &c2);
+    assert!(!s2.floods());
+    sim.answer(1, RegistryResult::Config(Ok(s2)));
+    sim.deliver();
+    assert_eq!(sim.cores[0].config().version, 1, "it could not flood");
+    assert_eq!(sim.cores[1].metrics().peer_unsent.get("config"), Some(&1));
+    let asked = |sim: &Sim| sim.count(0, |a| *a == Action::Registry(RegistryRequest::Config));
+    let before = asked(&sim);
+    sim.run_until(Duration::from_secs(5) + ASK_TIMEOUT + Duration::from_millis(100));
+    assert_eq!(
+        asked(&sim),
+        before + 1,
+        "asked the registry after the peer's silence"
+    );
+}
+
 /// A certificate inside the renewal window is renewed at start; a failed
 /// renewal is retried; a renewed certificate is saved and used.
 #[test]

@@ -24,6 +24,8 @@ pub enum Timer {
     Setup(Peer),
     /// A tunnel's handshake timeout, incoming timeout or silence limit.
     Tunnel(Peer),
+    /// A peer announced a newer configuration and has not sent it yet.
+    Announced,
 }
 
 /// Deadlines by timer.

@@ -146,15 +146,16 @@ impl Mesh {
         params: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Self> {
-        Self::start_with_init(topology, registry_host, nodes, &[], params, flags)
+        Self::start_with_init(topology, registry_host, nodes, &[], &[], params, flags)
     }
 
-    /// [`Mesh::start`] with more `re6st-registry init` flags.
+    /// [`Mesh::start`] with more `re6st-registry init` and `serve` flags.
     pub fn start_with_init(
         topology: &Topology,
         registry_host: &str,
         nodes: &[&str],
         init: &[&str],
+        serve: &[&str],
         params: &[(&str, &str)],
         flags: &[&str],
     ) -> Result<Self> {
@@ -177,19 +178,18 @@ impl Mesh {
         let admin_token = base.join("registry-admin.token");
         std::fs::write(&admin_token, "registry-admin-secret\n")
             .map_err(|e| Error::io("writing the registry's admin token", e))?;
-        let registry = reg.spawn(
-            "registry",
-            &bin.to_string_lossy(),
-            &[
-                "--db",
-                &dbs,
-                "serve",
-                "--listen",
-                &listen,
-                "--admin-token-file",
-                &admin_token.to_string_lossy(),
-            ],
-        )?;
+        let token_file = admin_token.to_string_lossy().into_owned();
+        let mut serve_args = vec![
+            "--db",
+            &dbs,
+            "serve",
+            "--listen",
+            &listen,
+            "--admin-token-file",
+            &token_file,
+        ];
+        serve_args.extend_from_slice(serve);
+        let registry = reg.spawn("registry", &bin.to_string_lossy(), &serve_args)?;
         let ca = std::fs::read_to_string(base.join("ca.crt"))
             .map_err(|e| Error::io("reading the registry's CA", e))?;
         let ca_fingerprint = re6st_registry::cert::CaCert::from_pem(&ca)

@@ -82,9 +82,10 @@ CREATE TABLE superseded(serial INTEGER PRIMARY KEY, prefix TEXT NOT NULL, not_af
 ALTER TABLE cert ADD COLUMN wg_key BLOB;
 ";
 
-/// A superseded certificate stays valid this long after the node first
-/// authenticates with its new one: time for every peer to learn the new
-/// serial over the tunnels (see `NodeCore::install_certificate`).
+/// A superseded certificate stays valid this long (by default: see
+/// [`Store::set_supersede_after`]) after the node first authenticates with
+/// its new one: time for every peer to learn the new serial over the
+/// tunnels (see `NodeCore::install_certificate`).
 pub const SUPERSEDE_AFTER_S: i64 = 3600;
 
 /// A node gets at most [`CERTS_PER_WINDOW`] certificates (its join
@@ -172,6 +173,7 @@ pub struct Store {
     conn: Connection,
     ca: Ca,
     path: PathBuf,
+    supersede_after_s: i64,
 }
 
 impl std::fmt::Debug for Store {
@@ -304,7 +306,14 @@ impl Store {
             conn,
             ca,
             path: db.to_path_buf(),
+            supersede_after_s: SUPERSEDE_AFTER_S,
         })
+    }
+
+    /// How long a superseded certificate stays valid once its node uses
+    /// the new one ([`SUPERSEDE_AFTER_S`] by default; at least 1 s).
+    pub fn set_supersede_after(&mut self, secs: i64) {
+        self.supersede_after_s = secs.max(1);
     }
 
     /// Opens an existing database (and the CA it names).
@@ -348,6 +357,7 @@ impl Store {
             conn,
             ca,
             path: db.to_path_buf(),
+            supersede_after_s: SUPERSEDE_AFTER_S,
         })
     }
 
@@ -692,7 +702,11 @@ impl Store {
         tx.execute(
             "UPDATE superseded SET due = ?1 WHERE due IS NULL AND prefix = ?2
              AND ?3 = (SELECT serial FROM node WHERE prefix = ?2)",
-            params![now + SUPERSEDE_AFTER_S, cert.prefix.to_string(), serial],
+            params![
+                now + self.supersede_after_s,
+                cert.prefix.to_string(),
+                serial
+            ],
         )?;
         tx.commit()?;
         Ok(cert)

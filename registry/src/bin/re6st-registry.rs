@@ -101,6 +101,17 @@ struct ServeArgs {
     /// is closed; the subcommands on the database still work.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// Seconds a renewed node's previous certificate stays valid after the
+    /// node first uses the new one (time for its peers to learn the new
+    /// serial); then it goes to the CRL.
+    #[arg(long, default_value_t = re6st_registry::store::SUPERSEDE_AFTER_S,
+          value_parser = clap::value_parser!(i64).range(1..=30 * 86_400))]
+    supersede_after: i64,
+    /// Seconds between housekeeping rounds (expired prefixes and tokens,
+    /// the CRL, superseded certificates, the configuration signed again).
+    #[arg(long, default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    housekeeping: u64,
     /// Loopback clients are admin without a token. UNSAFE behind a reverse
     /// proxy on the same host (a TLS terminator): every client it forwards
     /// comes from loopback and would be admin.
@@ -365,7 +376,8 @@ fn serve(db: &Path, a: ServeArgs) -> anyhow::Result<()> {
     } else {
         sub.init();
     }
-    let store = Store::open(db)?;
+    let mut store = Store::open(db)?;
+    store.set_supersede_after(a.supersede_after);
     let admin_token = match &a.admin_token_file {
         Some(f) => {
             let t =
@@ -400,7 +412,7 @@ fn serve(db: &Path, a: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        tokio::spawn(housekeeping(state, Duration::from_secs(600)));
+        tokio::spawn(housekeeping(state, Duration::from_secs(a.housekeeping)));
         match (a.tls_cert, a.tls_key) {
             (Some(cert), Some(key)) => {
                 let _ = rustls::crypto::ring::default_provider().install_default();

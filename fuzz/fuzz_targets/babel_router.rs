@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use re6st_routing::auth::{Algorithm, Auth, AuthConfig, Key};
 use re6st_routing::neighbour::IfaceId;
-use re6st_routing::router::{Filter, InterfaceConfig, Router, RouterConfig};
+use re6st_routing::router::{Filter, InterfaceConfig, Origin, Router, RouterConfig};
 use re6st_routing::wire::{self, PacketWriter, Tlv};
 
 const OURS: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
@@ -39,6 +39,11 @@ fuzz_target!(|data: &[u8]| {
         },
         max_plen: (mode & 4 == 4).then_some(64),
         default_from: Vec::new(),
+        origin: if mode & 8 == 8 {
+            Origin::NodePrefix
+        } else {
+            Origin::Any
+        },
     };
     cfg.auth = hmac.then(keys);
     let mut r = Router::new(cfg, t0);

@@ -127,6 +127,20 @@ impl Host {
         .map(|_| ())
     }
 
+    /// NAT (masquerade) for traffic from `source` (a prefix, IPv4 or IPv6)
+    /// leaving by `iface`: a NAT router, or a gateway doing NAT66.
+    pub fn masquerade(&self, source: &str, iface: &str) -> Result<()> {
+        let family = if source.contains(':') { "ip6" } else { "ip" };
+        let rules = format!(
+            "table {family} r6tnat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  {family} saddr {source} oifname \"{iface}\" masquerade\n }}\n}}\n"
+        );
+        netns::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
+            Some(&rules),
+        )
+        .map(|_| ())
+    }
+
     /// Undoes [`Host::block_ingress`].
     pub fn unblock_ingress(&self, iface: &str) -> Result<()> {
         let table = format!("r6tblock_{}", iface.replace('-', "_"));

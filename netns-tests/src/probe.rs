@@ -256,6 +256,18 @@ fn bind_in(host: &Host, any: SocketAddr) -> Result<UdpSocket> {
 impl LossProbe {
     /// Probes `dst` (an address of `to`) from `from` every `interval`.
     pub fn start(from: &Host, to: &Host, dst: IpAddr, interval: Duration) -> Result<Self> {
+        Self::start_from(from, None, to, dst, interval)
+    }
+
+    /// [`LossProbe::start`] from the source address `src` of `from` (else
+    /// the kernel's choice).
+    pub fn start_from(
+        from: &Host,
+        src: Option<IpAddr>,
+        to: &Host,
+        dst: IpAddr,
+        interval: Duration,
+    ) -> Result<Self> {
         let any = |port| match dst {
             IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
             IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
@@ -267,7 +279,7 @@ impl LossProbe {
             .port();
         // Not connected: sending must work (and count as lost) while there
         // is no route yet.
-        let sender = bind_in(from, any(0))?;
+        let sender = bind_in(from, src.map_or(any(0), |a| SocketAddr::new(a, 0)))?;
         let target = SocketAddr::new(dst, port);
         let receiver = sender
             .try_clone()

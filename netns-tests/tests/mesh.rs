@@ -497,6 +497,82 @@ fn flood_of_garbage_leaves_tunnels_working() -> Result<()> {
     check(m.ping(1, 0, 2), "still reachable after the flood")
 }
 
+/// Two gateways (`--gateway`) and a far node: the far node's traffic from
+/// its overlay address to a host outside the overlay goes through the
+/// nearest gateway (a source-specific default route in the overlay
+/// table); when that gateway dies, through the other one.
+fn gateways_carry_traffic_out_and_fail_over() -> Result<()> {
+    let mut t = topology("gateway", 1, 20);
+    for h in ["g1", "g2", "outside"] {
+        t.host(h);
+    }
+    t.wan_both("n1", "g1", LinkParams::delay_ms(5));
+    let mut m = Mesh::start(&t, "reg", &["n1"], &[], &[])?;
+    for g in ["g1", "g2"] {
+        m.enrol(g, &["--gateway"])?;
+        let i = m.index(g)?;
+        m.start_node(i)?;
+        // NAT66 on the uplink, so that the "Internet" host answers it.
+        m.host(i)?.masquerade("fd5e:5e::/48", "eth0")?;
+    }
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let g1 = m.index("g1")?;
+    let via_g1 = || -> Option<()> {
+        let tunnels = m.ctl(0, "/tunnels").ok()?;
+        let dev = tunnels
+            .as_array()?
+            .iter()
+            .find(|t| t["peer"] == m.nodes[g1].prefix.as_str())?["interface"]
+            .as_str()?
+            .to_string();
+        let routes = ip_show(&m, &["-6", "route", "show", "table", "326"]).ok()?;
+        routes
+            .lines()
+            .any(|l| l.starts_with("default from fd5e:5e::/48") && l.contains(&dev))
+            .then_some(())
+    };
+    let (_, took) = wait_until(
+        "n1's default route from the network via g1",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        via_g1,
+    )?;
+    eprintln!("gateway: n1 routes out through g1 after {took:?} more");
+    let inet = m.net.host("outside")?;
+    let out = inet.addr(true)?;
+    let probe = LossProbe::start_from(
+        m.host(0)?,
+        Some(m.address(0)),
+        inet,
+        out,
+        Duration::from_millis(10),
+    )?;
+    cleanup::sleep(Duration::from_secs(2))?;
+    let before = probe.snapshot();
+    check(
+        before.sent > 0 && before.lost * 10 < before.sent,
+        format!("through g1: {} of {} probes lost", before.lost, before.sent),
+    )?;
+    m.kill_node(g1)?;
+    cleanup::sleep(Duration::from_secs(8))?;
+    let r = probe.stop(Duration::from_millis(500));
+    eprintln!(
+        "gateway: g1 killed, loss window {:?} ({} of {} probes lost)",
+        r.longest_gap, r.lost, r.sent
+    );
+    check(
+        r.longest_gap < Duration::from_secs(5),
+        format!("loss window {:?} over 5 s", r.longest_gap),
+    )?;
+    check(
+        r.lost * 2 < r.sent,
+        format!(
+            "{} of {} probes lost: g2 does not carry the traffic",
+            r.lost, r.sent
+        ),
+    )
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
@@ -529,6 +605,10 @@ fn main() -> ExitCode {
         (
             "flood_of_garbage_leaves_tunnels_working",
             flood_of_garbage_leaves_tunnels_working,
+        ),
+        (
+            "gateways_carry_traffic_out_and_fail_over",
+            gateways_carry_traffic_out_and_fail_over,
         ),
     ])
 }

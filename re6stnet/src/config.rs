@@ -42,6 +42,8 @@ pub struct FileConfig {
     pub config_refresh: Option<u64>,
     /// Logs as JSON lines.
     pub log_json: Option<bool>,
+    /// Route the overlay's traffic to outside the network (a gateway).
+    pub gateway: Option<bool>,
 }
 
 /// The settings in force.
@@ -71,10 +73,13 @@ pub struct NodeConfig {
     pub config_refresh: Duration,
     /// JSON logs.
     pub log_json: bool,
+    /// Announce `::/0 from <network>`: this node carries the overlay's
+    /// traffic to outside the network (RFC 9079 source-specific default).
+    pub gateway: bool,
     /// Destinations (with a source prefix for a source-specific route)
     /// announced besides the node's own prefix. No flag sets it yet (a
     /// gateway will, issue 15); the misbehaving-member netns test sets it
-    /// to announce what peers must refuse.
+    /// to announce what peers must refuse. `gateway` adds its route.
     pub exports: Vec<(IpNet, Option<IpNet>)>,
 }
 
@@ -133,6 +138,7 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
             flags.config_refresh.or(file.config_refresh).unwrap_or(60),
         ),
         log_json: flags.log_json.or(file.log_json).unwrap_or(false),
+        gateway: flags.gateway.or(file.gateway).unwrap_or(false),
         exports: Vec::new(),
         dir,
     };
@@ -188,7 +194,10 @@ mod tests {
     #[test]
     fn the_shipped_example_is_valid() {
         let f = parse(include_str!("../../dist/re6stnet.toml"));
-        assert!(matches!(&f, Ok(f) if f.port == Some(326)), "{f:?}");
+        assert!(
+            matches!(&f, Ok(f) if f.port == Some(326) && f.gateway == Some(false)),
+            "{f:?}"
+        );
         let c = f.and_then(|f| merge(FileConfig::default(), f));
         assert!(c.is_ok(), "{c:?}");
     }

@@ -58,13 +58,13 @@ fn link_local(prefix: Ipv6Net) -> Ipv6Addr {
 /// Routes a node accepts from Babel: inside the network, no longer than a
 /// node prefix (a member cannot take over part of another node's prefix),
 /// originated under the router-id of the prefix (a member cannot
-/// originate another node's prefix), and no default route (gateways are
-/// not supported yet).
+/// originate another node's prefix), and no default route but a
+/// gateway's `::/0 from <network>`.
 fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
     Filter {
         networks: vec![IpNet::V6(network)],
         max_plen: Some(c.prefix_len),
-        default_from: Vec::new(),
+        default_from: vec![IpNet::V6(network)],
         origin: Origin::NodePrefix,
     }
 }
@@ -226,7 +226,10 @@ pub async fn run(
     .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
     let mut routing = Routing::default();
     routing.send(&plane, Command::Export(IpNet::V6(prefix), None));
-    for &(dst, src) in &cfg.exports {
+    let gateway = cfg
+        .gateway
+        .then_some((IpNet::V6(Ipv6Net::default()), Some(IpNet::V6(network))));
+    for &(dst, src) in cfg.exports.iter().chain(gateway.iter()) {
         routing.send(&plane, Command::Export(dst, src));
     }
     for i in &cfg.interfaces {

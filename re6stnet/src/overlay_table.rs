@@ -8,8 +8,13 @@
 //! (from the routing side), so overlay traffic without a route is refused
 //! rather than sent to the underlay, and a `throw` route for our own
 //! prefix, so the lookup of our own addresses goes on to `main`, where the
-//! kernel and the operator put them. With `--table 254` (main) nothing of
-//! this is installed and routes go to `main` as before.
+//! kernel and the operator put them. A second rule looks the table up for
+//! traffic *from* the network (`ip -6 rule add from NETWORK lookup
+//! TABLE`): there only a gateway's `default from NETWORK` matches, so
+//! overlay-sourced traffic to outside the network goes to the nearest
+//! gateway, and without one the lookup goes on to `main`. With `--table
+//! 254` (main) nothing of this is installed and routes go to `main` as
+//! before.
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
@@ -25,8 +30,10 @@ pub const DEFAULT_TABLE: u32 = 326;
 pub const MAIN_TABLE: u32 = 254;
 /// Priority of our rule: after `local` (0), before `main` (32766).
 pub const RULE_PRIORITY: u32 = 326;
+/// Priority of the rule for traffic from the network (gateway routes).
+pub const FROM_RULE_PRIORITY: u32 = 327;
 
-/// Our rule and throw route while the node runs.
+/// Our rules and throw route while the node runs.
 #[derive(Debug)]
 pub struct OverlayTable {
     handle: Handle,
@@ -48,11 +55,15 @@ fn is_ours(m: &RuleMessage, network: Ipv6Net, table: u32) -> bool {
         && m.attributes.iter().any(|a| {
             matches!(a, RuleAttribute::Destination(std::net::IpAddr::V6(d)) if *d == network.network())
         });
-    table_of == table && to_network
+    let from_network = m.header.src_len == network.prefix_len()
+        && m.attributes.iter().any(|a| {
+            matches!(a, RuleAttribute::Source(std::net::IpAddr::V6(d)) if *d == network.network())
+        });
+    table_of == table && (to_network || from_network)
 }
 
 impl OverlayTable {
-    /// Installs the rule for `network` and the throw route for our
+    /// Installs the rules for `network` and the throw route for our
     /// `prefix` in `table` (rules left by a crashed run are removed
     /// first); None for the main table.
     pub async fn install(
@@ -83,6 +94,17 @@ impl OverlayTable {
             .execute()
             .await
             .with_context(|| format!("adding the rule `to {network} lookup {table}`"))?;
+        me.handle
+            .rule()
+            .add()
+            .v6()
+            .source_prefix(network.network(), network.prefix_len())
+            .table_id(table)
+            .priority(FROM_RULE_PRIORITY)
+            .action(RuleAction::ToTable)
+            .execute()
+            .await
+            .with_context(|| format!("adding the rule `from {network} lookup {table}`"))?;
         me.handle
             .route()
             .add(me.throw_route())
@@ -121,7 +143,7 @@ impl OverlayTable {
         Ok(())
     }
 
-    /// Removes the rule and the throw route (clean shutdown).
+    /// Removes the rules and the throw route (clean shutdown).
     pub async fn remove(self) -> anyhow::Result<()> {
         self.remove_rules().await?;
         let _ = self.handle.route().del(self.throw_route()).execute().await;

@@ -69,6 +69,13 @@ struct Cli {
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Be a gateway: announce `::/0 from <network>`, so that other nodes
+    /// send their traffic from overlay addresses to outside the network
+    /// through the nearest gateway (by Babel metric), which forwards it
+    /// with its own routing table (the network prefix must be routed back
+    /// to it, or NAT66 set up on it).
+    #[arg(long)]
+    gateway: bool,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -92,6 +99,7 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         table: cli.table,
         config_refresh: cli.config_refresh,
         log_json: cli.log_json.then_some(true),
+        gateway: cli.gateway.then_some(true),
     };
     config::merge(flags, file)
 }

@@ -195,7 +195,7 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let f = parse(include_str!("../../dist/re6stnet.toml"));
         assert!(
-            matches!(&f, Ok(f) if f.port == Some(326) && f.gateway == Some(false)),
+            matches!(&f, Ok(f) if f.port == Some(326) && f.table == Some(326) && f.gateway == Some(false)),
             "{f:?}"
         );
         let c = f.and_then(|f| merge(FileConfig::default(), f));

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
+
+use crate::node::Roles;
 use serde::Deserialize;
 
 /// Default configuration file (used when it exists and `--config` is not given).
@@ -44,6 +46,13 @@ pub struct FileConfig {
     pub log_json: Option<bool>,
     /// Route the overlay's traffic to outside the network (a gateway).
     pub gateway: Option<bool>,
+    /// Outgoing tunnels to keep (instead of the network's setting).
+    pub client_count: Option<u32>,
+    /// Incoming tunnels to accept at most (instead of the network's; 0:
+    /// client only).
+    pub max_clients: Option<u32>,
+    /// Node prefixes to always keep a tunnel with.
+    pub neighbour: Option<Vec<Ipv6Net>>,
 }
 
 /// The settings in force.
@@ -76,6 +85,8 @@ pub struct NodeConfig {
     /// Announce `::/0 from <network>`: this node carries the overlay's
     /// traffic to outside the network (RFC 9079 source-specific default).
     pub gateway: bool,
+    /// What this node changes of the network's tunnel policy.
+    pub roles: Roles,
     /// Destinations (with a source prefix for a source-specific route)
     /// announced besides the node's own prefix. No flag sets it yet (a
     /// gateway will, issue 15); the misbehaving-member netns test sets it
@@ -139,6 +150,15 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
         ),
         log_json: flags.log_json.or(file.log_json).unwrap_or(false),
         gateway: flags.gateway.or(file.gateway).unwrap_or(false),
+        roles: Roles {
+            client_count: flags.client_count.or(file.client_count),
+            max_clients: flags.max_clients.or(file.max_clients),
+            neighbours: flags
+                .neighbour
+                .filter(|v| !v.is_empty())
+                .or(file.neighbour)
+                .unwrap_or_default(),
+        },
         exports: Vec::new(),
         dir,
     };
@@ -162,6 +182,12 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
     }
     if !(5..=86_400).contains(&cfg.config_refresh.as_secs()) {
         bail!("config_refresh: must be 5..=86400 seconds");
+    }
+    if cfg.roles.client_count.is_some_and(|n| n > 100) {
+        bail!("client_count: at most 100 outgoing tunnels");
+    }
+    if cfg.roles.max_clients.is_some_and(|n| n > 1000) {
+        bail!("max_clients: at most 1000 incoming tunnels");
     }
     if cfg.table == 0 || cfg.table == 255 {
         bail!("table: {} is reserved", cfg.table);
@@ -217,6 +243,30 @@ mod tests {
     }
 
     #[test]
+    fn roles_come_from_the_file_or_the_flags() {
+        let file = parse("client_count = 3\nmax_clients = 0\nneighbour = [\"fd5e:0:0:7::/64\"]\n")
+            .unwrap_or_default();
+        let c = merge(FileConfig::default(), file.clone());
+        assert!(
+            matches!(&c, Ok(c) if c.roles == Roles {
+                client_count: Some(3),
+                max_clients: Some(0),
+                neighbours: vec!["fd5e:0:0:7::/64".parse().unwrap_or_default()],
+            }),
+            "{c:?}"
+        );
+        let flags = FileConfig {
+            max_clients: Some(5),
+            ..FileConfig::default()
+        };
+        let c = merge(flags, file);
+        assert!(
+            matches!(&c, Ok(c) if c.roles.max_clients == Some(5)),
+            "{c:?}"
+        );
+    }
+
+    #[test]
     fn bad_input_names_the_key() {
         assert!(err("prot = 1").contains("prot"), "{}", err("prot = 1"));
         assert!(
@@ -231,6 +281,9 @@ mod tests {
         assert!(err("config_refresh = 1").contains("config_refresh"));
         assert!(err("table = 0").contains("table"));
         assert!(err("endpoint = [\"nonsense\"]").contains("endpoint"));
+        assert!(err("client_count = 1000").contains("client_count"));
+        assert!(err("max_clients = -1").contains("max_clients"));
+        assert!(err("neighbour = [\"fd5e::1\"]").contains("neighbour"));
         assert!(err("[x").contains("invalid") || err("[x").contains("expected"));
     }
 }

@@ -255,6 +255,7 @@ pub async fn run(
             peers: stored,
             port: cfg.port,
             interfaces: cfg.interfaces.clone(),
+            roles: cfg.roles.clone(),
             config_refresh: cfg.config_refresh,
             registry: registry.is_some(),
             seed: u64::from_be_bytes(node_router_id(prefix)) ^ t as u64,

@@ -46,6 +46,10 @@ pub struct PolicyConfig {
     pub backoff_max: Duration,
     /// Outgoing tunnels of a node never served (NAT heuristic).
     pub nat_cap: usize,
+    /// Peers we always keep a tunnel with (re6st `--neighbour`): opened
+    /// first, on top of `client_count`, never rotated away, and accepted
+    /// beyond `max_clients`.
+    pub pinned: BTreeSet<Peer>,
 }
 
 impl Default for PolicyConfig {
@@ -58,6 +62,7 @@ impl Default for PolicyConfig {
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(600),
             nat_cap: 2,
+            pinned: BTreeSet::new(),
         }
     }
 }
@@ -161,11 +166,11 @@ impl Policy {
     }
 
     /// Outgoing tunnels that count towards `client_count` (draining ones
-    /// do not: their replacement opens at once).
+    /// do not: their replacement opens at once; pinned ones neither).
     pub fn active_outgoing(&self) -> usize {
         self.outgoing
-            .values()
-            .filter(|o| !matches!(o, Out::Draining { .. }))
+            .iter()
+            .filter(|(p, o)| !matches!(o, Out::Draining { .. }) && !self.cfg.pinned.contains(p))
             .count()
     }
 
@@ -221,7 +226,7 @@ impl Policy {
             let up: Vec<Peer> = self
                 .outgoing
                 .iter()
-                .filter(|(_, o)| matches!(o, Out::Up))
+                .filter(|(p, o)| matches!(o, Out::Up) && !self.cfg.pinned.contains(p))
                 .map(|(p, _)| *p)
                 .collect();
             // Rotate only with a full set, so a small mesh is not starved.
@@ -271,6 +276,17 @@ impl Policy {
     }
 
     fn fill(&mut self, now: Instant, view: &View, actions: &mut Vec<Action>) {
+        let pinned: Vec<Peer> = self
+            .cfg
+            .pinned
+            .iter()
+            .filter(|p| self.usable(p, now))
+            .copied()
+            .collect();
+        for p in pinned {
+            self.outgoing.insert(p, Out::Connecting { since: now });
+            actions.push(Action::Open(p));
+        }
         let want = self.target().saturating_sub(self.active_outgoing());
         if want == 0 {
             return;
@@ -393,7 +409,10 @@ impl Policy {
         if p == self.me {
             return (Admission::Busy, actions);
         }
-        if !self.incoming.contains(&p) && self.incoming.len() >= self.cfg.max_clients {
+        if !self.incoming.contains(&p)
+            && self.incoming.len() >= self.cfg.max_clients
+            && !self.cfg.pinned.contains(&p)
+        {
             return (Admission::Busy, actions);
         }
         self.incoming.insert(p);
@@ -651,6 +670,50 @@ mod tests {
         v.anchor = Some(peer(100));
         v.cache = vec![peer(50)];
         assert!(!opened(&r.tick(t, &v)).contains(&peer(50)));
+    }
+
+    #[test]
+    fn pinned_neighbours_are_kept_on_top_of_client_count() {
+        let now = Instant::now();
+        let mut p = served(1, cfg(2, 1), now);
+        let mut c = cfg(2, 1);
+        c.pinned = [peer(9)].into_iter().collect();
+        p.set_config(c, now);
+        // Not routed yet, and opened at once; then the usual two.
+        let a = p.tick(now, &view([2, 3, 4, 5]));
+        assert!(opened(&a).contains(&peer(9)), "{a:?}");
+        assert_eq!(opened(&a).len(), 3, "{a:?}");
+        for q in opened(&a) {
+            p.on_up(q, now);
+        }
+        // Rotation never drains it, however useless.
+        let mut routed = view([2, 3, 4, 5, 9]);
+        routed.routes_via.insert(peer(2), 3);
+        routed.routes_via.insert(peer(3), 3);
+        routed.routes_via.insert(peer(4), 3);
+        routed.routes_via.insert(peer(5), 3);
+        let mut t = now;
+        for _ in 0..5 {
+            t += Duration::from_secs(301);
+            let a = p.tick(t, &routed);
+            assert!(
+                !a.contains(&Action::SetCost(peer(9), DRAIN_MULTIPLIER)),
+                "{a:?}"
+            );
+            assert!(!a.contains(&Action::Close(peer(9))), "{a:?}");
+        }
+        // Lost: reopened once its back-off ends.
+        let a = p.on_down(peer(9), t, &routed);
+        assert!(!opened(&a).contains(&peer(9)), "backs off first: {a:?}");
+        let a = p.tick(t + Duration::from_secs(10), &routed);
+        assert!(opened(&a).contains(&peer(9)), "{a:?}");
+        // A pinned peer is accepted beyond max_clients.
+        assert_eq!(p.on_incoming(peer(7), t, &routed).0, Admission::Accept);
+        assert_eq!(p.on_incoming(peer(8), t, &routed).0, Admission::Busy);
+        let mut c = cfg(2, 1);
+        c.pinned = [peer(8)].into_iter().collect();
+        p.set_config(c, t);
+        assert_eq!(p.on_incoming(peer(8), t, &routed).0, Admission::Accept);
     }
 
     #[test]

@@ -76,6 +76,19 @@ struct Cli {
     /// to it, or NAT66 set up on it).
     #[arg(long)]
     gateway: bool,
+    /// Outgoing tunnels to keep, instead of the network's `client_count`.
+    #[arg(long)]
+    client_count: Option<u32>,
+    /// Incoming tunnels to accept at most, instead of the network's
+    /// `max_clients`; 0: a client-only node, which opens tunnels and
+    /// accepts none.
+    #[arg(long)]
+    max_clients: Option<u32>,
+    /// A node prefix to always keep a tunnel with (repeatable): opened at
+    /// start, on top of `client_count`, never rotated away, and accepted
+    /// beyond `max_clients`.
+    #[arg(long)]
+    neighbour: Vec<ipnet::Ipv6Net>,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -100,6 +113,9 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         config_refresh: cli.config_refresh,
         log_json: cli.log_json.then_some(true),
         gateway: cli.gateway.then_some(true),
+        client_count: cli.client_count,
+        max_clients: cli.max_clients,
+        neighbour: Some(cli.neighbour),
     };
     config::merge(flags, file)
 }

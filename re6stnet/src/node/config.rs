@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv6Net;
 use re6st_registry::auth::SignedPeerRecord;
 use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
 use re6st_tunnel::policy::{Peer, PolicyConfig};
@@ -33,11 +34,24 @@ impl ConfigSource {
     }
 }
 
-/// The policy's settings from the network configuration.
-pub fn policy_config(c: &NetworkConfig) -> PolicyConfig {
+/// What a node changes of the network's tunnel policy (its own flags).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// Outgoing tunnels to keep, instead of the network's `client_count`.
+    pub client_count: Option<u32>,
+    /// Incoming tunnels to accept at most, instead of the network's
+    /// `max_clients` (0: a client-only node).
+    pub max_clients: Option<u32>,
+    /// Nodes we always keep a tunnel with.
+    pub neighbours: Vec<Ipv6Net>,
+}
+
+/// The policy's settings from the network configuration and our roles.
+pub fn policy_config(c: &NetworkConfig, roles: &Roles) -> PolicyConfig {
     PolicyConfig {
-        client_count: c.client_count as usize,
-        max_clients: c.max_clients as usize,
+        client_count: roles.client_count.unwrap_or(c.client_count) as usize,
+        max_clients: roles.max_clients.unwrap_or(c.max_clients) as usize,
+        pinned: roles.neighbours.iter().copied().collect(),
         tunnel_refresh: Duration::from_secs(u64::from(c.tunnel_refresh_s.max(1))),
         // Nodes of a new network start together: ask the registry again soon.
         backoff_base: Duration::from_secs(2),
@@ -234,7 +248,8 @@ impl NodeCore {
         let old = std::mem::replace(&mut self.netconf, c);
         self.signed = signed;
         self.metrics.config_changes += 1;
-        self.policy.set_config(policy_config(&self.netconf), now);
+        self.policy
+            .set_config(policy_config(&self.netconf, &self.roles), now);
         self.apply_crl(now, unix);
         if old.hello_interval_ms != self.netconf.hello_interval_ms {
             let interval = hello_interval(&self.netconf);

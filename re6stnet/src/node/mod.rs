@@ -41,7 +41,7 @@ pub use action::{
     Action, CacheChange, FailReason, LossReason, RegistryKind, RegistryRequest, RegistryResult,
 };
 pub use book::{Book, Candidate};
-pub use config::{hello_interval, policy_config, ConfigSource};
+pub use config::{hello_interval, policy_config, ConfigSource, Roles};
 pub use routing::{RoutingView, SelectedRoute, Via};
 pub use timers::{Timer, Timers};
 pub use tunnels::{Tunnel, DEAD_AFTER, HANDSHAKE_TIMEOUT, INCOMING_TIMEOUT};
@@ -91,6 +91,8 @@ pub struct CoreConfig {
     pub registry: bool,
     /// Seed of every random choice.
     pub seed: u64,
+    /// What this node changes of the network's tunnel policy.
+    pub roles: Roles,
 }
 
 /// Why the core cannot start.
@@ -152,6 +154,7 @@ pub struct NodeCore {
     busy: BTreeSet<RegistryKind>,
     /// The newest configuration version a peer announced.
     announced: u64,
+    roles: Roles,
     config_failures: u32,
     hmac_failures: u32,
     metrics: Metrics,
@@ -199,7 +202,8 @@ impl NodeCore {
         let mut core = Self {
             me: identity(&cert, &cfg.key_pem)?,
             network: cfg.ca.network(),
-            policy: Policy::new(prefix, policy_config(&netconf), now, cfg.seed),
+            policy: Policy::new(prefix, policy_config(&netconf, &cfg.roles), now, cfg.seed),
+            roles: cfg.roles,
             book: Book::new(cfg.peers, re6st_tunnel::cache::CACHE_SIZE, cfg.seed),
             ca: cfg.ca,
             cert,

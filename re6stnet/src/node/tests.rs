@@ -94,6 +94,8 @@ struct Sim {
     registry_down: bool,
     /// Every action, by node, with its time.
     log: Vec<(usize, Duration, Action)>,
+    /// Each node's flags (used when its core is made).
+    roles: Vec<Roles>,
     next_routing: Instant,
 }
 
@@ -117,6 +119,7 @@ impl Sim {
             no_handshake: false,
             registry_down: false,
             log: Vec::new(),
+            roles: vec![Roles::default(); n],
             next_routing: t0 + Duration::from_secs(1),
             nodes,
             ca,
@@ -145,6 +148,7 @@ impl Sim {
                 peers,
                 port: PORT,
                 interfaces: vec!["lan0".into()],
+                roles: self.roles[i].clone(),
                 config_refresh: Duration::from_secs(60),
                 registry: true,
                 seed: i as u64 + 1,
@@ -364,6 +368,28 @@ fn simultaneous_open_keeps_one_tunnel_the_larger_prefix_s() {
     sim.run_until(Duration::from_secs(60));
     assert_eq!(sim.tunnels(0).len(), 1);
     assert_eq!(sim.tunnels(0)[0].name, a[0].name, "and it stays");
+}
+
+/// A client-only node (`--client-count 0 --max-clients 0`) with a pinned
+/// neighbour keeps exactly that tunnel: it opens it, refuses everyone
+/// else, and accepts the neighbour.
+#[test]
+fn a_client_only_node_keeps_its_pinned_neighbour_only() {
+    let mut sim = Sim::new(4, &netconf(1, |_| {}));
+    sim.roles[0] = Roles {
+        client_count: Some(0),
+        max_clients: Some(0),
+        neighbours: vec![sim.nodes[3].prefix],
+    };
+    sim.restart(0, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(30));
+    let peers: Vec<Peer> = sim.tunnels(0).iter().map(|t| t.peer).collect();
+    assert_eq!(peers, vec![sim.nodes[3].prefix]);
+    assert!(sim.tunnels(0)[0].up);
+    assert!(
+        sim.tunnels(1).iter().all(|t| t.peer != sim.nodes[0].prefix),
+        "others were refused"
+    );
 }
 
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one

@@ -33,13 +33,23 @@ fn ip_show(m: &Mesh, args: &[&str]) -> Result<String> {
 }
 
 /// Four nodes over a uniform WAN: everyone routes to and pings everyone;
-/// re6stctl answers; a clean stop leaves no route or address behind.
+/// the `--up` command ran with the node's addresses; re6stctl answers; a
+/// clean stop leaves no route or address behind.
 fn four_nodes_reach_each_other() -> Result<()> {
     let n = names(4);
     let t = topology("mesh4", 4, 5);
-    let mut m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    let up = [
+        "--up",
+        "echo \"$RE6ST_ADDRESS $RE6ST_PREFIX\" > \"$RE6ST_STATE_DIR/up.txt\"",
+    ];
+    let mut m = Mesh::start(&t, "reg", &refs(&n), &[], &up)?;
     let took = m.wait_full_reachability(Duration::from_secs(30))?;
     eprintln!("4 nodes: full reachability after {took:?}");
+    let hook = std::fs::read_to_string(m.nodes[0].dir.join("state/up.txt")).unwrap_or_default();
+    check(
+        hook.trim() == format!("{} {}", m.nodes[0].address, m.nodes[0].prefix),
+        format!("the up command wrote {hook:?}"),
+    )?;
     let status = m.ctl(0, "/status")?;
     check(
         status["node"]["prefix"] == m.nodes[0].prefix.as_str(),

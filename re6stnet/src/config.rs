@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub max_clients: Option<u32>,
     /// Node prefixes to always keep a tunnel with.
     pub neighbour: Option<Vec<Ipv6Net>>,
+    /// Shell command run once the node is up.
+    pub up: Option<String>,
 }
 
 /// The settings in force.
@@ -87,6 +89,9 @@ pub struct NodeConfig {
     pub gateway: bool,
     /// What this node changes of the network's tunnel policy.
     pub roles: Roles,
+    /// Shell command run once the node is up (address, routing and data
+    /// plane ready), with the node's addresses in its environment.
+    pub up: Option<String>,
     /// Destinations (with a source prefix for a source-specific route)
     /// announced besides the node's own prefix. No flag sets it yet (a
     /// gateway will, issue 15); the misbehaving-member netns test sets it
@@ -159,6 +164,7 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
                 .or(file.neighbour)
                 .unwrap_or_default(),
         },
+        up: flags.up.or(file.up),
         exports: Vec::new(),
         dir,
     };

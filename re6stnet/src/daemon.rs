@@ -82,6 +82,32 @@ fn tunnel_iface(c: &NetworkConfig) -> InterfaceConfig {
     i
 }
 
+/// Starts the `--up` command with the node's addresses in its environment
+/// and logs how it ends (the node does not wait for it).
+fn run_up_hook(cmd: &str, prefix: Ipv6Net, address: Ipv6Addr, network: Ipv6Net, cfg: &NodeConfig) {
+    let mut c = tokio::process::Command::new("/bin/sh");
+    c.arg("-c")
+        .arg(cmd)
+        .env("RE6ST_PREFIX", prefix.to_string())
+        .env("RE6ST_ADDRESS", address.to_string())
+        .env("RE6ST_NETWORK", network.to_string())
+        .env("RE6ST_TABLE", cfg.table.to_string())
+        .env("RE6ST_STATE_DIR", &cfg.state_dir)
+        .kill_on_drop(false);
+    match c.spawn() {
+        Ok(mut child) => {
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(s) if s.success() => tracing::info!("the up command succeeded"),
+                    Ok(s) => tracing::warn!(status = %s, "the up command failed"),
+                    Err(e) => tracing::warn!(error = %e, "waiting for the up command"),
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot start the up command"),
+    }
+}
+
 /// Fetches and checks the network configuration, or uses the cached one
 /// while the registry is unreachable; waits (with back-off) only when
 /// neither exists.
@@ -236,6 +262,9 @@ pub async fn run(
         if let Err(e) = routing.add_lan(&plane, i, tunnel_iface(&netconf)) {
             tracing::warn!(interface = %i, error = %format!("{e:#}"), "cannot run Babel here");
         }
+    }
+    if let Some(cmd) = &cfg.up {
+        run_up_hook(cmd, prefix, address.addr(), network, &cfg);
     }
 
     let cache_file = cfg.state_dir.join(state::CACHE_FILE);

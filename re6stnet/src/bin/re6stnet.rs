@@ -89,6 +89,11 @@ struct Cli {
     /// beyond `max_clients`.
     #[arg(long)]
     neighbour: Vec<ipnet::Ipv6Net>,
+    /// Shell command run (`sh -c`) once the node is up, with RE6ST_PREFIX,
+    /// RE6ST_ADDRESS, RE6ST_NETWORK, RE6ST_TABLE and RE6ST_STATE_DIR in its
+    /// environment; the daemon does not wait for it and logs how it ended.
+    #[arg(long)]
+    up: Option<String>,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -116,6 +121,7 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         client_count: cli.client_count,
         max_clients: cli.max_clients,
         neighbour: Some(cli.neighbour),
+        up: cli.up,
     };
     config::merge(flags, file)
 }

@@ -583,6 +583,72 @@ fn gateways_carry_traffic_out_and_fail_over() -> Result<()> {
     )
 }
 
+/// `--main-interface lan0`: n1's prefix lives on its LAN, where a plain
+/// host takes an address in it; n2 reaches that host over the overlay,
+/// through n1.
+fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
+    let mut t = topology("mainif", 1, 10);
+    t.host("n2").host("pc");
+    t.lan("home", &["n1", "pc"]);
+    let mut m = Mesh::start(&t, "reg", &["n2"], &[], &[])?;
+    m.enrol("n1", &["--main-interface", "lan0"])?;
+    let n1 = m.index("n1")?;
+    m.start_node(n1)?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let prefix: ipnet::Ipv6Net = m.nodes[n1]
+        .prefix
+        .parse()
+        .map_err(|e| netns_tests::Error::Measure(format!("n1's prefix: {e}")))?;
+    let pc_addr = std::net::Ipv6Addr::from(u128::from(prefix.network()) | 0x100);
+    let on_lan = m
+        .host(n1)?
+        .run("ip", &["-6", "addr", "show", "dev", "lan0"])?;
+    check(
+        String::from_utf8_lossy(&on_lan.stdout).contains(&m.nodes[n1].address.to_string()),
+        "n1's address is on lan0",
+    )?;
+    let pc = m.net.host("pc")?;
+    netns_tests::netns::ip_batch(
+        Some(pc.ns()),
+        true,
+        &[
+            format!("addr add {pc_addr}/{} dev lan0 nodad", prefix.prefix_len()),
+            format!(
+                "route add fd5e:5e::/48 via {} dev lan0",
+                m.nodes[n1].address
+            ),
+        ],
+    )?;
+    let from = m.nodes[0].address.to_string();
+    let (_, took) = wait_until(
+        "n2 reaching the host on n1's LAN",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || {
+            m.host(0)
+                .ok()?
+                .output(
+                    "ping",
+                    &[
+                        "-6",
+                        "-n",
+                        "-c",
+                        "1",
+                        "-W",
+                        "1",
+                        "-I",
+                        &from,
+                        &pc_addr.to_string(),
+                    ],
+                )
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    eprintln!("main interface: n2 pings the LAN host {pc_addr} after {took:?}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
@@ -619,6 +685,10 @@ fn main() -> ExitCode {
         (
             "gateways_carry_traffic_out_and_fail_over",
             gateways_carry_traffic_out_and_fail_over,
+        ),
+        (
+            "a_lan_behind_its_main_interface_is_routed",
+            a_lan_behind_its_main_interface_is_routed,
         ),
     ])
 }

@@ -55,6 +55,8 @@ pub struct FileConfig {
     pub neighbour: Option<Vec<Ipv6Net>>,
     /// Shell command run once the node is up.
     pub up: Option<String>,
+    /// Interface that carries the node address (and so its prefix).
+    pub main_interface: Option<String>,
 }
 
 /// The settings in force.
@@ -92,11 +94,22 @@ pub struct NodeConfig {
     /// Shell command run once the node is up (address, routing and data
     /// plane ready), with the node's addresses in its environment.
     pub up: Option<String>,
+    /// Interface that carries the node address `prefix::1/len`: `lo`, or a
+    /// LAN whose hosts take addresses in our prefix and are routed by us.
+    pub main_interface: String,
     /// Destinations (with a source prefix for a source-specific route)
     /// announced besides the node's own prefix. No flag sets it yet (a
     /// gateway will, issue 15); the misbehaving-member netns test sets it
     /// to announce what peers must refuse. `gateway` adds its route.
     pub exports: Vec<(IpNet, Option<IpNet>)>,
+}
+
+/// Whether `name` can be a Linux interface name.
+fn is_interface_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace))
 }
 
 /// Reads and checks a configuration file.
@@ -165,6 +178,10 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
                 .unwrap_or_default(),
         },
         up: flags.up.or(file.up),
+        main_interface: flags
+            .main_interface
+            .or(file.main_interface)
+            .unwrap_or_else(|| "lo".to_string()),
         exports: Vec::new(),
         dir,
     };
@@ -176,8 +193,14 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
             bail!("registry: {r:?} is not an http(s):// URL");
         }
     }
+    if !is_interface_name(&cfg.main_interface) {
+        bail!(
+            "main_interface: {:?} is not an interface name",
+            cfg.main_interface
+        );
+    }
     for i in &cfg.interfaces {
-        if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+        if !is_interface_name(i) {
             bail!("interface: {i:?} is not an interface name");
         }
     }
@@ -284,6 +307,7 @@ mod tests {
         assert!(err("port = \"x\"").contains("port"));
         assert!(err("registry = \"ftp://x\"").contains("registry"));
         assert!(err("interface = [\"a b\"]").contains("interface"));
+        assert!(err("main_interface = \"a/b\"").contains("main_interface"));
         assert!(err("config_refresh = 1").contains("config_refresh"));
         assert!(err("table = 0").contains("table"));
         assert!(err("endpoint = [\"nonsense\"]").contains("endpoint"));

@@ -223,7 +223,7 @@ pub async fn run(
     tracing::info!(%prefix, version = netconf.version, "network configuration");
 
     let forwarding = system::Forwarding::enable()?;
-    let address = NodeAddress::install(prefix, network).await?;
+    let address = NodeAddress::install(prefix, network, &cfg.main_interface).await?;
     tracing::info!(address = %address.addr(), "node address");
     let overlay_table = OverlayTable::install(network, prefix, cfg.table).await?;
 

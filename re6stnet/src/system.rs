@@ -14,7 +14,7 @@ use rtnetlink::Handle;
 #[derive(Debug)]
 pub struct NodeAddress {
     handle: Handle,
-    lo: u32,
+    iface: u32,
     addr: Ipv6Addr,
     prefix_len: u8,
 }
@@ -36,17 +36,27 @@ fn is_stale(addr: Ipv6Addr, len: u8, prefix: Ipv6Net, network: Ipv6Net) -> bool 
 }
 
 impl NodeAddress {
-    /// Removes addresses of `network` left on `lo` by a previous run (see
-    /// [`is_stale`]), then adds `prefix::1/len`.
-    pub async fn install(prefix: Ipv6Net, network: Ipv6Net) -> anyhow::Result<Self> {
+    /// Removes addresses of `network` left on `lo` and on `iface` by a
+    /// previous run (see [`is_stale`]), then adds `prefix::1/len` to
+    /// `iface` (`lo`, or a LAN interface: the main interface, whose hosts
+    /// then live in our prefix and are routed by us).
+    pub async fn install(prefix: Ipv6Net, network: Ipv6Net, iface: &str) -> anyhow::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
         tokio::spawn(conn);
         let lo = re6st_routing::driver::ifindex_of("lo")?;
+        let index = re6st_routing::driver::ifindex_of(iface)
+            .with_context(|| format!("the main interface {iface}"))?;
         let mut stale = Vec::new();
-        let mut addrs = handle.address().get().set_link_index_filter(lo).execute();
-        while let Some(m) = addrs.try_next().await.context("listing addresses")? {
-            if address_of(&m).is_some_and(|a| is_stale(a, m.header.prefix_len, prefix, network)) {
-                stale.push(m);
+        for i in [lo, index] {
+            let mut addrs = handle.address().get().set_link_index_filter(i).execute();
+            while let Some(m) = addrs.try_next().await.context("listing addresses")? {
+                if address_of(&m).is_some_and(|a| is_stale(a, m.header.prefix_len, prefix, network))
+                {
+                    stale.push(m);
+                }
+            }
+            if index == lo {
+                break;
             }
         }
         for m in stale {
@@ -56,14 +66,14 @@ impl NodeAddress {
         let addr = re6st_registry::cert::overlay_address(prefix);
         handle
             .address()
-            .add(lo, IpAddr::V6(addr), prefix.prefix_len())
+            .add(index, IpAddr::V6(addr), prefix.prefix_len())
             .replace()
             .execute()
             .await
-            .with_context(|| format!("adding {addr}/{} to lo", prefix.prefix_len()))?;
+            .with_context(|| format!("adding {addr}/{} to {iface}", prefix.prefix_len()))?;
         Ok(Self {
             handle,
-            lo,
+            iface: index,
             addr,
             prefix_len: prefix.prefix_len(),
         })
@@ -80,7 +90,7 @@ impl NodeAddress {
             .handle
             .address()
             .get()
-            .set_link_index_filter(self.lo)
+            .set_link_index_filter(self.iface)
             .set_address_filter(IpAddr::V6(self.addr))
             .set_prefix_length_filter(self.prefix_len)
             .execute();

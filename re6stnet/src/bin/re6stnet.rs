@@ -94,6 +94,12 @@ struct Cli {
     /// environment; the daemon does not wait for it and logs how it ended.
     #[arg(long)]
     up: Option<String>,
+    /// Interface that carries the node address `prefix::1/len`
+    /// [default: lo]. A LAN interface puts the node's prefix on that LAN:
+    /// its hosts take addresses in it (prefix::1 as their route to the
+    /// network) and the node routes them to and from the overlay.
+    #[arg(long)]
+    main_interface: Option<String>,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -122,6 +128,7 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         max_clients: cli.max_clients,
         neighbour: Some(cli.neighbour),
         up: cli.up,
+        main_interface: cli.main_interface,
     };
     config::merge(flags, file)
 }

@@ -210,21 +210,10 @@ fn ras_to_keep(ifaces: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Whether an underlay address is worth announcing.
+/// Whether an underlay address is worth announcing: one another site can
+/// reach (`usable_endpoint`), not of the overlay.
 fn announceable(ip: IpAddr, overlay: Ipv6Net) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || a.is_multicast())
-        }
-        IpAddr::V6(a) => {
-            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
-            !(a.is_loopback()
-                || link_local
-                || a.is_unspecified()
-                || a.is_multicast()
-                || overlay.contains(&a))
-        }
-    }
+    re6st_tunnel::link::usable_endpoint(ip) && !matches!(ip, IpAddr::V6(a) if overlay.contains(&a))
 }
 
 /// The host's global addresses (except the overlay's and those of our
@@ -303,6 +292,8 @@ mod tests {
             "fe80::1",
             "fd5e:0:0:1::1",
             "ff02::1",
+            "192.168.1.2",
+            "100.64.0.1",
         ];
         for a in yes {
             assert!(

@@ -374,14 +374,87 @@ impl Links {
     }
 }
 
-/// Whether `ip` belongs to the underlay (not link-local junk).
+/// Whether `ip` can be an endpoint for a node on another site: not
+/// unspecified, multicast, loopback or link-local, not an IPv4 private
+/// (RFC 1918), shared (CGNAT, RFC 6598) or reserved address, also when
+/// IPv4-mapped. IPv6 unique-local addresses (`fd00::/8`) are allowed:
+/// private underlays over a VPN or a lab use them, and nothing tells
+/// their sites apart. The one check for announcing and dialling.
 pub fn usable_endpoint(ip: IpAddr) -> bool {
-    !ip.is_unspecified() && !ip.is_multicast()
+    match ip {
+        IpAddr::V4(a) => usable_v4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => usable_v4(v4),
+            None => {
+                let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+                !(a.is_unspecified() || a.is_multicast() || a.is_loopback() || link_local)
+            }
+        },
+    }
+}
+
+fn usable_v4(a: std::net::Ipv4Addr) -> bool {
+    let o = a.octets();
+    let shared = o[0] == 100 && o[1] & 0xc0 == 64;
+    let reserved = o[0] == 0 || o[0] >= 240;
+    !(a.is_unspecified()
+        || a.is_multicast()
+        || a.is_loopback()
+        || a.is_link_local()
+        || a.is_private()
+        || a.is_broadcast()
+        || shared
+        || reserved)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_addresses_other_sites_can_reach_are_endpoints() {
+        let yes = [
+            "198.18.0.2",
+            "203.0.113.7",
+            "fd00::2",
+            "2001:db8::1",
+            "::ffff:198.18.1.2",
+        ];
+        let no = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "169.254.1.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "240.0.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:100.64.1.1",
+        ];
+        for a in yes {
+            assert!(
+                usable_endpoint(a.parse().unwrap_or(IpAddr::from([0u8; 4]))),
+                "{a}"
+            );
+        }
+        for a in no {
+            assert!(
+                !usable_endpoint(a.parse().unwrap_or(IpAddr::from([0u8; 4]))),
+                "{a}"
+            );
+        }
+        assert!(usable_endpoint(
+            "100.128.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]))
+        ));
+    }
 
     fn key(b: u8) -> [u8; 32] {
         [b; 32]

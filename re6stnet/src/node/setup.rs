@@ -41,12 +41,20 @@ impl NodeCore {
         p: Peer,
         endpoints: &[SocketAddr],
     ) {
+        let (usable, unusable): (Vec<&SocketAddr>, Vec<&SocketAddr>) = endpoints
+            .iter()
+            .partition(|e| re6st_tunnel::link::usable_endpoint(e.ip()));
+        if !unusable.is_empty() {
+            tracing::debug!(peer = %p, ?unusable, "endpoints other sites cannot reach, not dialled");
+            *self
+                .metrics
+                .rejected
+                .entry("endpoint_unusable".to_string())
+                .or_default() += unusable.len() as u64;
+        }
         match setup::request(&self.me, p, unix) {
             Ok((bytes, nonce)) => {
-                for ep in endpoints
-                    .iter()
-                    .filter(|e| re6st_tunnel::link::usable_endpoint(e.ip()))
-                {
+                for ep in usable {
                     self.push(Action::Send {
                         dst: *ep,
                         bytes: bytes.clone(),

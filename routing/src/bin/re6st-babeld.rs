@@ -86,8 +86,8 @@ struct Cli {
     /// Refuse routes longer than this prefix length.
     #[arg(long)]
     max_plen: Option<u8>,
-    /// Accept a default route when its source prefix is inside this prefix
-    /// (an RFC 9079 gateway route; repeat).
+    /// Accept a default route when its source prefix is this prefix (an
+    /// RFC 9079 gateway route; repeat).
     #[arg(long = "default-from")]
     default_from: Vec<IpNet>,
     /// Log as JSON lines.

@@ -4,13 +4,15 @@
 //! Always refused: martians (babeld `util.c` `martian_prefix`: multicast,
 //! link-local, loopback, unspecified, IPv4-mapped loopback/zero/class E),
 //! and the default route unless it is source-specific with a source
-//! prefix inside one of [`Filter::default_from`] (an RFC 9079 gateway
+//! prefix equal to one of [`Filter::default_from`] (an RFC 9079 gateway
 //! route). With [`Filter::networks`] set, destinations must lie inside one
 //! of them, and with [`Filter::max_plen`] none may be longer than it (a
 //! member cannot announce a more specific part of another node's prefix).
 //! With [`Filter::origin`] set, a prefix is accepted only under the
 //! router-id it is bound to (re6st: the one derived from a node prefix),
-//! so a member cannot originate another node's prefix under its own id.
+//! so a member cannot originate another node's prefix, or a prefix
+//! covering it, under its own id. The Router-Id TLV is not signed: a
+//! modified router can still write the owner's id (docs/security.md).
 
 use std::net::Ipv6Addr;
 
@@ -26,7 +28,7 @@ pub struct Filter {
     pub networks: Vec<IpNet>,
     /// Longest destination prefix accepted (None: any).
     pub max_plen: Option<u8>,
-    /// A default route is accepted only from a source prefix inside one of
+    /// A default route is accepted only from a source prefix equal to one of
     /// these (a gateway's `::/0 from <network>`).
     pub default_from: Vec<IpNet>,
     /// Which router-id may originate a (non-default) destination.
@@ -44,15 +46,17 @@ pub enum Origin {
     NodePrefix,
 }
 
-/// The router-id of the node holding `prefix`: its overlay address (the
-/// prefix with host part 1) folded to 8 bytes.
+/// The router-id of the node holding `prefix`: the prefix with a marker
+/// bit just after it (so that its length counts: a covering prefix is
+/// another destination with another id), folded to 8 bytes. One to one
+/// for the prefixes of one network up to /64: below /64 it is the
+/// prefix's first 64 bits with the marker, at /64 those bits with the
+/// network's first bit flipped.
 pub fn node_router_id(prefix: Ipv6Net) -> [u8; 8] {
-    let a = (u128::from(prefix.network()) | 1).to_be_bytes();
-    let mut id = [0u8; 8];
-    for i in 0..8 {
-        id[i] = a[i] ^ a[i + 8];
-    }
-    id
+    let len = u32::from(prefix.prefix_len());
+    let marker = 1u128.checked_shl(127 - len.min(127)).filter(|_| len < 128);
+    let enc = u128::from(prefix.network()) | marker.unwrap_or(0);
+    ((enc >> 64) as u64 ^ enc as u64).to_be_bytes()
 }
 
 fn martian(p: &IpNet) -> bool {
@@ -97,9 +101,11 @@ impl Filter {
             return Err(DropReason::Martian);
         }
         if key.prefix.prefix_len() == 0 {
-            let gateway = key.src.is_some_and(|s| {
-                s.prefix_len() > 0 && self.default_from.iter().any(|n| inside(&s, n))
-            });
+            // Exactly a configured source: `::/0 from <one node's prefix>`
+            // would take that node's outbound traffic.
+            let gateway = key
+                .src
+                .is_some_and(|s| s.prefix_len() > 0 && self.default_from.contains(&s));
             return if gateway {
                 Ok(())
             } else {
@@ -195,6 +201,11 @@ mod tests {
             Err(DropReason::DefaultRoute)
         );
         assert_eq!(
+            f.check(&key("::/0", Some("fd00:1:0:5::/64"))),
+            Err(DropReason::DefaultRoute),
+            "a gateway for one node's traffic only"
+        );
+        assert_eq!(
             Filter::default().check(&key("::/0", None)),
             Err(DropReason::DefaultRoute)
         );
@@ -204,8 +215,8 @@ mod tests {
     fn a_prefix_is_originated_only_under_its_own_router_id() {
         let f = re6st();
         let p = key("fd00:1:0:5::/64", None);
-        // fd00:1:0:5::1 folded.
-        let bound = [0xfd, 0, 0, 1, 0, 0, 0, 4];
+        // fd00:1:0:5::/64 with its marker (the top bit) folded.
+        let bound = [0x7d, 0, 0, 1, 0, 0, 0, 5];
         assert_eq!(f.check_origin(&p, bound), Ok(()));
         assert_eq!(
             f.check_origin(&p, [0xfd, 0, 0, 1, 0, 0, 0, 6]),
@@ -214,5 +225,29 @@ mod tests {
         let gateway = key("::/0", Some("fd00:1::/48"));
         assert_eq!(f.check_origin(&gateway, [9; 8]), Ok(()));
         assert_eq!(Filter::default().check_origin(&p, [9; 8]), Ok(()));
+        // The node at the start of a /56 cannot originate the /56 (it
+        // would draw the traffic of the other 255 /64s when they are down).
+        let first: Ipv6Net = "fd00:1:0:100::/64".parse().unwrap_or_default();
+        let cover = key("fd00:1:0:100::/56", None);
+        assert_eq!(
+            f.check_origin(&cover, node_router_id(first)),
+            Err(DropReason::WrongOrigin)
+        );
+    }
+
+    #[test]
+    fn node_router_ids_are_one_to_one_up_to_64() {
+        let mut seen = std::collections::HashMap::new();
+        for len in 49..=64u8 {
+            for i in 0..64u128 {
+                let net = (0xfd00_0001u128 << 96) | (i << (128 - u32::from(len)));
+                let p = Ipv6Net::new(Ipv6Addr::from(net), len)
+                    .unwrap_or_default()
+                    .trunc();
+                if let Some(other) = seen.insert(node_router_id(p), p) {
+                    assert_eq!(other, p, "{other} and {p} share a router-id");
+                }
+            }
+        }
     }
 }

@@ -446,8 +446,7 @@ fn a_prefix_is_learned_only_from_the_router_id_it_is_bound_to() {
     let mut h = Harness::with_neighbours();
     // dest() is bound to the router-id of its first 64 bits.
     h.r.cfg.filter.origin = Origin::NodePrefix;
-    // fd00:1:0:9::1 folded.
-    let bound = [0xfd, 0, 0, 1, 0, 0, 0, 8];
+    let bound = node_router_id("fd00:1:0:9::/64".parse().unwrap_or_default());
     h.hear(A, &[update(ORIGIN, 1, 100)]);
     assert_eq!(h.r.stats().drops.get(&DropReason::WrongOrigin), Some(&1));
     assert_eq!(h.r.installed(dest(), None), None);

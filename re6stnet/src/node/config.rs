@@ -245,6 +245,8 @@ impl NodeCore {
             "new network configuration"
         );
         self.push(Action::SaveNetwork(signed.clone()));
+        // What a peer announced has arrived (or something newer).
+        self.timers.clear(Timer::Announced);
         let old = std::mem::replace(&mut self.netconf, c);
         self.signed = signed;
         self.metrics.config_changes += 1;

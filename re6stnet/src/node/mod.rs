@@ -152,8 +152,6 @@ pub struct NodeCore {
     record: Option<SignedPeerRecord>,
     timers: Timers,
     busy: BTreeSet<RegistryKind>,
-    /// The newest configuration version a peer announced.
-    announced: u64,
     roles: Roles,
     config_failures: u32,
     hmac_failures: u32,
@@ -228,7 +226,6 @@ impl NodeCore {
             record: None,
             timers: Timers::default(),
             busy: BTreeSet::new(),
-            announced: 0,
             config_failures: 0,
             hmac_failures: 0,
             metrics: Metrics::default(),
@@ -276,11 +273,10 @@ impl NodeCore {
                 Timer::Hmac => self.request_hmac(),
                 Timer::Renew => self.check_renewal(now, unix),
                 Timer::Announced => {
-                    // Announced but not sent (too large to flood, or the
-                    // peer went away): the registry has it.
-                    if self.announced > self.netconf.version {
-                        self.request(RegistryRequest::Config);
-                    }
+                    // Announced and not received since (too large to
+                    // flood, the peer went away, or a member lied): the
+                    // registry has the truth.
+                    self.request(RegistryRequest::Config);
                 }
                 Timer::Ask(p) => {
                     if self.asking.remove(&p) {

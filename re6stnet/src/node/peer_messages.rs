@@ -100,8 +100,9 @@ impl NodeCore {
             Body::ConfigVersion { version } => {
                 if version > self.netconf.version {
                     self.send_peer(unix, from, &Body::ConfigRequest);
-                    if version > self.announced {
-                        self.announced = version;
+                    // Armed once, never moved: announcements cannot
+                    // postpone the registry's answer.
+                    if self.timers.get(super::Timer::Announced).is_none() {
                         self.timers
                             .set(super::Timer::Announced, now + super::ASK_TIMEOUT);
                     }

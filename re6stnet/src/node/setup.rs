@@ -45,7 +45,7 @@ impl NodeCore {
             .iter()
             .partition(|e| re6st_tunnel::link::usable_endpoint(e.ip()));
         if !unusable.is_empty() {
-            tracing::debug!(peer = %p, ?unusable, "endpoints other sites cannot reach, not dialled");
+            tracing::debug!(peer = %p, ?unusable, "loopback, link-local or junk endpoints, not dialled");
             *self
                 .metrics
                 .rejected

@@ -699,6 +699,33 @@ fn a_configuration_too_large_to_flood_is_fetched_from_the_registry() {
     );
 }
 
+/// A member announcing ever newer versions every 2 s cannot postpone the
+/// registry check the first announcement armed.
+#[test]
+fn announcements_cannot_postpone_the_registry() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    let s1 = signed(&sim.ca, &netconf(1, |_| {}));
+    for i in 0..2 {
+        sim.answer(i, RegistryResult::Config(Ok(s1.clone())));
+    }
+    let asked = |sim: &Sim| sim.count(0, |a| *a == Action::Registry(RegistryRequest::Config));
+    let before = asked(&sim);
+    let src = SocketAddr::new(IpAddr::V6(overlay_address(sim.nodes[1].prefix)), PORT);
+    for k in 0..4u64 {
+        sim.run_until(Duration::from_secs(5 + 2 * k));
+        let (now, unix) = (sim.now, sim.unix());
+        let lie = Body::ConfigVersion { version: 1000 + k };
+        let bytes = sim.cores[1]
+            .peers
+            .seal(sim.nodes[0].prefix, &lie, unix)
+            .unwrap();
+        sim.cores[0].handle_datagram(now, unix, src, &bytes);
+        sim.deliver();
+    }
+    assert_eq!(asked(&sim), before + 1, "asked 3 s after the first lie");
+}
+
 /// A certificate inside the renewal window is renewed at start; a failed
 /// renewal is retried; a renewed certificate is saved and used.
 #[test]

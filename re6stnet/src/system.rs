@@ -210,10 +210,10 @@ fn ras_to_keep(ifaces: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Whether an underlay address is worth announcing: one another site can
-/// reach (`usable_endpoint`), not of the overlay.
+/// Whether a detected underlay address is worth announcing: one another
+/// site can reach (`public_endpoint`), not of the overlay.
 fn announceable(ip: IpAddr, overlay: Ipv6Net) -> bool {
-    re6st_tunnel::link::usable_endpoint(ip) && !matches!(ip, IpAddr::V6(a) if overlay.contains(&a))
+    re6st_tunnel::link::public_endpoint(ip) && !matches!(ip, IpAddr::V6(a) if overlay.contains(&a))
 }
 
 /// The host's global addresses (except the overlay's and those of our

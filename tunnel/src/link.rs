@@ -374,12 +374,10 @@ impl Links {
     }
 }
 
-/// Whether `ip` can be an endpoint for a node on another site: not
-/// unspecified, multicast, loopback or link-local, not an IPv4 private
-/// (RFC 1918), shared (CGNAT, RFC 6598) or reserved address, also when
-/// IPv4-mapped. IPv6 unique-local addresses (`fd00::/8`) are allowed:
-/// private underlays over a VPN or a lab use them, and nothing tells
-/// their sites apart. The one check for announcing and dialling.
+/// Whether a peer's announced endpoint may be dialled: not unspecified,
+/// multicast, loopback or link-local (also IPv4-mapped). Private
+/// addresses may be dialled: an operator announces them on purpose
+/// (`--endpoint`) for a private underlay.
 pub fn usable_endpoint(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => usable_v4(a),
@@ -394,17 +392,31 @@ pub fn usable_endpoint(ip: IpAddr) -> bool {
 }
 
 fn usable_v4(a: std::net::Ipv4Addr) -> bool {
-    let o = a.octets();
-    let shared = o[0] == 100 && o[1] & 0xc0 == 64;
-    let reserved = o[0] == 0 || o[0] >= 240;
     !(a.is_unspecified()
         || a.is_multicast()
         || a.is_loopback()
         || a.is_link_local()
-        || a.is_private()
-        || a.is_broadcast()
-        || shared
-        || reserved)
+        || a.is_broadcast())
+}
+
+/// Whether a detected address is worth announcing to other sites: a
+/// [`usable_endpoint`], and not an IPv4 private (RFC 1918), shared (CGNAT,
+/// RFC 6598) or reserved address, also when IPv4-mapped (behind NAT the
+/// node's own address is no use elsewhere). IPv6 unique-local addresses
+/// (`fd00::/8`) are kept: private underlays over a VPN or a lab use them,
+/// and nothing tells their sites apart.
+pub fn public_endpoint(ip: IpAddr) -> bool {
+    let v4 = match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    usable_endpoint(ip)
+        && v4.is_none_or(|a| {
+            let o = a.octets();
+            let shared = o[0] == 100 && o[1] & 0xc0 == 64;
+            let reserved = o[0] == 0 || o[0] >= 240;
+            !(a.is_private() || shared || reserved)
+        })
 }
 
 #[cfg(test)]
@@ -412,7 +424,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_addresses_other_sites_can_reach_are_endpoints() {
+    fn only_addresses_other_sites_can_reach_are_announced() {
         let yes = [
             "198.18.0.2",
             "203.0.113.7",
@@ -439,21 +451,29 @@ mod tests {
             "::ffff:10.0.0.1",
             "::ffff:100.64.1.1",
         ];
+        let ip = |a: &str| a.parse().unwrap_or(IpAddr::from([0u8; 4]));
         for a in yes {
-            assert!(
-                usable_endpoint(a.parse().unwrap_or(IpAddr::from([0u8; 4]))),
-                "{a}"
-            );
+            assert!(public_endpoint(ip(a)), "{a}");
         }
         for a in no {
-            assert!(
-                !usable_endpoint(a.parse().unwrap_or(IpAddr::from([0u8; 4]))),
-                "{a}"
-            );
+            assert!(!public_endpoint(ip(a)), "{a}");
         }
-        assert!(usable_endpoint(
-            "100.128.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]))
-        ));
+        assert!(public_endpoint(ip("100.128.0.1")));
+        // Dialled when a peer announces them on purpose; junk never.
+        for a in ["10.1.2.3", "100.64.0.1", "192.168.1.1", "::ffff:10.0.0.1"] {
+            assert!(usable_endpoint(ip(a)), "{a}");
+        }
+        for a in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "224.0.0.1",
+        ] {
+            assert!(!usable_endpoint(ip(a)), "{a}");
+        }
     }
 
     fn key(b: u8) -> [u8; 32] {

@@ -409,8 +409,13 @@ impl Policy {
         if p == self.me {
             return (Admission::Busy, actions);
         }
+        let unpinned = self
+            .incoming
+            .iter()
+            .filter(|q| !self.cfg.pinned.contains(q))
+            .count();
         if !self.incoming.contains(&p)
-            && self.incoming.len() >= self.cfg.max_clients
+            && unpinned >= self.cfg.max_clients
             && !self.cfg.pinned.contains(&p)
         {
             return (Admission::Busy, actions);
@@ -714,6 +719,9 @@ mod tests {
         c.pinned = [peer(8)].into_iter().collect();
         p.set_config(c, t);
         assert_eq!(p.on_incoming(peer(8), t, &routed).0, Admission::Accept);
+        // And it takes no one's slot.
+        p.on_incoming_closed(peer(7));
+        assert_eq!(p.on_incoming(peer(6), t, &routed).0, Admission::Accept);
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //! forgotten ones. When all senders together reach the total, expired
 //! nonces are swept and, if that is not enough, the sender holding the
 //! most loses its oldest the same way. A flood of fresh, validly signed
-//! messages from one member therefore narrows that member's window only:
-//! it never reopens a replay, and never refuses another sender's
-//! messages.
+//! messages from one member therefore narrows that member's window only
+//! (several colluding members could make a busy honest sender the one
+//! that holds the most), and never reopens a replay.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;

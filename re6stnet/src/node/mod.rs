@@ -389,6 +389,13 @@ impl NodeCore {
     /// Our underlay endpoints, as the driver found them (after
     /// [`Action::DetectEndpoints`]): our peer record is signed and published.
     pub fn handle_endpoints(&mut self, now: Instant, unix: i64, endpoints: Vec<SocketAddr>) {
+        // A client-only node accepts no tunnel: it publishes no record,
+        // so nobody dials it in vain.
+        if self.roles.max_clients.unwrap_or(self.netconf.max_clients) == 0 {
+            self.endpoints = endpoints;
+            self.record = None;
+            return self.settle(now);
+        }
         let record = re6st_registry::auth::PeerRecord {
             cert: self.cert_pem.clone(),
             endpoints: endpoints.clone(),

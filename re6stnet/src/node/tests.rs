@@ -390,6 +390,14 @@ fn a_client_only_node_keeps_its_pinned_neighbour_only() {
         sim.tunnels(1).iter().all(|t| t.peer != sim.nodes[0].prefix),
         "others were refused"
     );
+    assert!(sim.cores[0].record.is_none(), "it publishes no record");
+    assert_eq!(
+        sim.count(0, |a| matches!(
+            a,
+            Action::Registry(RegistryRequest::Publish(_))
+        )),
+        0
+    );
 }
 
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one

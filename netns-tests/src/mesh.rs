@@ -440,9 +440,14 @@ impl Mesh {
     /// One ping from node `i` to node `j`'s overlay address, sourced from
     /// `i`'s overlay address.
     pub fn ping(&self, i: usize, j: usize, wait_s: u32) -> bool {
+        self.ping_addr(i, self.nodes[j].address, wait_s)
+    }
+
+    /// One ping from node `i`'s overlay address to `dst`.
+    pub fn ping_addr(&self, i: usize, dst: Ipv6Addr, wait_s: u32) -> bool {
         let Ok(h) = self.host(i) else { return false };
         let src = self.nodes[i].address.to_string();
-        let dst = self.nodes[j].address.to_string();
+        let dst = dst.to_string();
         h.output(
             "ping",
             &[
@@ -458,6 +463,21 @@ impl Mesh {
             ],
         )
         .is_ok_and(|o| o.status.success())
+    }
+
+    /// The peers node `i` has a tunnel with (any state), as `/tunnels`
+    /// lists them.
+    pub fn tunnel_peers(&self, i: usize) -> Vec<String> {
+        self.ctl(i, "/tunnels")
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|t| t["peer"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
     }
 
     /// Pairs (i, j) of running nodes where i cannot ping j (eight pings

@@ -43,19 +43,6 @@ fn kernel_routes(m: &Mesh, i: usize) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-fn tunnel_peers(m: &Mesh, i: usize) -> Vec<String> {
-    m.ctl(i, "/tunnels")
-        .ok()
-        .and_then(|v| {
-            v.as_array().map(|a| {
-                a.iter()
-                    .filter_map(|t| t["peer"].as_str().map(str::to_string))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// Honest pairs that cannot ping each other.
 fn honest_unreachable(m: &Mesh) -> Vec<(usize, usize)> {
     (0..HONEST)
@@ -68,6 +55,31 @@ fn rss(m: &Mesh, i: usize) -> Result<u64> {
     m.pid(i)
         .and_then(netns_tests::babel::rss_kib)
         .ok_or_else(|| Error::Measure(format!("{}'s RSS", m.nodes[i].name)))
+}
+
+/// `r6t-rogue setup` against n1 from `from`, with `extra` flags.
+fn flood_n1(m: &Mesh, from: &[String], extra: &[&str]) -> Result<String> {
+    let dir = m.nodes[ROGUE].dir.to_string_lossy().into_owned();
+    let target = format!("[{}]:326", m.host(0)?.addr(true)?);
+    let cert = m.nodes[0]
+        .dir
+        .join("node.crt")
+        .to_string_lossy()
+        .into_owned();
+    let mut args = vec![
+        "setup",
+        "--dir",
+        &dir,
+        "--to",
+        &target,
+        "--target-cert",
+        &cert,
+    ];
+    for s in from {
+        args.extend(["--from", s.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    rogue(m, &args)
 }
 
 fn rogue(m: &Mesh, args: &[&str]) -> Result<String> {
@@ -196,34 +208,14 @@ fn a_misbehaving_member_changes_nothing_for_the_others() -> Result<()> {
         .map(|a| format!("addr add {a}/64 dev eth0 nodad"))
         .collect();
     netns_tests::netns::ip_batch(Some(m.host(ROGUE)?.ns()), true, &add)?;
-    let target = format!("[{}]:326", m.host(0)?.addr(true)?);
     let rogue_dir = m.nodes[ROGUE].dir.to_string_lossy().into_owned();
-    let target_cert = m.nodes[0]
-        .dir
-        .join("node.crt")
-        .to_string_lossy()
-        .into_owned();
     let probe = LossProbe::start(
         m.host(1)?,
         m.host(0)?,
         m.address(0),
         Duration::from_millis(10),
     )?;
-    let mut args = vec![
-        "setup",
-        "--dir",
-        &rogue_dir,
-        "--to",
-        &target,
-        "--target-cert",
-        &target_cert,
-        "--requests",
-        "20",
-    ];
-    for s in &sources {
-        args.extend(["--from", s.as_str()]);
-    }
-    eprintln!("rogue: {}", rogue(&m, &args)?);
+    eprintln!("rogue: {}", flood_n1(&m, &sources, &["--requests", "20"])?);
     let n1_prefix = m.nodes[0].prefix.clone();
     eprintln!(
         "rogue: {}",
@@ -282,7 +274,7 @@ fn a_misbehaving_member_changes_nothing_for_the_others() -> Result<()> {
         Duration::from_millis(200),
         || {
             (0..HONEST)
-                .all(|i| !tunnel_peers(&m, i).contains(&rogue_prefix))
+                .all(|i| !m.tunnel_peers(i).contains(&rogue_prefix))
                 .then_some(())
         },
     )?;
@@ -291,31 +283,16 @@ fn a_misbehaving_member_changes_nothing_for_the_others() -> Result<()> {
     m.host(ROGUE)?.run("kill", &["-CONT", &pid.to_string()])?;
     eprintln!(
         "rogue: {}",
-        rogue(
+        flood_n1(
             &m,
-            &[
-                "setup",
-                "--dir",
-                &rogue_dir,
-                "--to",
-                &target,
-                "--target-cert",
-                &target_cert,
-                "--from",
-                &sources[0],
-                "--requests",
-                "1",
-                "--replays",
-                "0",
-                "--refusals",
-                "0",
-            ],
+            &sources[..1],
+            &["--requests", "1", "--replays", "0", "--refusals", "0"],
         )?
     );
     cleanup::sleep(Duration::from_secs(10))?;
     for i in 0..HONEST {
         check(
-            !tunnel_peers(&m, i).contains(&rogue_prefix),
+            !m.tunnel_peers(i).contains(&rogue_prefix),
             format!("{} rebuilt a tunnel to the revoked rogue", m.nodes[i].name),
         )?;
         check(!m.ping(i, ROGUE, 1), "the revoked rogue is unreachable")?;

@@ -110,20 +110,6 @@ fn four_nodes_reach_each_other() -> Result<()> {
     Ok(())
 }
 
-/// Number of tunnels node `i` reports (any state).
-fn tunnel_peers(m: &Mesh, i: usize) -> Vec<String> {
-    m.ctl(i, "/tunnels")
-        .ok()
-        .and_then(|v| {
-            v.as_array().map(|a| {
-                a.iter()
-                    .filter_map(|t| t["peer"].as_str().map(str::to_string))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// Twelve nodes, a random latency matrix (5..60 ms one way), 10% of the
 /// direct paths blackholed: every pair reachable within 20 s of start.
 fn twelve_nodes_around_broken_paths() -> Result<()> {
@@ -222,7 +208,7 @@ fn revoked_node_is_cut_off() -> Result<()> {
         Duration::from_millis(200),
         || {
             (0..3)
-                .all(|i| !tunnel_peers(&m, i).contains(&victim))
+                .all(|i| !m.tunnel_peers(i).contains(&victim))
                 .then_some(())
         },
     )?;
@@ -230,7 +216,7 @@ fn revoked_node_is_cut_off() -> Result<()> {
     cleanup::sleep(Duration::from_secs(10))?;
     for i in 0..3 {
         check(
-            !tunnel_peers(&m, i).contains(&victim),
+            !m.tunnel_peers(i).contains(&victim),
             format!("{} rebuilt a tunnel to the revoked node", m.nodes[i].name),
         )?;
         check(!m.ping(i, 3, 1), "the revoked node is unreachable")?;
@@ -619,31 +605,11 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
             ),
         ],
     )?;
-    let from = m.nodes[0].address.to_string();
     let (_, took) = wait_until(
         "n2 reaching the host on n1's LAN",
         Duration::from_secs(10),
         Duration::from_millis(200),
-        || {
-            m.host(0)
-                .ok()?
-                .output(
-                    "ping",
-                    &[
-                        "-6",
-                        "-n",
-                        "-c",
-                        "1",
-                        "-W",
-                        "1",
-                        "-I",
-                        &from,
-                        &pc_addr.to_string(),
-                    ],
-                )
-                .ok()
-                .filter(|o| o.status.success())
-        },
+        || m.ping_addr(0, pc_addr, 1).then_some(()),
     )?;
     eprintln!("main interface: n2 pings the LAN host {pc_addr} after {took:?}");
     Ok(())

@@ -83,28 +83,26 @@ impl OverlayTable {
             table,
         };
         me.remove_rules().await?;
-        me.handle
-            .rule()
-            .add()
-            .v6()
-            .destination_prefix(network.network(), network.prefix_len())
-            .table_id(table)
-            .priority(RULE_PRIORITY)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await
-            .with_context(|| format!("adding the rule `to {network} lookup {table}`"))?;
-        me.handle
-            .rule()
-            .add()
-            .v6()
-            .source_prefix(network.network(), network.prefix_len())
-            .table_id(table)
-            .priority(FROM_RULE_PRIORITY)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await
-            .with_context(|| format!("adding the rule `from {network} lookup {table}`"))?;
+        for (from, priority) in [(false, RULE_PRIORITY), (true, FROM_RULE_PRIORITY)] {
+            let rule = me.handle.rule().add().v6();
+            let (rule, which) = if from {
+                (
+                    rule.source_prefix(network.network(), network.prefix_len()),
+                    "from",
+                )
+            } else {
+                (
+                    rule.destination_prefix(network.network(), network.prefix_len()),
+                    "to",
+                )
+            };
+            rule.table_id(table)
+                .priority(priority)
+                .action(RuleAction::ToTable)
+                .execute()
+                .await
+                .with_context(|| format!("adding the rule `{which} {network} lookup {table}`"))?;
+        }
         me.handle
             .route()
             .add(me.throw_route())

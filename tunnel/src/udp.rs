@@ -140,8 +140,11 @@ pub fn recv_segments(s: &Socket, buf: &mut [u8]) -> io::Result<Received> {
         (n, msg.control_len())
     };
     let now = Instant::now();
+    // A dual-stack socket sees IPv4 peers as IPv4-mapped: named as IPv4,
+    // one peer has one address everywhere (tunnels, cache, NAT claims).
     let src = addr
         .as_socket()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
     // SAFETY: the first `clen` bytes of `control` were written by recvmsg.
     let control: &[u8] = unsafe {

@@ -1,6 +1,6 @@
 //! Any datagram into the tunnel set-up responder and reply checker.
 #![no_main]
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ fn now() -> Instant {
 
 fuzz_target!(|data: &[u8]| {
     let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
-    let src = IpAddr::from([198, 18, data.first().copied().unwrap_or(0), 2]);
+    let src = SocketAddr::from(([198, 18, data.first().copied().unwrap_or(0), 2], 326));
     let _ = s.0.handle(now(), NOW, src, data, |_| Decision::Accept);
     let ca = s.1.clone();
     let _ = check_reply(&ca, &[], "fd5e:0:0:2::/64".parse().unwrap_or_default(), "nonce", NOW, data);

@@ -205,7 +205,7 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
         return Err(Error::Measure("b got no set-up request".into()));
     };
     let Outcome::Accepted { peer, reply } =
-        responder.handle(std::time::Instant::now(), now, src.ip(), &bytes, |_| {
+        responder.handle(std::time::Instant::now(), now, src, &bytes, |_| {
             Decision::Accept
         })
     else {
@@ -237,7 +237,7 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
     let Ok(Event::Control { bytes, .. }) = rx_a.recv_timeout(Duration::from_secs(3)) else {
         return Err(Error::Measure("a got no answer".into()));
     };
-    let cert_b = match check_reply(ca.cert(), &[], pb, &nonce, now, &bytes) {
+    let cert_b = match check_reply(ca.cert(), &[], pb, &nonce, now, &bytes).map(|a| a.reply) {
         Ok(Reply::Accepted(c)) => c,
         other => return Err(Error::Measure(format!("answer {other:?}"))),
     };
@@ -262,7 +262,7 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
     eprintln!("setup: request, accept, handshake and first ping over IPv4 underlay in {took:?}");
     // A replay of the same request is refused.
     check(
-        responder.handle(std::time::Instant::now(), now, src.ip(), &req, |_| {
+        responder.handle(std::time::Instant::now(), now, src, &req, |_| {
             Decision::Accept
         }) == Outcome::Dropped(SetupError::Replay),
         "replay accepted",

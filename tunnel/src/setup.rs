@@ -3,10 +3,15 @@
 //!
 //! ```text
 //! initiator -> responder   Request  {cert, to, ts, nonce, sig}
-//! responder -> initiator   Accept   {cert, nonce, ts, sig}       (then the handshake)
-//!                          Busy     {cert, nonce, ts, peers, sig} (try these instead)
+//! responder -> initiator   Accept   {cert, nonce, ts, seen, sig}  (then the handshake)
+//!                          Busy     {cert, nonce, ts, seen, peers, sig} (try these instead)
 //!                          Refused  {cert, nonce, ts, reason, sig} (revoked, bad certificate)
+//! either way               Punch    (no body: opens a NAT's mapping, dropped on arrival)
 //! ```
+//!
+//! `seen` is the address and port the responder saw the request come
+//! from: behind a NAT, the initiator learns its public endpoint from it
+//! (one claim among others: see re6stnet's `node::observed`).
 //!
 //! Datagrams start with `R6T1` and a kind byte (WireGuard messages start
 //! with 1..=4 and three zero bytes, so the two never collide), then JSON.
@@ -22,7 +27,7 @@
 //! The certificate's WireGuard key is the one the handshake must then use.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -55,6 +60,7 @@ const KIND_REQUEST: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_BUSY: u8 = 3;
 const KIND_REFUSED: u8 = 4;
+const KIND_PUNCH: u8 = 5;
 
 /// Why a set-up datagram was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -104,6 +110,8 @@ struct AcceptMsg {
     cert: String,
     nonce: String,
     ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seen: Option<String>,
     #[serde(default)]
     peers: Vec<String>,
     sig: String,
@@ -176,6 +184,19 @@ pub fn is_request(bytes: &[u8]) -> bool {
 /// Whether a datagram is a set-up message (not WireGuard).
 pub fn is_setup(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC)
+}
+
+/// A punch: sent to a peer's endpoint only so that our NAT lets its
+/// datagrams in (hole punching); the receiver drops it.
+pub fn punch() -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(KIND_PUNCH);
+    out
+}
+
+/// Whether a datagram is a [`punch`].
+pub fn is_punch(bytes: &[u8]) -> bool {
+    bytes.len() == MAGIC.len() + 1 && bytes.starts_with(MAGIC) && bytes[MAGIC.len()] == KIND_PUNCH
 }
 
 fn check_cert(ca: &CaCert, crl: &[u64], der_b64: &str, unix: i64) -> Result<NodeCert, SetupError> {
@@ -265,6 +286,25 @@ pub enum Reply {
     Refused(Refusal),
 }
 
+/// A checked reply and what the responder says it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The answer.
+    pub reply: Reply,
+    /// Where the responder saw our request come from (Accept and Busy;
+    /// signed with the rest).
+    pub seen: Option<SocketAddr>,
+}
+
+/// The signed tail of an Accept or Busy: what the responder saw, then
+/// the peers it suggests.
+fn accept_tail(seen: Option<&str>, peers: &[String]) -> Vec<String> {
+    seen.map(|s| format!("seen={s}"))
+        .into_iter()
+        .chain(peers.iter().cloned())
+        .collect()
+}
+
 /// The parts of a reply its signature is checked on.
 struct Signed<'a> {
     kind: u8,
@@ -315,23 +355,29 @@ pub fn check_reply(
     nonce: &str,
     unix: i64,
     bytes: &[u8],
-) -> Result<Reply, SetupError> {
+) -> Result<Answer, SetupError> {
     let (kind, body) = unframe(bytes)?;
     match kind {
         KIND_ACCEPT | KIND_BUSY => {
             let m: AcceptMsg =
                 serde_json::from_slice(body).map_err(|_| SetupError::Malformed("bad JSON"))?;
+            let tail = accept_tail(m.seen.as_deref(), &m.peers);
             let signed = Signed {
                 kind,
                 cert: &m.cert,
                 nonce: &m.nonce,
                 ts: m.ts,
-                tail: &m.peers,
+                tail: &tail,
                 sig: &m.sig,
             };
             let cert = check_signed(ca, crl, expected, nonce, unix, &signed)?;
-            if kind == KIND_ACCEPT {
-                Ok(Reply::Accepted(cert))
+            let seen = match m.seen.as_deref().map(str::parse) {
+                None => None,
+                Some(Ok(a)) => Some(a),
+                Some(Err(_)) => return Err(SetupError::Malformed("bad seen address")),
+            };
+            let reply = if kind == KIND_ACCEPT {
+                Reply::Accepted(cert)
             } else {
                 let peers = m
                     .peers
@@ -339,8 +385,9 @@ pub fn check_reply(
                     .filter_map(|p| p.parse().ok())
                     .take(8)
                     .collect();
-                Ok(Reply::Busy(peers))
-            }
+                Reply::Busy(peers)
+            };
+            Ok(Answer { reply, seen })
         }
         KIND_REFUSED => {
             let m: RefusedMsg =
@@ -355,7 +402,10 @@ pub fn check_reply(
                 sig: &m.sig,
             };
             check_signed(ca, crl, expected, nonce, unix, &signed)?;
-            Ok(Reply::Refused(m.reason))
+            Ok(Answer {
+                reply: Reply::Refused(m.reason),
+                seen: None,
+            })
         }
         _ => Err(SetupError::Malformed("unknown kind")),
     }
@@ -498,15 +548,25 @@ impl Responder {
         )
     }
 
-    /// A signed Accept or Busy.
-    fn signed_reply(&self, kind: u8, nonce: &str, unix: i64, peers: Vec<String>) -> Vec<u8> {
-        let sig = self.sign_reply(kind, nonce, unix, &peers);
+    /// A signed Accept or Busy, telling the initiator where its request
+    /// came from.
+    fn signed_reply(
+        &self,
+        kind: u8,
+        nonce: &str,
+        unix: i64,
+        seen: SocketAddr,
+        peers: Vec<String>,
+    ) -> Vec<u8> {
+        let seen = seen.to_string();
+        let sig = self.sign_reply(kind, nonce, unix, &accept_tail(Some(&seen), &peers));
         frame(
             kind,
             &AcceptMsg {
                 cert: B64.encode(&self.me.cert.der),
                 nonce: nonce.to_string(),
                 ts: unix,
+                seen: Some(seen),
                 peers,
                 sig,
             },
@@ -534,11 +594,11 @@ impl Responder {
         &mut self,
         now: Instant,
         unix: i64,
-        src: IpAddr,
+        src: SocketAddr,
         bytes: &[u8],
         decide: impl FnOnce(&NodeCert) -> Decision,
     ) -> Outcome {
-        match self.check(now, unix, src, bytes) {
+        match self.check(now, unix, src.ip(), bytes) {
             Err(e) => {
                 *self.stats.dropped.entry(reason(&e)).or_default() += 1;
                 // A revoked or foreign node is told, so it stops trying.
@@ -553,13 +613,13 @@ impl Responder {
             Ok((peer, nonce)) => match decide(&peer) {
                 Decision::Accept => {
                     self.stats.accepted += 1;
-                    let reply = self.signed_reply(KIND_ACCEPT, &nonce, unix, Vec::new());
+                    let reply = self.signed_reply(KIND_ACCEPT, &nonce, unix, src, Vec::new());
                     Outcome::Accepted { peer, reply }
                 }
                 Decision::Busy(others) => {
                     self.stats.busy += 1;
                     let peers = others.iter().take(8).map(|p| p.to_string()).collect();
-                    Outcome::Reply(self.signed_reply(KIND_BUSY, &nonce, unix, peers))
+                    Outcome::Reply(self.signed_reply(KIND_BUSY, &nonce, unix, src, peers))
                 }
             },
         }
@@ -590,8 +650,10 @@ mod tests {
         Identity::issued(ca, prefix, serial, [i as u8; 32], NOW).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn src() -> IpAddr {
-        "198.18.1.2".parse().unwrap_or(IpAddr::from([0u8; 4]))
+    fn src() -> SocketAddr {
+        "198.18.1.2:326"
+            .parse()
+            .unwrap_or(SocketAddr::from(([0u8; 4], 0)))
     }
 
     #[test]
@@ -612,7 +674,7 @@ mod tests {
             "the handshake must come from this key"
         );
         assert_eq!(peer.prefix, a.cert.prefix);
-        match check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply) {
+        match check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply).map(|a| a.reply) {
             Ok(Reply::Accepted(c)) => assert_eq!(c.wg_key, [2; 32]),
             other => panic!("{other:?}"),
         }
@@ -633,6 +695,43 @@ mod tests {
         assert_eq!(resp.stats().accepted, 1);
     }
 
+    /// The initiator learns where the responder saw it: signed, so
+    /// nobody on the path can point it elsewhere.
+    #[test]
+    fn the_answer_says_where_the_request_came_from() {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
+        let nat: SocketAddr = "198.18.7.1:40123".parse().unwrap_or(src());
+        let Outcome::Accepted { reply, .. } =
+            resp.handle(Instant::now(), NOW, nat, &req, |_| Decision::Accept)
+        else {
+            panic!("not accepted");
+        };
+        let answer = check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer.seen, Some(nat));
+        let mut m: AcceptMsg =
+            serde_json::from_slice(&reply[5..]).unwrap_or_else(|e| panic!("{e}"));
+        m.seen = Some("198.18.9.9:326".into());
+        assert_eq!(
+            check_reply(
+                ca.cert(),
+                &[],
+                b_prefix,
+                &nonce,
+                NOW,
+                &frame(KIND_ACCEPT, &m)
+            ),
+            Err(SetupError::BadSignature)
+        );
+        assert!(is_punch(&punch()));
+        assert!(!is_request(&punch()) && !is_punch(&reply));
+    }
+
     #[test]
     fn busy_carries_signed_suggestions() {
         let ca = ca();
@@ -648,7 +747,7 @@ mod tests {
             panic!("expected busy");
         };
         assert_eq!(
-            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply),
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &reply).map(|a| a.reply),
             Ok(Reply::Busy(try_these))
         );
     }
@@ -688,7 +787,7 @@ mod tests {
             Err(SetupError::BadCertificate(_))
         ));
         assert_eq!(
-            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r),
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r).map(|a| a.reply),
             Ok(Reply::Refused(Refusal::BadCertificate))
         );
         // Revoked.
@@ -698,7 +797,7 @@ mod tests {
             panic!("no refusal")
         };
         assert_eq!(
-            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r),
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &r).map(|a| a.reply),
             Ok(Reply::Refused(Refusal::Revoked))
         );
         resp.set_crl(Vec::new());
@@ -772,7 +871,7 @@ mod tests {
             Err(SetupError::BadSignature)
         );
         assert_eq!(
-            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &genuine),
+            check_reply(ca.cert(), &[], b_prefix, &nonce, NOW, &genuine).map(|a| a.reply),
             Ok(Reply::Refused(Refusal::BadCertificate))
         );
     }
@@ -796,7 +895,7 @@ mod tests {
         }
         assert_eq!(limited, 40 - 10, "burst of 10, then limited");
         for i in 0..5000u32 {
-            let s = IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 | i));
+            let s = SocketAddr::from((std::net::Ipv4Addr::from(0xc612_0000 | i), 326));
             let _ = resp.handle(t, NOW, s, b"R6T1\x01garbage", |_| Decision::Accept);
         }
         assert!(resp.rate.len() <= RATE_SLOTS);

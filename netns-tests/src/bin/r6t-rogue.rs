@@ -113,7 +113,7 @@ fn forged_refusal(files: &Files, target: &NodeCert, unix: i64) -> anyhow::Result
         key: re6st_registry::cert::generate_key()?,
     };
     let (request, _) = setup::request(&claim, files.cert.prefix, unix)?;
-    let src = IpAddr::from([198, 18, 0, 1]);
+    let src = SocketAddr::from(([198, 18, 0, 1], 326));
     match responder.handle(std::time::Instant::now(), unix, src, &request, |_| {
         Decision::Accept
     }) {

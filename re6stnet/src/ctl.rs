@@ -43,6 +43,12 @@ pub struct Metrics {
     pub peer_unsent: BTreeMap<String, u64>,
     /// Packets refused, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// Peers' claims of where they see us, by what they did.
+    #[serde(default)]
+    pub observed: BTreeMap<String, u64>,
+    /// Punches sent for peers dialling us through our NAT.
+    #[serde(default)]
+    pub punches: u64,
 }
 
 /// One tunnel.
@@ -87,6 +93,10 @@ pub struct NodeSummary {
     pub hmac_version: Option<u64>,
     /// Announced underlay endpoints.
     pub endpoints: Vec<String>,
+    /// What peers see of us: IPv4, then IPv6 (`unknown`, `direct`,
+    /// `nat ADDR`, `unreachable`).
+    #[serde(default)]
+    pub seen: Vec<String>,
     /// Seconds since start.
     pub uptime_s: u64,
     /// Our certificate is revoked.
@@ -251,6 +261,18 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "counter",
         "Failed outgoing tunnel attempts, by reason.",
         labelled("reason", &m.setup_failed),
+    );
+    one(
+        "observed_endpoint_claims_total",
+        "counter",
+        "Peers' claims of the address they see us at, by what they did (agreed: a quorum saw it).",
+        labelled("result", &m.observed),
+    );
+    one(
+        "punches_total",
+        "counter",
+        "Punches sent through our NAT for peers dialling us.",
+        plain(m.punches as f64),
     );
     one(
         "handshakes_total",

@@ -34,7 +34,8 @@ use crate::babel::{BabelHost, Plane, Routing};
 use crate::config::NodeConfig;
 use crate::ctl::{Snapshot, TunnelInfo};
 use crate::node::{
-    hello_interval, Action, CacheChange, CoreConfig, NodeCore, RegistryRequest, RegistryResult,
+    hello_interval, Action, CacheChange, CoreConfig, EndpointSource, NodeCore, RegistryRequest,
+    RegistryResult,
 };
 use crate::overlay_table::OverlayTable;
 use crate::state::{self, Files};
@@ -517,14 +518,17 @@ impl Driver {
             },
             Action::Registry(r) => self.spawn_registry(r),
             Action::DetectEndpoints => {
-                let endpoints = if self.cfg.endpoints.is_empty() {
-                    system::detect_endpoints(self.cfg.port, self.files.ca.network())
-                        .unwrap_or_default()
+                let (source, endpoints) = if self.cfg.endpoints.is_empty() {
+                    (
+                        EndpointSource::Detected,
+                        system::detect_endpoints(self.cfg.port, self.files.ca.network())
+                            .unwrap_or_default(),
+                    )
                 } else {
-                    self.cfg.endpoints.clone()
+                    (EndpointSource::Configured, self.cfg.endpoints.clone())
                 };
                 self.core
-                    .handle_endpoints(Instant::now(), unix(), endpoints);
+                    .handle_endpoints(Instant::now(), unix(), source, endpoints);
             }
             Action::SaveNetwork(signed) => {
                 if let Err(e) = state::save_network(&self.cfg.state_dir, &signed) {
@@ -666,6 +670,12 @@ impl Driver {
                 endpoints: self
                     .core
                     .endpoints()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                seen: self
+                    .core
+                    .seen(Instant::now())
                     .iter()
                     .map(ToString::to_string)
                     .collect(),

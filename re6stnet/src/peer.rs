@@ -13,7 +13,8 @@
 //! Bodies: ask for endpoints / the signed peer record; announce a network
 //! config version / ask for / carry the CA-signed config (so a new config
 //! floods node to node even with the registry down); drain request / ack
-//! (graceful tunnel retirement); node info for topology.
+//! (graceful tunnel retirement); close; punch (hole punching through a
+//! NAT); node info for topology.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -74,6 +75,12 @@ pub enum Body {
     DrainAck,
     /// I closed our tunnel: close your end.
     Close,
+    /// I am dialling you through your NAT: send a punch to each of these
+    /// (my endpoints) so that my request gets in.
+    Punch {
+        /// Where to punch to.
+        endpoints: Vec<std::net::SocketAddr>,
+    },
     /// Tell me about yourself (topology).
     NodeInfoRequest,
     /// About me.

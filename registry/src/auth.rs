@@ -124,6 +124,11 @@ pub struct PeerRecord {
     pub cert: String,
     /// Underlay endpoints (IP, UDP port) of its tunnel socket.
     pub endpoints: Vec<SocketAddr>,
+    /// The endpoints are a NAT's mapping, which lets in only peers the
+    /// node has sent to: ask the node to punch (peer protocol) before
+    /// dialling.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nat: bool,
     /// Unix seconds when made.
     pub timestamp: i64,
 }
@@ -244,6 +249,7 @@ mod tests {
             endpoints: vec!["198.18.1.2:326"
                 .parse()
                 .map_err(|_| Error::Invalid("e".into()))?],
+            nat: false,
             timestamp: NOW,
         };
         let signed = SignedPeerRecord::sign(&rec, &key)?;

@@ -1692,6 +1692,7 @@ mod tests {
                 endpoints: vec![format!("198.18.{i}.2:326")
                     .parse()
                     .map_err(|_| Error::Invalid("e".into()))?],
+                nat: false,
                 timestamp: NOW,
             };
             f.store
@@ -1718,6 +1719,7 @@ mod tests {
             endpoints: vec!["198.18.9.9:326"
                 .parse()
                 .map_err(|_| Error::Invalid("e".into()))?],
+            nat: false,
             timestamp: NOW,
         };
         let signed = SignedPeerRecord::sign(&rec, &nodes[1].0)?;

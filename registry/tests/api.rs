@@ -316,6 +316,7 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
         let rec = PeerRecord {
             cert: n.cert.clone(),
             endpoints: vec![format!("198.18.{}.2:326", i + 1).parse()?],
+            nat: false,
             timestamp: now(),
         };
         let who = Identity {

@@ -279,6 +279,7 @@ mod tests {
                 .iter()
                 .map(|e| e.parse().unwrap_or_else(|_| panic!("{e}")))
                 .collect(),
+            nat: false,
             timestamp: ts,
         };
         SignedPeerRecord::sign(&rec, &key).unwrap_or_else(|e| panic!("{e}"))

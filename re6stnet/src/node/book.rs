@@ -192,6 +192,14 @@ impl Book {
         self.peers.get(&peer).map(|e| e.endpoints.as_slice())
     }
 
+    /// Whether `peer`'s record says its endpoints are a NAT's mapping.
+    pub fn nat(&self, peer: Peer) -> bool {
+        self.peers.get(&peer).is_some_and(|e| {
+            serde_json::from_str::<re6st_registry::auth::PeerRecord>(&e.record.payload)
+                .is_ok_and(|r| r.nat)
+        })
+    }
+
     /// Peers not failing at `unix`: those that worked most recently first,
     /// the others in random order.
     pub fn candidates(&mut self, unix: i64) -> Vec<Candidate> {

@@ -12,6 +12,7 @@
 mod action;
 mod book;
 mod config;
+mod observed;
 mod peer_messages;
 mod routing;
 mod setup;
@@ -42,6 +43,7 @@ pub use action::{
 };
 pub use book::{Book, Candidate};
 pub use config::{hello_interval, policy_config, ConfigSource, Roles};
+pub use observed::{Claim, Observed, Reachability, Seen};
 pub use routing::{RoutingView, SelectedRoute, Via};
 pub use timers::{Timer, Timers};
 pub use tunnels::{Tunnel, DEAD_AFTER, HANDSHAKE_TIMEOUT, INCOMING_TIMEOUT};
@@ -123,6 +125,23 @@ pub struct TunnelStatus {
     pub routes: usize,
 }
 
+/// Where the endpoints given to [`NodeCore::handle_endpoints`] come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// The operator's (`--endpoint`): announced as they are.
+    Configured,
+    /// Found on our interfaces: corrected by what peers see.
+    Detected,
+}
+
+/// A set-up request re-sent while a NATed peer punches.
+#[derive(Clone, Debug)]
+struct Resend {
+    bytes: Vec<u8>,
+    to: Vec<SocketAddr>,
+    left: u8,
+}
+
 /// The node's state machine.
 pub struct NodeCore {
     ca: CaCert,
@@ -146,9 +165,13 @@ pub struct NodeCore {
     cached: Vec<Candidate>,
     tunnels: BTreeMap<Peer, Tunnel>,
     asking: BTreeSet<Peer>,
+    stale: BTreeSet<Peer>,
     pending: BTreeMap<Peer, String>,
     view: View,
-    endpoints: Vec<SocketAddr>,
+    detected: (EndpointSource, Vec<SocketAddr>),
+    observed: Observed,
+    reach: Reachability,
+    resend: BTreeMap<Peer, Resend>,
     record: Option<SignedPeerRecord>,
     timers: Timers,
     busy: BTreeSet<RegistryKind>,
@@ -220,9 +243,13 @@ impl NodeCore {
             cached: Vec::new(),
             tunnels: BTreeMap::new(),
             asking: BTreeSet::new(),
+            stale: BTreeSet::new(),
             pending: BTreeMap::new(),
             view: View::default(),
-            endpoints: Vec::new(),
+            detected: (EndpointSource::Detected, Vec::new()),
+            observed: Observed::default(),
+            reach: Reachability::default(),
+            resend: BTreeMap::new(),
             record: None,
             timers: Timers::default(),
             busy: BTreeSet::new(),
@@ -283,8 +310,13 @@ impl NodeCore {
                         self.unreachable(now, unix, p, FailReason::NoEndpointsAnswer);
                     }
                 }
+                Timer::Resend(p) => self.resend_setup(now, p),
                 Timer::Setup(p) => {
+                    self.resend.remove(&p);
                     if self.pending.remove(&p).is_some() {
+                        // Its record may have changed (a NAT's mapping
+                        // learned since): next time, ask the peer itself.
+                        self.stale.insert(p);
                         self.unreachable(now, unix, p, FailReason::NoSetupAnswer);
                     }
                 }
@@ -387,29 +419,75 @@ impl NodeCore {
     }
 
     /// Our underlay endpoints, as the driver found them (after
-    /// [`Action::DetectEndpoints`]): our peer record is signed and published.
-    pub fn handle_endpoints(&mut self, now: Instant, unix: i64, endpoints: Vec<SocketAddr>) {
-        // A client-only node accepts no tunnel: it publishes no record,
-        // so nobody dials it in vain.
-        if self.roles.max_clients.unwrap_or(self.netconf.max_clients) == 0 {
-            self.endpoints = endpoints;
+    /// [`Action::DetectEndpoints`]): our peer record is signed and
+    /// published. Detected ones are corrected by what peers see of us
+    /// (`observed`); configured ones are announced as they are.
+    pub fn handle_endpoints(
+        &mut self,
+        now: Instant,
+        unix: i64,
+        source: EndpointSource,
+        endpoints: Vec<SocketAddr>,
+    ) {
+        self.detected = (source, endpoints);
+        self.publish_record(now, unix, true);
+        self.settle(now);
+    }
+
+    /// Signs and publishes our peer record when what we announce changed
+    /// (or `refresh`: a new timestamp).
+    fn publish_record(&mut self, now: Instant, unix: i64, refresh: bool) {
+        let reach = match &self.detected {
+            (EndpointSource::Configured, eps) => Reachability {
+                endpoints: eps.clone(),
+                nat: false,
+            },
+            (EndpointSource::Detected, eps) => self.observed.reachability(now, eps),
+        };
+        if !refresh && reach == self.reach {
+            return;
+        }
+        if reach != self.reach {
+            tracing::info!(endpoints = ?reach.endpoints, nat = reach.nat, "announced endpoints");
+        }
+        self.reach = reach;
+        // A client-only node accepts no tunnel, and nobody can dial a node
+        // left with no endpoint: neither publishes a record, so nobody
+        // dials in vain.
+        if self.roles.max_clients.unwrap_or(self.netconf.max_clients) == 0
+            || self.reach.endpoints.is_empty()
+        {
             self.record = None;
-            return self.settle(now);
+            return;
         }
         let record = re6st_registry::auth::PeerRecord {
             cert: self.cert_pem.clone(),
-            endpoints: endpoints.clone(),
+            endpoints: self.reach.endpoints.clone(),
+            nat: self.reach.nat,
             timestamp: unix,
         };
         match SignedPeerRecord::sign(&record, &self.me.key) {
             Ok(s) => {
-                self.endpoints = endpoints;
                 self.record = Some(s.clone());
                 self.request(RegistryRequest::Publish(s));
             }
             Err(e) => tracing::warn!(error = %e, "signing our peer record"),
         }
-        self.settle(now);
+    }
+
+    /// `peer` answered a set-up request of ours, saying where it saw it
+    /// come from.
+    fn on_seen(&mut self, now: Instant, unix: i64, peer: Peer, seen: SocketAddr) {
+        let claim = self.observed.claim(now, peer, seen);
+        tracing::debug!(%peer, %seen, claim = claim.label(), "observed endpoint");
+        *self
+            .metrics
+            .observed
+            .entry(claim.label().to_string())
+            .or_default() += 1;
+        if claim != Claim::Unusable {
+            self.publish_record(now, unix, false);
+        }
     }
 
     /// The node stops: every peer is told and every tunnel closed.
@@ -451,7 +529,21 @@ impl NodeCore {
 
     /// The endpoints of our peer record.
     pub fn endpoints(&self) -> &[SocketAddr] {
-        &self.endpoints
+        &self.reach.endpoints
+    }
+
+    /// What peers see of us, by family (IPv4, IPv6).
+    pub fn seen(&self, now: Instant) -> [Seen; 2] {
+        [true, false].map(|v4| {
+            let ours: Vec<SocketAddr> = self
+                .detected
+                .1
+                .iter()
+                .filter(|a| a.is_ipv4() == v4)
+                .copied()
+                .collect();
+            self.observed.seen(now, v4, &ours)
+        })
     }
 
     /// Cached peers not in back-off, as of the last routing view.
@@ -588,6 +680,9 @@ impl NodeCore {
     fn forget_attempt(&mut self, p: Peer) {
         if self.pending.remove(&p).is_some() {
             self.timers.clear(Timer::Setup(p));
+        }
+        if self.resend.remove(&p).is_some() {
+            self.timers.clear(Timer::Resend(p));
         }
         if self.asking.remove(&p) {
             self.timers.clear(Timer::Ask(p));

@@ -12,6 +12,7 @@ use crate::peer::{Body, PeerError};
 pub fn body_kind(b: &Body) -> &'static str {
     match b {
         Body::EndpointsRequest => "endpoints_request",
+        Body::Punch { .. } => "punch",
         Body::Endpoints { .. } => "endpoints",
         Body::ConfigVersion { .. } => "config_version",
         Body::ConfigRequest => "config_request",
@@ -126,6 +127,7 @@ impl NodeCore {
             }
             Body::DrainAck | Body::NodeInfo { .. } => {}
             Body::Close => self.lost(now, unix, from, LossReason::ClosedByPeer),
+            Body::Punch { endpoints } => self.on_punch_request(from, &endpoints),
             Body::NodeInfoRequest => {
                 let info = Body::NodeInfo {
                     version: env!("CARGO_PKG_VERSION").to_string(),

@@ -2,17 +2,28 @@
 //! when both ends open at once.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use re6st_tunnel::policy::{self, Admission, Peer};
 use re6st_tunnel::setup::{self, Decision, Outcome, Refusal, Reply};
 
-use super::{Action, FailReason, LossReason, NodeCore, RegistryRequest, Timer, ASK_TIMEOUT};
+use super::{
+    Action, FailReason, LossReason, NodeCore, RegistryRequest, Resend, Timer, ASK_TIMEOUT,
+};
 use crate::peer::Body;
+
+/// First re-send of a request to a NATed peer (then twice that, three
+/// times: within [`ASK_TIMEOUT`]).
+pub const RESEND_AFTER: Duration = Duration::from_millis(300);
+/// Re-sends of a request to a NATed peer.
+const RESENDS: u8 = 3;
+/// Endpoints punched for one request, at most.
+pub const MAX_PUNCH_ENDPOINTS: usize = 4;
 
 impl NodeCore {
     /// Starts opening an outgoing tunnel: endpoints from the cache, else
-    /// asked to the node itself over the overlay.
+    /// (or when they did not answer last time) asked to the node itself
+    /// over the overlay.
     pub(super) fn open(&mut self, now: Instant, unix: i64, p: Peer) {
         if self.revoked
             || self.tunnels.contains_key(&p)
@@ -23,8 +34,9 @@ impl NodeCore {
         }
         // The policy chose the peer; the cache is only its address book
         // here (back-off included).
+        let stale = self.stale.remove(&p);
         match self.book.endpoints(p).map(<[SocketAddr]>::to_vec) {
-            Some(eps) if !eps.is_empty() => self.request_setup(now, unix, p, &eps),
+            Some(eps) if !eps.is_empty() && !stale => self.request_setup(now, unix, p, &eps),
             _ => {
                 tracing::debug!(peer = %p, "asking for its endpoints");
                 self.asking.insert(p);
@@ -34,6 +46,10 @@ impl NodeCore {
         }
     }
 
+    /// Sends a set-up request to every usable endpoint of `p`. A peer
+    /// behind a NAT (its record says so) is first asked, over the
+    /// overlay, to punch towards our endpoints, and the request is sent
+    /// again while its punch travels.
     pub(super) fn request_setup(
         &mut self,
         now: Instant,
@@ -41,7 +57,7 @@ impl NodeCore {
         p: Peer,
         endpoints: &[SocketAddr],
     ) {
-        let (usable, unusable): (Vec<&SocketAddr>, Vec<&SocketAddr>) = endpoints
+        let (usable, unusable): (Vec<SocketAddr>, Vec<SocketAddr>) = endpoints
             .iter()
             .partition(|e| re6st_tunnel::link::usable_endpoint(e.ip()));
         if !unusable.is_empty() {
@@ -54,7 +70,7 @@ impl NodeCore {
         }
         match setup::request(&self.me, p, unix) {
             Ok((bytes, nonce)) => {
-                for ep in usable {
+                for ep in &usable {
                     self.push(Action::Send {
                         dst: *ep,
                         bytes: bytes.clone(),
@@ -62,8 +78,75 @@ impl NodeCore {
                 }
                 self.pending.insert(p, nonce);
                 self.timers.set(Timer::Setup(p), now + ASK_TIMEOUT);
+                if self.book.nat(p) && !self.reach.endpoints.is_empty() {
+                    let endpoints = self.reach.endpoints.clone();
+                    tracing::debug!(peer = %p, "behind a NAT: asking it to punch");
+                    self.send_peer(unix, p, &Body::Punch { endpoints });
+                    self.resend.insert(
+                        p,
+                        Resend {
+                            bytes,
+                            to: usable,
+                            left: RESENDS,
+                        },
+                    );
+                    self.timers.set(Timer::Resend(p), now + RESEND_AFTER);
+                }
             }
             Err(e) => tracing::warn!(error = %e, "set-up request"),
+        }
+    }
+
+    /// Sends our pending request to a NATed peer again (its punch may
+    /// have opened the way since).
+    pub(super) fn resend_setup(&mut self, now: Instant, p: Peer) {
+        let Some(r) = self.resend.get_mut(&p) else {
+            return;
+        };
+        r.left = r.left.saturating_sub(1);
+        let sends: Vec<Action> =
+            r.to.iter()
+                .map(|dst| Action::Send {
+                    dst: *dst,
+                    bytes: r.bytes.clone(),
+                })
+                .collect();
+        let again = r.left > 0;
+        let wait = RESEND_AFTER * u32::from(RESENDS - r.left + 1);
+        for a in sends {
+            self.push(a);
+        }
+        if again {
+            self.timers.set(Timer::Resend(p), now + wait);
+        } else {
+            self.resend.remove(&p);
+        }
+    }
+
+    /// A peer dialling us asks us to punch: one datagram to each of its
+    /// endpoints opens our NAT for its set-up request and handshake.
+    pub(super) fn on_punch_request(&mut self, from: Peer, endpoints: &[SocketAddr]) {
+        if self.revoked {
+            return;
+        }
+        let (ok, bad): (Vec<&SocketAddr>, Vec<&SocketAddr>) = endpoints
+            .iter()
+            .take(MAX_PUNCH_ENDPOINTS)
+            .partition(|e| re6st_tunnel::link::usable_endpoint(e.ip()) && e.port() != 0);
+        if !bad.is_empty() || endpoints.len() > MAX_PUNCH_ENDPOINTS {
+            *self
+                .metrics
+                .rejected
+                .entry("punch_endpoint".to_string())
+                .or_default() += 1;
+        }
+        tracing::debug!(peer = %from, endpoints = ?ok, "punching");
+        for dst in ok {
+            self.metrics.punches += 1;
+            self.push(Action::Send {
+                dst: *dst,
+                bytes: setup::punch(),
+            });
         }
     }
 
@@ -86,7 +169,7 @@ impl NodeCore {
             (&mut self.policy, &self.view, &self.tunnels, &self.pending);
         let mut actions = Vec::new();
         let mut restarted = None;
-        let outcome = self.responder.handle(now, unix, src.ip(), bytes, |cert| {
+        let outcome = self.responder.handle(now, unix, src, bytes, |cert| {
             let p = cert.prefix;
             let existing = tunnels.get(&p);
             let attempt = pending.contains_key(&p) || existing.is_some_and(|t| t.outgoing && !t.up);
@@ -160,12 +243,17 @@ impl NodeCore {
         src: SocketAddr,
         bytes: &[u8],
     ) {
+        if setup::is_punch(bytes) {
+            // A NATed peer opened its way to us; nothing to answer.
+            tracing::debug!(%src, "punch received");
+            return;
+        }
         let found = self.pending.iter().find_map(|(p, nonce)| {
             setup::check_reply(&self.ca, &self.netconf.crl, *p, nonce, unix, bytes)
                 .ok()
                 .map(|r| (*p, r))
         });
-        let Some((p, reply)) = found else {
+        let Some((p, answer)) = found else {
             *self
                 .metrics
                 .rejected
@@ -174,7 +262,10 @@ impl NodeCore {
             return;
         };
         self.forget_attempt(p);
-        match reply {
+        if let Some(seen) = answer.seen {
+            self.on_seen(now, unix, p, seen);
+        }
+        match answer.reply {
             Reply::Accepted(cert) => self.add_tunnel(now, p, &cert, Some(src), true),
             Reply::Busy(_) => self.failed(now, unix, p, FailReason::Busy),
             Reply::Refused(reason) => {

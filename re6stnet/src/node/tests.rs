@@ -1,7 +1,7 @@
 //! The core's rules on a virtual clock, with real certificates: a small
 //! network of cores whose datagrams are delivered in memory.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,7 @@ fn stored(n: &Node, i: usize) -> StoredPeer {
     let rec = PeerRecord {
         cert: n.cert_pem.clone(),
         endpoints: vec![underlay(i)],
+        nat: false,
         timestamp: NOW - 50,
     };
     StoredPeer {
@@ -96,7 +97,29 @@ struct Sim {
     log: Vec<(usize, Duration, Action)>,
     /// Each node's flags (used when its core is made).
     roles: Vec<Roles>,
+    /// The NAT in front of each node, if any.
+    nat: Vec<Option<Nat>>,
     next_routing: Instant,
+}
+
+/// A NAT router in front of a node: it lets in only datagrams from
+/// where the node has sent to.
+#[derive(Default)]
+struct Nat {
+    /// A new external port per destination (symmetric), else the node's own.
+    symmetric: bool,
+    /// External port by destination.
+    ports: BTreeMap<SocketAddr, u16>,
+}
+
+/// The external address of node `i`'s NAT.
+fn nat_address(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 100, i as u8 + 1))
+}
+
+/// Node `i`'s address on the LAN behind its NAT.
+fn lan_address(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 19, 0, i as u8 + 1)), PORT)
 }
 
 impl Sim {
@@ -120,6 +143,7 @@ impl Sim {
             registry_down: false,
             log: Vec::new(),
             roles: vec![Roles::default(); n],
+            nat: (0..n).map(|_| None).collect(),
             next_routing: t0 + Duration::from_secs(1),
             nodes,
             ca,
@@ -135,7 +159,7 @@ impl Sim {
     fn core(&self, i: usize, s: &SignedConfig) -> NodeCore {
         let n = &self.nodes[i];
         let peers = (0..self.nodes.len())
-            .filter(|j| *j != i)
+            .filter(|j| *j != i && self.nat[*j].is_none())
             .map(|j| stored(&self.nodes[j], j))
             .collect();
         NodeCore::new(
@@ -171,8 +195,45 @@ impl Sim {
 
     fn index_of(&self, ip: IpAddr) -> Option<usize> {
         (0..self.nodes.len()).find(|j| {
-            underlay(*j).ip() == ip || IpAddr::V6(overlay_address(self.nodes[*j].prefix)) == ip
+            let underlay = match self.nat[*j] {
+                Some(_) => nat_address(*j),
+                None => underlay(*j).ip(),
+            };
+            underlay == ip || IpAddr::V6(overlay_address(self.nodes[*j].prefix)) == ip
         })
+    }
+
+    /// Where `i`'s datagram to `dst` comes from once through its NAT.
+    fn source(&mut self, i: usize, dst: SocketAddr) -> SocketAddr {
+        if dst.ip().is_ipv6() {
+            return SocketAddr::new(IpAddr::V6(overlay_address(self.nodes[i].prefix)), PORT);
+        }
+        let Some(nat) = self.nat[i].as_mut() else {
+            return underlay(i);
+        };
+        let next = 40_000 + nat.ports.len() as u16;
+        let port = match nat.symmetric {
+            true => *nat.ports.entry(dst).or_insert(next),
+            false => *nat.ports.entry(dst).or_insert(PORT),
+        };
+        SocketAddr::new(nat_address(i), port)
+    }
+
+    /// Whether `j`'s NAT lets in a datagram from `src` to `dst`.
+    fn admits(&self, j: usize, src: SocketAddr, dst: SocketAddr) -> bool {
+        match &self.nat[j] {
+            None => true,
+            Some(_) if dst.ip().is_ipv6() => true,
+            Some(nat) => nat.ports.get(&src) == Some(&dst.port()),
+        }
+    }
+
+    /// What node `i` finds on its interfaces.
+    fn detected(&self, i: usize) -> SocketAddr {
+        match self.nat[i] {
+            Some(_) => lan_address(i),
+            None => underlay(i),
+        }
     }
 
     /// Delivers every queued action until none is left.
@@ -199,12 +260,10 @@ impl Sim {
                         if self.dead.contains(&j) || self.dead.contains(&i) {
                             continue;
                         }
-                        let src = if dst.ip().is_ipv4() {
-                            underlay(i)
-                        } else {
-                            SocketAddr::new(IpAddr::V6(overlay_address(self.nodes[i].prefix)), PORT)
-                        };
-                        self.cores[j].handle_datagram(now, unix, src, &bytes);
+                        let src = self.source(i, dst);
+                        if self.admits(j, src, dst) {
+                            self.cores[j].handle_datagram(now, unix, src, &bytes);
+                        }
                     }
                     Action::Registry(r) if self.registry_down => {
                         let e = "registry down".to_string();
@@ -218,7 +277,8 @@ impl Sim {
                         self.cores[i].handle_registry(now, unix, res);
                     }
                     Action::DetectEndpoints => {
-                        self.cores[i].handle_endpoints(now, unix, vec![underlay(i)]);
+                        let found = vec![self.detected(i)];
+                        self.cores[i].handle_endpoints(now, unix, EndpointSource::Detected, found);
                     }
                     _ => {}
                 }
@@ -398,6 +458,73 @@ fn a_client_only_node_keeps_its_pinned_neighbour_only() {
         )),
         0
     );
+}
+
+/// Nodes 2 and 3 behind NATs (`symmetric`: a new port per destination);
+/// 3 keeps a tunnel to 2 (`--neighbour`); the others are public.
+fn behind_nats(symmetric: bool, run: Duration) -> Sim {
+    let c = netconf(1, |c| c.client_count = 2);
+    let mut sim = Sim::new(4, &c);
+    for i in [2, 3] {
+        sim.nat[i] = Some(Nat {
+            symmetric,
+            ..Nat::default()
+        });
+    }
+    sim.roles[3].neighbours = vec![sim.nodes[2].prefix];
+    for i in 0..4 {
+        sim.restart(i, &c);
+    }
+    sim.run_until(run);
+    sim
+}
+
+#[test]
+fn two_nodes_behind_nats_meet_through_a_punch() {
+    let sim = behind_nats(false, Duration::from_secs(120));
+    for i in [2, 3] {
+        let mapped = SocketAddr::new(nat_address(i), PORT);
+        assert_eq!(sim.cores[i].seen(sim.now)[0], Seen::Mapped(mapped));
+        assert_eq!(
+            sim.cores[i].reach,
+            Reachability {
+                endpoints: vec![mapped],
+                nat: true
+            },
+            "the mapping, not the LAN address, is announced"
+        );
+    }
+    let t = sim.tunnels(3);
+    let to_2 = t.iter().find(|t| t.peer == sim.nodes[2].prefix);
+    assert!(
+        to_2.is_some_and(|t| t.up && t.outgoing),
+        "3 has a direct tunnel to 2: {t:?}"
+    );
+    assert!(sim.cores[2].metrics.punches > 0, "2 punched for 3");
+    assert!(
+        sim.cores[0].metrics.punches == 0,
+        "public nodes never punch"
+    );
+}
+
+#[test]
+fn nodes_behind_symmetric_nats_stay_clients_and_stop_dialling_each_other() {
+    let sim = behind_nats(true, Duration::from_secs(900));
+    for i in [2, 3] {
+        assert_eq!(sim.cores[i].seen(sim.now)[0], Seen::Unreachable);
+        assert!(sim.cores[i].endpoints().is_empty());
+        assert!(sim.cores[i].record.is_none(), "nobody is told to dial it");
+    }
+    assert!(sim.tunnels(3).iter().all(|t| t.peer != sim.nodes[2].prefix));
+    // Each still has its tunnels to the public nodes: the mesh carries
+    // what they say to each other.
+    assert!(sim.tunnels(2).iter().filter(|t| t.up).count() >= 2);
+    let p2 = sim.nodes[2].prefix;
+    let asked = sim.count(
+        3,
+        |a| matches!(a, Action::Send { dst, .. } if dst.ip() == IpAddr::V6(overlay_address(p2))),
+    );
+    assert!(asked <= 12, "3 asked 2 {asked} times in 15 minutes");
 }
 
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one

@@ -22,6 +22,8 @@ pub enum Timer {
     Ask(Peer),
     /// The answer to our set-up request is late.
     Setup(Peer),
+    /// Send our set-up request again: the peer is punching its NAT.
+    Resend(Peer),
     /// A tunnel's handshake timeout, incoming timeout or silence limit.
     Tunnel(Peer),
     /// A peer announced a newer configuration and has not sent it yet.

@@ -141,6 +141,46 @@ impl Host {
         .map(|_| ())
     }
 
+    /// Makes this host a home NAT router for the LAN on its interface
+    /// `lan`: IPv4 from the LAN leaves `uplink` masqueraded, and nothing
+    /// from the uplink gets in but answers to what went out. Unsolicited
+    /// packets are dropped before conntrack confirms them, as home
+    /// routers do, so they leave no state that would move a later
+    /// mapping to another port.
+    pub fn nat_router(&self, lan: &str, uplink: &str, kind: NatKind) -> Result<()> {
+        let net = self.iface(lan)?.v4.trunc();
+        let how = match kind {
+            NatKind::Cone => "",
+            NatKind::Symmetric => " fully-random",
+        };
+        let rules = format!(
+            "table ip r6tnat {{\n\
+             chain post {{\n type nat hook postrouting priority 100;\n ip saddr {net} oifname \"{uplink}\" masquerade{how}\n }}\n\
+             chain input {{\n type filter hook input priority 0;\n iifname \"{uplink}\" ct state established,related accept\n iifname \"{uplink}\" drop\n }}\n\
+             chain forward {{\n type filter hook forward priority 0;\n iifname \"{uplink}\" ct state established,related accept\n iifname \"{uplink}\" drop\n }}\n\
+             }}\n"
+        );
+        netns::sysctl(&self.ns, &[("net.ipv4.ip_forward", "1")])?;
+        netns::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
+            Some(&rules),
+        )
+        .map(|_| ())
+    }
+
+    /// Puts this host on an IPv4-only LAN behind `router` (its address on
+    /// the LAN interface `lan`): the default route goes there and the
+    /// LAN's IPv6 addresses are removed.
+    pub fn behind(&self, lan: &str, router: Ipv4Addr) -> Result<()> {
+        let gw = router.to_string();
+        self.run("ip", &["route", "replace", "default", "via", &gw])?;
+        self.run(
+            "ip",
+            &["-6", "addr", "flush", "dev", lan, "scope", "global"],
+        )
+        .map(|_| ())
+    }
+
     /// Undoes [`Host::block_ingress`].
     pub fn unblock_ingress(&self, iface: &str) -> Result<()> {
         let table = format!("r6tblock_{}", iface.replace('-', "_"));
@@ -157,6 +197,16 @@ impl Host {
     {
         netns::in_netns(&self.ns, f)
     }
+}
+
+/// How a NAT router maps its LAN's flows ([`Host::nat_router`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatKind {
+    /// One mapping per LAN socket, its port kept where free
+    /// (endpoint-independent): what hole punching needs.
+    Cone,
+    /// A random port for every flow (endpoint-dependent, "symmetric").
+    Symmetric,
 }
 
 /// A built network. Dropping it (also while unwinding from a panic) stops

@@ -1,0 +1,162 @@
+//! Edge nodes behind NAT routers (issue 15): nodes learn their public
+//! endpoint from what their peers see, two nodes behind cone NATs punch a
+//! direct tunnel, and nodes behind symmetric NATs stay clients the mesh
+//! routes for.
+//!
+//! Every site is an Internet host `rK` (nftables masquerade, nothing let in
+//! unasked) with one node `a` or `b` on an IPv4-only LAN behind it.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use netns_tests::mesh::Mesh;
+use netns_tests::net::NatKind;
+use netns_tests::probe::wait_until;
+use netns_tests::testing::{check, run_suite};
+use netns_tests::{LinkParams, Result, Topology};
+use serde_json::Value;
+
+/// Three public nodes, the registry, and two NAT sites: `a` behind `r1`
+/// (its LAN is `lan0`), `b` behind `r2` (`lan1`).
+fn topology(tag: &str) -> Topology {
+    let mut t = Topology::new(tag);
+    for h in ["reg", "n1", "n2", "n3", "r1", "r2"] {
+        t.host(h);
+    }
+    t.host_offline("a").host_offline("b");
+    t.lan("home1", &["r1", "a"]).lan("home2", &["r2", "b"]);
+    t.default_wan(LinkParams::delay_ms(10));
+    t
+}
+
+/// The public nodes running, both NAT routers set up.
+fn start(tag: &str, kind: NatKind) -> Result<Mesh> {
+    let m = Mesh::start(&topology(tag), "reg", &["n1", "n2", "n3"], &[], &[])?;
+    for (router, node, lan) in [("r1", "a", "lan0"), ("r2", "b", "lan1")] {
+        let r = m.net.host(router)?;
+        r.nat_router(lan, "eth0", kind)?;
+        m.net.host(node)?.behind(lan, r.iface(lan)?.v4.addr())?;
+    }
+    Ok(m)
+}
+
+/// The public endpoint of the tunnel socket of a node behind `router`.
+fn mapped(m: &Mesh, router: &str) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(m.net.host(router)?.addr(false)?, 326))
+}
+
+/// Enrols and starts `name` with `flags`; returns its index.
+fn join(m: &mut Mesh, name: &str, flags: &[&str]) -> Result<usize> {
+    m.enrol(name, flags)?;
+    let i = m.index(name)?;
+    m.start_node(i)?;
+    Ok(i)
+}
+
+/// What node `i` says peers see of it over IPv4, once it says `want`.
+fn wait_seen(m: &Mesh, i: usize, want: &str) -> Result<Value> {
+    let (status, took) = wait_until(
+        &format!("{} to say peers see it as {want}", m.nodes[i].name),
+        Duration::from_secs(40),
+        Duration::from_millis(200),
+        || {
+            let s = m.ctl(i, "/status").ok()?;
+            (s["node"]["seen"][0] == want).then_some(s)
+        },
+    )?;
+    eprintln!("nat: {} seen as {want} after {took:?}", m.nodes[i].name);
+    Ok(status)
+}
+
+/// Node `i`'s up tunnel to node `j`, if any.
+fn tunnel(m: &Mesh, i: usize, j: usize) -> Option<Value> {
+    let tunnels = m.ctl(i, "/tunnels").ok()?;
+    tunnels
+        .as_array()?
+        .iter()
+        .find(|t| t["peer"] == m.nodes[j].prefix.as_str() && t["up"] == true)
+        .cloned()
+}
+
+/// `a` learns its mapping from two peers and announces it instead of its
+/// LAN address; `b`, told to keep a tunnel to `a`, gets a direct tunnel
+/// through both NATs: whichever dials first asks the other, over the
+/// overlay, to punch.
+fn two_nodes_behind_nats_punch_a_direct_tunnel() -> Result<()> {
+    let mut m = start("natcone", NatKind::Cone)?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let a = join(&mut m, "a", &[])?;
+    let (at_a, at_b) = (mapped(&m, "r1")?, mapped(&m, "r2")?);
+    let status = wait_seen(&m, a, &format!("nat {at_a}"))?;
+    check(
+        status["node"]["endpoints"] == serde_json::json!([at_a.to_string()]),
+        format!("a announces {}", status["node"]["endpoints"]),
+    )?;
+    let neighbour = m.nodes[a].prefix.clone();
+    let started = Instant::now();
+    let b = join(&mut m, "b", &["--neighbour", &neighbour])?;
+    let (t, took) = wait_until(
+        "b's direct tunnel to a",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || tunnel(&m, b, a),
+    )?;
+    eprintln!(
+        "nat: b has a direct tunnel to a {:?} after b's start ({took:?} of waiting)",
+        started.elapsed()
+    );
+    check(
+        t["endpoint"] == at_a.to_string(),
+        format!("b reaches a at {}", t["endpoint"]),
+    )?;
+    let (back, _) = wait_until(
+        "a's end of the tunnel",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || tunnel(&m, a, b),
+    )?;
+    check(
+        back["endpoint"] == at_b.to_string(),
+        format!("a reaches b at {}", back["endpoint"]),
+    )?;
+    check(m.ping(b, a, 5), "b pings a over the overlay")?;
+    check(m.ping(a, b, 5), "a pings b over the overlay")
+}
+
+/// Behind NATs that give every flow another port, peers disagree on
+/// where they see `a` and `b`: both stop announcing an endpoint (clients,
+/// as re6st's NATed nodes) and reach each other through the mesh.
+fn nodes_behind_symmetric_nats_reach_each_other_through_the_mesh() -> Result<()> {
+    let mut m = start("natsym", NatKind::Symmetric)?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let a = join(&mut m, "a", &[])?;
+    let status = wait_seen(&m, a, "unreachable")?;
+    check(
+        status["node"]["endpoints"] == serde_json::json!([]),
+        format!("a announces {}", status["node"]["endpoints"]),
+    )?;
+    let neighbour = m.nodes[a].prefix.clone();
+    let b = join(&mut m, "b", &["--neighbour", &neighbour])?;
+    wait_seen(&m, b, "unreachable")?;
+    let took = m.wait_full_reachability(Duration::from_secs(30))?;
+    eprintln!("nat: symmetric NATs, full reachability {took:?} later");
+    check(m.ping(b, a, 5), "b pings a through the mesh")?;
+    check(
+        tunnel(&m, b, a).is_none(),
+        "no direct tunnel can cross two symmetric NATs",
+    )
+}
+
+fn main() -> ExitCode {
+    run_suite(&[
+        (
+            "two_nodes_behind_nats_punch_a_direct_tunnel",
+            two_nodes_behind_nats_punch_a_direct_tunnel,
+        ),
+        (
+            "nodes_behind_symmetric_nats_reach_each_other_through_the_mesh",
+            nodes_behind_symmetric_nats_reach_each_other_through_the_mesh,
+        ),
+    ])
+}

@@ -527,6 +527,41 @@ fn nodes_behind_symmetric_nats_stay_clients_and_stop_dialling_each_other() {
     assert!(asked <= 12, "3 asked 2 {asked} times in 15 minutes");
 }
 
+/// A member asking for punches gets at most four, to usable addresses
+/// only, once per message: no reflection of floods through us.
+#[test]
+fn punch_requests_are_bounded_and_not_replayed() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    while sim.cores[0].poll_action().is_some() {}
+    let mut endpoints: Vec<SocketAddr> = ["127.0.0.1:326", "0.0.0.0:326", "[ff02::1]:326"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    endpoints.extend((1..=8).map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 9, i)), PORT)));
+    let body = crate::peer::Body::Punch { endpoints };
+    let (to, unix, now) = (sim.nodes[0].prefix, sim.unix(), sim.now);
+    let bytes = sim.cores[1].peers.seal(to, &body, unix).unwrap();
+    let src = SocketAddr::new(IpAddr::V6(overlay_address(sim.nodes[1].prefix)), PORT);
+    let mut punches = Vec::new();
+    for _ in 0..2 {
+        sim.cores[0].handle_datagram(now, unix, src, &bytes);
+        while let Some(a) = sim.cores[0].poll_action() {
+            if let Action::Send { dst, bytes } = a {
+                if re6st_tunnel::setup::is_punch(&bytes) {
+                    punches.push(dst);
+                }
+            }
+        }
+    }
+    assert!(punches.len() <= setup::MAX_PUNCH_ENDPOINTS, "{punches:?}");
+    assert!(punches
+        .iter()
+        .all(|d| re6st_tunnel::link::usable_endpoint(d.ip())));
+    let m = sim.cores[0].metrics();
+    assert_eq!(m.rejected.get("punch_endpoint"), Some(&1));
+    assert_eq!(m.rejected.get("peer_replay"), Some(&1), "{:?}", m.rejected);
+}
+
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one
 /// for a new tunnel while the larger one still has its old, established
 /// one: the request is accepted and replaces the old tunnel at once.

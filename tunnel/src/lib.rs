@@ -4,9 +4,11 @@
 //! - [`cache`]: the peer cache (SQLite).
 //! - [`setup`]: the authenticated set-up messages before the handshake.
 //! - [`link`]: boringtun links and the demultiplexing of the shared socket.
+//! - [`endpoint`]: where a peer is reached (address and transport).
+//! - [`stream`]: datagrams framed on a TCP connection (sans-IO).
 //! - [`plane`]: the data plane's handle (commands, events, statistics).
 //! - `reactor`: the data plane's one thread (UDP socket, tun devices,
-//!   boringtun, the in-process protocol).
+//!   boringtun, the in-process protocol); `tcp`: its TCP connections.
 //! - [`inprocess`]: the protocol served in process on the links (Babel).
 //! - [`frame`]: link-local UDP inside IPv6 packets.
 //! - [`tun`]: tun devices.
@@ -15,6 +17,7 @@
 //! - [`source_limit`]: rate limits of unauthenticated work per source network.
 
 pub mod cache;
+pub mod endpoint;
 pub mod frame;
 pub mod inprocess;
 pub mod link;
@@ -25,5 +28,7 @@ mod reactor;
 pub mod replay;
 pub mod setup;
 pub mod source_limit;
+pub mod stream;
+mod tcp;
 pub mod tun;
 pub mod udp;

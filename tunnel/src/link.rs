@@ -10,7 +10,7 @@
 //! counted.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::endpoint::Endpoint;
 use crate::policy::Peer;
 
 /// Room for a WireGuard datagram carrying a packet of up to 65535 bytes.
@@ -69,7 +70,7 @@ pub struct Link {
     /// The peer's WireGuard public key (from its certificate).
     pub peer_key: [u8; 32],
     /// Where to send (updated to the source of authenticated packets).
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     tunn: Tunn,
 }
 
@@ -105,7 +106,7 @@ impl Link {
         peer: Peer,
         peer_key: [u8; 32],
         index: u32,
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         keepalive: Option<u16>,
         limiter: Arc<RateLimiter>,
     ) -> Self {
@@ -146,13 +147,13 @@ impl Link {
     /// Handles a datagram of this link from `src`.
     pub fn decapsulate(
         &mut self,
-        src: SocketAddr,
+        src: Endpoint,
         datagram: &[u8],
         buf: &mut [u8],
     ) -> Result<Vec<Output>, Drop> {
         let mut out = Vec::new();
         let more = collect(
-            self.tunn.decapsulate(Some(src.ip()), datagram, buf),
+            self.tunn.decapsulate(Some(src.addr.ip()), datagram, buf),
             &mut out,
         )?;
         // Authenticated: the peer is (now) there.
@@ -255,7 +256,7 @@ impl Links {
         index: u32,
         peer: Peer,
         peer_key: [u8; 32],
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         keepalive: Option<u16>,
     ) -> Result<Option<u32>, KeyInUse> {
         let index = index & 0x00ff_ffff;
@@ -350,12 +351,15 @@ impl Links {
     /// (then the answer is a cookie reply, with link index 0).
     pub fn receive(
         &mut self,
-        src: SocketAddr,
+        src: Endpoint,
         datagram: &[u8],
         buf: &mut [u8],
     ) -> Result<(u32, Vec<Output>), Drop> {
         if matches!(datagram.first(), Some(1 | 2)) {
-            match self.limiter.verify_packet(Some(src.ip()), datagram, buf) {
+            match self
+                .limiter
+                .verify_packet(Some(src.addr.ip()), datagram, buf)
+            {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     let reply = cookie.to_vec();
@@ -508,9 +512,9 @@ mod tests {
         let (sa, sb) = (key(1), key(2));
         let mut a = Links::new(sa);
         let mut b = Links::new(sb);
-        let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
-            "198.18.1.2:326".parse().unwrap_or_else(|_| panic!()),
-            "198.18.2.2:326".parse().unwrap_or_else(|_| panic!()),
+        let (addr_a, addr_b) = (
+            Endpoint::udp("198.18.1.2:326".parse().unwrap_or_else(|_| panic!())),
+            Endpoint::udp("198.18.2.2:326".parse().unwrap_or_else(|_| panic!())),
         );
         let ia = 1;
         a.add(ia, peer(2), public(sb), Some(addr_b), None)
@@ -568,7 +572,7 @@ mod tests {
         let (sb, sc) = (key(2), key(3));
         let mut b = Links::new(sb);
         let mut c = Links::new(sc);
-        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        let addr = Endpoint::udp("198.18.9.9:326".parse().unwrap_or_else(|_| panic!()));
         let mut buf = vec![0u8; BUF];
         let mut cookies = 0;
         for _ in 0..(HANDSHAKES_PER_S as usize + 50) {
@@ -601,7 +605,7 @@ mod tests {
         let (sb, sc) = (key(2), key(3));
         let mut b = Links::new(sb);
         let mut c = Links::new(sc);
-        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        let addr = Endpoint::udp("198.18.9.9:326".parse().unwrap_or_else(|_| panic!()));
         b.add(1, peer(3), public(sc), None, None)
             .unwrap_or_else(|e| panic!("{e}"));
         let mut buf = vec![0u8; BUF];
@@ -648,7 +652,7 @@ mod tests {
         let a = Links::new(sa);
         let mut b = Links::new(sb);
         let mut c = Links::new(sc);
-        let addr: SocketAddr = "198.18.9.9:326".parse().unwrap_or_else(|_| panic!());
+        let addr = Endpoint::udp("198.18.9.9:326".parse().unwrap_or_else(|_| panic!()));
         let mut buf = vec![0u8; BUF];
         // b only knows a; c (another key) tries to talk to b.
         b.add(1, peer(1), public(sa), None, None)

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::endpoint::Endpoint;
 use crate::inprocess::InProcess;
 use crate::policy::Peer;
 use crate::reactor::Reactor;
@@ -29,7 +30,7 @@ pub enum Event {
     /// [`is_control`]).
     Control {
         /// From.
-        src: SocketAddr,
+        src: Endpoint,
         /// The datagram.
         bytes: Vec<u8>,
     },
@@ -79,7 +80,7 @@ pub struct LinkStats {
     /// The peer's prefix.
     pub peer: Peer,
     /// Where its datagrams go now.
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     /// Time since the last completed handshake (None: never).
     pub since_handshake: Option<Duration>,
     /// Bytes sent (WireGuard payload).
@@ -104,7 +105,7 @@ pub(crate) struct NewLink {
     pub index: u32,
     pub peer: Peer,
     pub peer_key: [u8; 32],
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     pub tun: Tun,
     pub link_local: Ipv6Addr,
 }
@@ -120,7 +121,7 @@ pub(crate) enum Command<P> {
     /// in-process protocol.
     AddSocket(u32, Socket),
     RemoveSocket(u32),
-    Send(SocketAddr, Vec<u8>),
+    Send(Endpoint, Vec<u8>),
     Call(Call<P>),
     Stop,
 }
@@ -207,8 +208,9 @@ impl<P: InProcess> Plane<P> {
         self.public_key
     }
 
-    /// Sends a datagram (tunnel set-up and peer-protocol messages).
-    pub fn send(&self, dst: SocketAddr, bytes: Vec<u8>) -> Result<(), PlaneError> {
+    /// Sends a datagram (tunnel set-up and peer-protocol messages); over
+    /// TCP, a connection is made when none is there.
+    pub fn send(&self, dst: Endpoint, bytes: Vec<u8>) -> Result<(), PlaneError> {
         self.command(Command::Send(dst, bytes))
     }
 
@@ -219,7 +221,7 @@ impl<P: InProcess> Plane<P> {
         &self,
         peer: Peer,
         peer_key: [u8; 32],
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         name: &str,
         mtu: u32,
         link_local: Ipv6Addr,
@@ -241,7 +243,7 @@ impl<P: InProcess> Plane<P> {
         &self,
         peer: Peer,
         peer_key: [u8; 32],
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         tun: Tun,
         link_local: Ipv6Addr,
     ) -> Result<u32, PlaneError> {

@@ -12,6 +12,9 @@
 //!   datagrams with one GSO `sendmsg`.
 //! - The protocol's output is framed (IPv6 + UDP, as the kernel would) and
 //!   encrypted for links, or sent through a handed-over kernel socket.
+//! - TCP on the same port (`tcp`): frames from a connection are handled
+//!   as datagrams from that connection, and links whose endpoint is a TCP
+//!   one send their datagrams as frames on it.
 //! - boringtun's timers run every 250 ms for all links in one pass (as
 //!   boringtun's own device does), which also publishes statistics.
 //!
@@ -33,6 +36,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{SockAddr, Socket};
 
+use crate::endpoint::{Endpoint, Transport};
 use crate::frame;
 use crate::inprocess::InProcess;
 use crate::link::{Links, Output, BUF};
@@ -40,6 +44,7 @@ use crate::offload::{split, Gro, Segments, VnetHdr, VNET_HDR_LEN};
 use crate::plane::{
     io, lock, Command, Event, EventSink, LinkStats, NewLink, PlaneError, Published,
 };
+use crate::tcp::{Streams, LISTENER, STREAM};
 use crate::tun::{Offload, Tun};
 use crate::udp::{
     enable_gro, enable_timestamps, recv_segments, send_segments, MAX_GSO_BYTES, MAX_SEGMENTS,
@@ -87,6 +92,7 @@ pub(crate) struct Reactor<P> {
     poll: Poll,
     waker: Arc<Waker>,
     socket: Socket,
+    streams: Streams,
     links: Links,
     io: HashMap<u32, LinkIo>,
     by_ifindex: HashMap<u32, u32>,
@@ -173,12 +179,21 @@ impl<P: InProcess> Reactor<P> {
         let _ = enable_gro(&s);
         let _ = enable_timestamps(&s);
         let poll = Poll::new().map_err(io("epoll"))?;
+        // TCP on the port UDP got (none when it is taken: then this node
+        // only dials over TCP).
+        let udp_at = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(bind);
+        let streams = Streams::new(tcp_listener(domain, udp_at), poll.registry());
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io("waker"))?);
         register(&poll, &s, UDP)?;
         Ok(Self {
             poll,
             waker,
             socket: s,
+            streams,
             links: Links::new(secret),
             io: HashMap::new(),
             by_ifindex: HashMap::new(),
@@ -269,6 +284,14 @@ impl<P: InProcess> Reactor<P> {
             for token in tokens {
                 let drained = match token {
                     UDP => self.service_udp(),
+                    LISTENER => {
+                        let refused = self.streams.accept(self.poll.registry(), Instant::now());
+                        for _ in 0..refused {
+                            self.drop_count("tcp_refused");
+                        }
+                        true
+                    }
+                    Token(t) if t & STREAM != 0 => self.service_stream(t & !STREAM),
                     Token(t) if t & TUN != 0 => self.service_tun((t & !TUN) as u32),
                     Token(t) if t & SOCKET != 0 => self.service_socket((t & !SOCKET) as u32),
                     _ => true,
@@ -315,11 +338,7 @@ impl<P: InProcess> Reactor<P> {
                     }
                     self.ready.remove(&Token(SOCKET | ifindex as usize));
                 }
-                Command::Send(dst, bytes) => {
-                    if self.socket.send_to(&bytes, &SockAddr::from(dst)).is_err() {
-                        self.drop_count("send_failed");
-                    }
-                }
+                Command::Send(dst, bytes) => self.send_to(dst, &bytes),
                 Command::Call(f) => f(&mut self.protocol, now),
                 Command::Stop => return false,
             }
@@ -373,7 +392,7 @@ impl<P: InProcess> Reactor<P> {
                 .get_mut(index)
                 .and_then(|l| l.initiate(&mut self.dec));
             if let Some(init) = init {
-                let _ = self.socket.send_to(&init, &SockAddr::from(ep));
+                self.send_to(ep, &init);
             }
         }
     }
@@ -418,6 +437,51 @@ impl<P: InProcess> Reactor<P> {
         self.remove_io(index);
     }
 
+    /// Sends one datagram to `dst`; failures are counted.
+    fn send_to(&mut self, dst: Endpoint, bytes: &[u8]) {
+        match dst.transport {
+            Transport::Udp => {
+                if self
+                    .socket
+                    .send_to(bytes, &SockAddr::from(dst.addr))
+                    .is_err()
+                {
+                    self.drop_count("send_failed");
+                }
+            }
+            Transport::Tcp => {
+                let now = Instant::now();
+                if let Err(why) = self
+                    .streams
+                    .send(self.poll.registry(), now, dst.addr, bytes)
+                {
+                    self.drop_count(why);
+                }
+            }
+        }
+    }
+
+    /// One datagram from `src`: a control message goes to the event
+    /// sink, WireGuard to its link.
+    fn on_datagram(&mut self, src: Endpoint, at: Instant, datagram: &[u8]) {
+        if crate::plane::is_control(datagram) {
+            self.emit(Event::Control {
+                src,
+                bytes: datagram.to_vec(),
+            });
+            return;
+        }
+        let Ok((index, outputs)) = self.links.receive(src, datagram, &mut self.dec) else {
+            return;
+        };
+        for o in outputs {
+            match o {
+                Output::Network(d) => self.send_to(src, &d),
+                Output::Tunnel(p) => self.deliver(index, at, &p),
+            }
+        }
+    }
+
     /// Reads the UDP socket up to its budget; true when drained.
     fn service_udp(&mut self) -> bool {
         for _ in 0..UDP_BUDGET {
@@ -432,30 +496,26 @@ impl<P: InProcess> Reactor<P> {
             };
             let rx = std::mem::take(&mut self.rx);
             for datagram in r.datagrams(&rx) {
-                if crate::plane::is_control(datagram) {
-                    self.emit(Event::Control {
-                        src: r.src,
-                        bytes: datagram.to_vec(),
-                    });
-                    continue;
-                }
-                let Ok((index, outputs)) = self.links.receive(r.src, datagram, &mut self.dec)
-                else {
-                    continue;
-                };
-                for o in outputs {
-                    match o {
-                        Output::Network(d) => {
-                            let _ = self.socket.send_to(&d, &SockAddr::from(r.src));
-                        }
-                        Output::Tunnel(p) => self.deliver(index, r.at, &p),
-                    }
-                }
+                self.on_datagram(Endpoint::udp(r.src), r.at, datagram);
             }
             self.rx = rx;
             self.flush_coalesced();
         }
         false
+    }
+
+    /// Writes and reads a TCP connection; true when drained.
+    fn service_stream(&mut self, id: usize) -> bool {
+        let now = Instant::now();
+        let got = self.streams.service(self.poll.registry(), now, id);
+        for (remote, d) in &got.datagrams {
+            self.on_datagram(Endpoint::tcp(*remote), now, d);
+        }
+        self.flush_coalesced();
+        if let Some(why) = got.closed {
+            self.drop_count(why);
+        }
+        got.drained
     }
 
     /// Writes what the coalescers of links hold: one write per item.
@@ -532,8 +592,25 @@ impl<P: InProcess> Reactor<P> {
         let Some(link) = self.links.get_mut(index) else {
             return true;
         };
-        let endpoint = link.endpoint.map(SockAddr::from);
+        let endpoint = link.endpoint;
         let (mut drained, mut off, mut malformed) = (false, 0, 0u64);
+        let (registry, streams) = (self.poll.registry(), &mut self.streams);
+        let mut unsent = Vec::new();
+        let mut send = |out: &[u8], sizes: &[usize]| match endpoint {
+            Some(ep) if ep.transport == Transport::Udp => {
+                send_batch(&self.socket, out, sizes, &SockAddr::from(ep.addr));
+            }
+            Some(ep) => {
+                let (now, mut o) = (Instant::now(), 0);
+                for &n in sizes {
+                    if let Err(why) = streams.send(registry, now, ep.addr, &out[o..o + n]) {
+                        unsent.push(why);
+                    }
+                    o += n;
+                }
+            }
+            None => {}
+        };
         self.sizes.clear();
         for _ in 0..TUN_BUDGET {
             let n = match (&l.tun.file).read(&mut self.packet) {
@@ -561,9 +638,7 @@ impl<P: InProcess> Reactor<P> {
             };
             for p in packets {
                 if off + p.len() + OVERHEAD > self.out.len() {
-                    if let Some(ep) = &endpoint {
-                        send_batch(&self.socket, &self.out[..off], &self.sizes, ep);
-                    }
+                    send(&self.out[..off], &self.sizes);
                     self.sizes.clear();
                     off = 0;
                 }
@@ -574,8 +649,9 @@ impl<P: InProcess> Reactor<P> {
                 }
             }
         }
-        if let Some(ep) = &endpoint {
-            send_batch(&self.socket, &self.out[..off], &self.sizes, ep);
+        send(&self.out[..off], &self.sizes);
+        for why in unsent {
+            self.drop_count(why);
         }
         for _ in 0..malformed {
             self.drop_count("offload_malformed");
@@ -630,7 +706,8 @@ impl<P: InProcess> Reactor<P> {
                     .map(|ep| (ep, link.encapsulate_into(&self.framed, &mut self.dec)));
                 match sealed {
                     Some((ep, Some(n))) => {
-                        let _ = self.socket.send_to(&self.dec[..n], &SockAddr::from(ep));
+                        let d = self.dec[..n].to_vec();
+                        self.send_to(ep, &d);
                     }
                     Some((_, None)) => {}
                     None => self.drop_count("no_endpoint"),
@@ -657,11 +734,11 @@ impl<P: InProcess> Reactor<P> {
                 continue;
             };
             let (d, dead) = l.tick(&mut self.dec);
-            if let (Some(d), Some(ep)) = (d, l.endpoint) {
-                let _ = self.socket.send_to(&d, &SockAddr::from(ep));
-            }
             let now_up = l.is_up();
             let peer = l.peer;
+            if let (Some(d), Some(ep)) = (d, l.endpoint) {
+                self.send_to(ep, &d);
+            }
             if let Some(io) = self.io.get_mut(&i) {
                 if now_up && !io.up {
                     ups.push(peer);
@@ -671,6 +748,9 @@ impl<P: InProcess> Reactor<P> {
             if dead {
                 downs.push(peer);
             }
+        }
+        for _ in 0..self.streams.expire(self.poll.registry(), now) {
+            self.drop_count("tcp_idle");
         }
         self.publish();
         for p in ups {
@@ -714,6 +794,19 @@ impl<P: InProcess> Reactor<P> {
             };
         }
     }
+}
+
+/// A listener for the TCP transport on `at` (dual-stack for IPv6).
+fn tcp_listener(domain: socket2::Domain, at: SocketAddr) -> Option<std::net::TcpListener> {
+    use socket2::{Protocol, Type};
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).ok()?;
+    if at.is_ipv6() {
+        s.set_only_v6(false).ok()?;
+    }
+    s.set_reuse_address(true).ok()?;
+    s.bind(&at.into()).ok()?;
+    s.listen(128).ok()?;
+    Some(s.into())
 }
 
 /// Sends packed datagrams: runs of equal size (the last of a run may be

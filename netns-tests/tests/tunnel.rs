@@ -12,6 +12,7 @@ use netns_tests::probe::{parse_ping, wait_until};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{Error, LinkParams, Net, Result, Topology};
 use re6st_registry::config::{random_bytes, x25519_public};
+use re6st_tunnel::endpoint::{Endpoint, Transport};
 use re6st_tunnel::plane::{Event, Plane};
 use re6st_tunnel::policy::Peer;
 use re6st_tunnel::setup::{
@@ -46,7 +47,14 @@ fn plane_in(
         )
         .map_err(|e| e.to_string())?;
         let (i, _) = p
-            .add_link(peer, peer_key, endpoint, name, 1420, link_local)
+            .add_link(
+                peer,
+                peer_key,
+                endpoint.map(Endpoint::udp),
+                name,
+                1420,
+                link_local,
+            )
             .map_err(|e| e.to_string())?;
         Ok((p, i))
     })?;
@@ -120,7 +128,13 @@ fn tunnel_over_the_wan() -> Result<()> {
         .in_ns(move || re6st_tunnel::tun::reuse(parked, "wg-b2", 1420, ll_a))?
         .map_err(|e| Error::Measure(e.to_string()))?;
     plane_a
-        .attach(pb, x25519_public(&sb), Some(b_ep), reused, ll_a)
+        .attach(
+            pb,
+            x25519_public(&sb),
+            Some(Endpoint::udp(b_ep)),
+            reused,
+            ll_a,
+        )
         .map_err(|e| Error::Measure(e.to_string()))?;
     wait_until(
         "a ping over the reused device",
@@ -166,7 +180,20 @@ fn identity(ca: &re6st_registry::cert::Ca, i: u16) -> Result<(Identity, [u8; 32]
 /// checks the answer and adds its link with the key from b's certificate;
 /// the handshake follows and packets flow.
 fn setup_then_handshake_over_ipv4() -> Result<()> {
-    let mut t = Topology::new("wgsetup");
+    setup_then_handshake(Transport::Udp)
+}
+
+/// The same over TCP, with every UDP datagram to b dropped: requests,
+/// answers, handshakes and packets all go in frames on one connection.
+fn setup_then_handshake_over_tcp_with_udp_blocked() -> Result<()> {
+    setup_then_handshake(Transport::Tcp)
+}
+
+fn setup_then_handshake(transport: Transport) -> Result<()> {
+    let mut t = Topology::new(match transport {
+        Transport::Udp => "wgsetup",
+        Transport::Tcp => "wgtcp",
+    });
     t.host("a")
         .host("b")
         .wan_both("a", "b", LinkParams::delay_ms(5));
@@ -178,7 +205,17 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
     let (id_a, wg_a) = identity(&ca, 1)?;
     let (id_b, wg_b) = identity(&ca, 2)?;
     let (pa, pb) = (id_a.cert.prefix, id_b.cert.prefix);
-    let b_ep = SocketAddr::new(b.addr(false)?, 326);
+    let b_ep = Endpoint {
+        addr: SocketAddr::new(b.addr(false)?, 326),
+        transport,
+    };
+    if transport == Transport::Tcp {
+        let rules = "table inet r6tnoudp {\n chain in {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n";
+        netns_tests::netns::run_with_input(
+            std::process::Command::new("ip").args(["netns", "exec", b.ns(), "nft", "-f", "-"]),
+            Some(rules),
+        )?;
+    }
     let start = |h: &netns_tests::Host, wg: [u8; 32]| -> Result<(Plane, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel();
         let p = h.in_ns(move || {
@@ -205,13 +242,17 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
         return Err(Error::Measure("b got no set-up request".into()));
     };
     let Outcome::Accepted { peer, reply } =
-        responder.handle(std::time::Instant::now(), now, src, &bytes, |_| {
+        responder.handle(std::time::Instant::now(), now, src.addr, &bytes, |_| {
             Decision::Accept
         })
     else {
         return Err(Error::Measure("b did not accept".into()));
     };
     check(peer.prefix == pa, "the request names a")?;
+    check(
+        src.transport == transport,
+        format!("the request came over {:?}", src.transport),
+    )?;
     let (ll_a, ll_b) = (
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xa),
         Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb),
@@ -259,10 +300,23 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
                 .map(|_| ())
         },
     )?;
-    eprintln!("setup: request, accept, handshake and first ping over IPv4 underlay in {took:?}");
+    eprintln!(
+        "setup: request, accept, handshake and first ping over IPv4 underlay ({}) in {took:?}",
+        transport.label()
+    );
+    // Published with the WireGuard timers, four times a second.
+    wait_until(
+        "a's link to b's endpoint",
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        || {
+            let via = plane_a.links().into_iter().find_map(|l| l.endpoint);
+            (via == Some(b_ep)).then_some(())
+        },
+    )?;
     // A replay of the same request is refused.
     check(
-        responder.handle(std::time::Instant::now(), now, src, &req, |_| {
+        responder.handle(std::time::Instant::now(), now, src.addr, &req, |_| {
             Decision::Accept
         }) == Outcome::Dropped(SetupError::Replay),
         "replay accepted",
@@ -275,6 +329,10 @@ fn main() -> ExitCode {
         (
             "setup_then_handshake_over_ipv4",
             setup_then_handshake_over_ipv4,
+        ),
+        (
+            "setup_then_handshake_over_tcp_with_udp_blocked",
+            setup_then_handshake_over_tcp_with_udp_blocked,
         ),
     ])
 }

@@ -49,6 +49,9 @@ pub struct Metrics {
     /// Punches sent for peers dialling us through our NAT.
     #[serde(default)]
     pub punches: u64,
+    /// Set-up attempts retried over TCP after no answer over UDP.
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
 }
 
 /// One tunnel.
@@ -64,6 +67,10 @@ pub struct TunnelInfo {
     pub up: bool,
     /// The peer's underlay endpoint.
     pub endpoint: Option<String>,
+    /// How it is reached: `udp`, or `tcp` where UDP got no answer (its
+    /// cost shows in the neighbour's RTT).
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Seconds since the last handshake.
     pub since_handshake_s: Option<u64>,
     /// Bytes sent.
@@ -273,6 +280,12 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "counter",
         "Punches sent through our NAT for peers dialling us.",
         plain(m.punches as f64),
+    );
+    one(
+        "tcp_fallbacks_total",
+        "counter",
+        "Tunnel set-ups retried over TCP after no answer over UDP.",
+        plain(m.tcp_fallbacks as f64),
     );
     one(
         "handshakes_total",
@@ -501,6 +514,7 @@ mod tests {
                 direction: "out".into(),
                 up: true,
                 endpoint: None,
+                transport: Some("udp".into()),
                 since_handshake_s: Some(3),
                 tx_bytes: 10,
                 rx_bytes: 20,

@@ -370,7 +370,7 @@ pub async fn run(
 struct Created {
     peer: Peer,
     wg_key: [u8; 32],
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<re6st_tunnel::endpoint::Endpoint>,
 }
 
 impl Driver {
@@ -415,7 +415,7 @@ impl Driver {
                     .links()
                     .into_iter()
                     .find(|l| l.peer == p)
-                    .and_then(|l| l.endpoint);
+                    .and_then(|l| l.endpoint.map(|e| e.addr));
                 self.core.handle_link_up(now, t, p, endpoint);
             }
             Event::Down(p) => self.core.handle_link_down(now, t, p),
@@ -442,7 +442,8 @@ impl Driver {
             .collect();
         for l in self.plane.links() {
             if l.since_handshake.is_some() && down.contains(&l.peer) {
-                self.core.handle_link_up(now, t, l.peer, l.endpoint);
+                self.core
+                    .handle_link_up(now, t, l.peer, l.endpoint.map(|e| e.addr));
             }
         }
         let view = self
@@ -645,7 +646,10 @@ impl Driver {
                     interface: t.name,
                     direction: if t.outgoing { "out" } else { "in" }.to_string(),
                     up: t.up,
-                    endpoint: l.and_then(|l| l.endpoint).map(|e| e.to_string()),
+                    endpoint: l.and_then(|l| l.endpoint).map(|e| e.addr.to_string()),
+                    transport: l
+                        .and_then(|l| l.endpoint)
+                        .map(|e| e.transport.label().to_string()),
                     since_handshake_s: l.and_then(|l| l.since_handshake).map(|d| d.as_secs()),
                     tx_bytes: l.map_or(0, |l| l.tx_bytes),
                     rx_bytes: l.map_or(0, |l| l.rx_bytes),

@@ -17,6 +17,7 @@ use netns_tests::mesh::Mesh;
 use netns_tests::probe::{parse_ping, wait_until};
 use netns_tests::{cleanup, process, Host, LinkParams, Net, Process, Topology};
 use re6st_registry::config::{random_bytes, x25519_public};
+use re6st_tunnel::endpoint::Endpoint;
 use re6st_tunnel::plane::Plane;
 
 #[derive(Parser, Debug)]
@@ -248,7 +249,7 @@ fn ours(net: &Net, cli: &Cli) -> anyhow::Result<(Measured, Rss)> {
                 (),
             )
             .map_err(|e| e.to_string())?;
-            p.add_link(peer, key, ep, name, 1420, ll)
+            p.add_link(peer, key, ep.map(Endpoint::udp), name, 1420, ll)
                 .map_err(|e| e.to_string())?;
             Ok(p)
         })?;

@@ -2,6 +2,8 @@
 //! become metrics labels.
 
 use std::net::SocketAddr;
+
+use re6st_tunnel::endpoint::Endpoint;
 use std::time::Duration;
 
 use re6st_registry::auth::SignedPeerRecord;
@@ -11,10 +13,11 @@ use re6st_tunnel::policy::Peer;
 /// One thing for the driver to do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Send a datagram from the shared UDP socket.
+    /// Send a datagram from the shared socket (UDP, or a TCP connection
+    /// to the same port).
     Send {
         /// Destination (underlay endpoint, or a peer's overlay address).
-        dst: SocketAddr,
+        dst: Endpoint,
         /// The datagram.
         bytes: Vec<u8>,
     },
@@ -27,7 +30,7 @@ pub enum Action {
         /// The peer's WireGuard key.
         wg_key: [u8; 32],
         /// Where to send the first handshake (None: wait for the peer's).
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         /// MTU of the tun device.
         mtu: u32,
     },

@@ -32,6 +32,7 @@ use re6st_registry::auth::SignedPeerRecord;
 use re6st_registry::cert::{load_key, overlay_address, CaCert, NodeCert};
 use re6st_registry::config::{HmacKeys, NetworkConfig, SignedConfig};
 use re6st_tunnel::cache::StoredPeer;
+use re6st_tunnel::endpoint::{Endpoint, Transport};
 use re6st_tunnel::policy::{self, Peer, Policy, View};
 use re6st_tunnel::setup::{Identity, Responder};
 
@@ -134,6 +135,14 @@ pub enum EndpointSource {
     Detected,
 }
 
+/// An outgoing set-up waiting for its answer.
+#[derive(Clone, Debug)]
+struct Attempt {
+    nonce: String,
+    endpoints: Vec<SocketAddr>,
+    transport: Transport,
+}
+
 /// A set-up request re-sent while a NATed peer punches.
 #[derive(Clone, Debug)]
 struct Resend {
@@ -166,7 +175,7 @@ pub struct NodeCore {
     tunnels: BTreeMap<Peer, Tunnel>,
     asking: BTreeSet<Peer>,
     stale: BTreeSet<Peer>,
-    pending: BTreeMap<Peer, String>,
+    pending: BTreeMap<Peer, Attempt>,
     view: View,
     detected: (EndpointSource, Vec<SocketAddr>),
     observed: Observed,
@@ -313,7 +322,15 @@ impl NodeCore {
                 Timer::Resend(p) => self.resend_setup(now, p),
                 Timer::Setup(p) => {
                     self.resend.remove(&p);
-                    if self.pending.remove(&p).is_some() {
+                    if let Some(a) = self.pending.remove(&p) {
+                        if a.transport == Transport::Udp {
+                            // No answer over UDP: perhaps UDP is blocked
+                            // on the way; the same port over TCP.
+                            tracing::debug!(peer = %p, "no answer over UDP: trying TCP");
+                            self.metrics.tcp_fallbacks += 1;
+                            self.request_setup(now, unix, p, &a.endpoints, Transport::Tcp);
+                            continue;
+                        }
                         // Its record may have changed (a NAT's mapping
                         // learned since): next time, ask the peer itself.
                         self.stale.insert(p);
@@ -328,9 +345,9 @@ impl NodeCore {
 
     /// A datagram on the shared UDP socket that is not WireGuard: a
     /// set-up request or answer, or a peer-protocol message.
-    pub fn handle_datagram(&mut self, now: Instant, unix: i64, src: SocketAddr, bytes: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, unix: i64, src: Endpoint, bytes: &[u8]) {
         if bytes.starts_with(crate::peer::MAGIC) {
-            self.on_peer_message(now, unix, src, bytes);
+            self.on_peer_message(now, unix, src.addr, bytes);
         } else if re6st_tunnel::setup::is_request(bytes) {
             self.on_setup_request(now, unix, src, bytes);
         } else {
@@ -601,7 +618,8 @@ impl NodeCore {
     fn send_peer(&mut self, unix: i64, to: Peer, body: &Body) {
         match self.peers.seal(to, body, unix) {
             Ok(bytes) => {
-                let dst = SocketAddr::new(IpAddr::V6(overlay_address(to)), self.port);
+                let dst =
+                    Endpoint::udp(SocketAddr::new(IpAddr::V6(overlay_address(to)), self.port));
                 self.push(Action::Send { dst, bytes });
                 *self
                     .metrics
@@ -695,7 +713,7 @@ impl NodeCore {
         now: Instant,
         p: Peer,
         cert: &NodeCert,
-        endpoint: Option<SocketAddr>,
+        endpoint: Option<Endpoint>,
         outgoing: bool,
     ) {
         self.remove_tunnel(p);

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use re6st_tunnel::policy::{self, Admission, Peer};
 use re6st_tunnel::setup::{self, Decision, Outcome, Refusal, Reply};
 
+use re6st_tunnel::endpoint::{Endpoint, Transport};
+
 use super::{
-    Action, FailReason, LossReason, NodeCore, RegistryRequest, Resend, Timer, ASK_TIMEOUT,
+    Action, Attempt, FailReason, LossReason, NodeCore, RegistryRequest, Resend, Timer, ASK_TIMEOUT,
 };
 use crate::peer::Body;
 
@@ -36,7 +38,9 @@ impl NodeCore {
         // here (back-off included).
         let stale = self.stale.remove(&p);
         match self.book.endpoints(p).map(<[SocketAddr]>::to_vec) {
-            Some(eps) if !eps.is_empty() && !stale => self.request_setup(now, unix, p, &eps),
+            Some(eps) if !eps.is_empty() && !stale => {
+                self.request_setup(now, unix, p, &eps, Transport::Udp);
+            }
             _ => {
                 tracing::debug!(peer = %p, "asking for its endpoints");
                 self.asking.insert(p);
@@ -46,8 +50,9 @@ impl NodeCore {
         }
     }
 
-    /// Sends a set-up request to every usable endpoint of `p`. A peer
-    /// behind a NAT (its record says so) is first asked, over the
+    /// Sends a set-up request to every usable endpoint of `p` over
+    /// `transport` (UDP first; TCP when UDP got no answer). Over UDP, a
+    /// peer behind a NAT (its record says so) is first asked, over the
     /// overlay, to punch towards our endpoints, and the request is sent
     /// again while its punch travels.
     pub(super) fn request_setup(
@@ -56,6 +61,7 @@ impl NodeCore {
         unix: i64,
         p: Peer,
         endpoints: &[SocketAddr],
+        transport: Transport,
     ) {
         let (usable, unusable): (Vec<SocketAddr>, Vec<SocketAddr>) = endpoints
             .iter()
@@ -72,13 +78,26 @@ impl NodeCore {
             Ok((bytes, nonce)) => {
                 for ep in &usable {
                     self.push(Action::Send {
-                        dst: *ep,
+                        dst: Endpoint {
+                            addr: *ep,
+                            transport,
+                        },
                         bytes: bytes.clone(),
                     });
                 }
-                self.pending.insert(p, nonce);
+                self.pending.insert(
+                    p,
+                    Attempt {
+                        nonce,
+                        endpoints: usable.clone(),
+                        transport,
+                    },
+                );
                 self.timers.set(Timer::Setup(p), now + ASK_TIMEOUT);
-                if self.book.nat(p) && !self.reach.endpoints.is_empty() {
+                if transport == Transport::Udp
+                    && self.book.nat(p)
+                    && !self.reach.endpoints.is_empty()
+                {
                     let endpoints = self.reach.endpoints.clone();
                     tracing::debug!(peer = %p, "behind a NAT: asking it to punch");
                     self.send_peer(unix, p, &Body::Punch { endpoints });
@@ -107,7 +126,7 @@ impl NodeCore {
         let sends: Vec<Action> =
             r.to.iter()
                 .map(|dst| Action::Send {
-                    dst: *dst,
+                    dst: Endpoint::udp(*dst),
                     bytes: r.bytes.clone(),
                 })
                 .collect();
@@ -144,7 +163,7 @@ impl NodeCore {
         for dst in ok {
             self.metrics.punches += 1;
             self.push(Action::Send {
-                dst: *dst,
+                dst: Endpoint::udp(*dst),
                 bytes: setup::punch(),
             });
         }
@@ -159,7 +178,7 @@ impl NodeCore {
         &mut self,
         now: Instant,
         unix: i64,
-        src: SocketAddr,
+        src: Endpoint,
         bytes: &[u8],
     ) {
         let me = self.prefix;
@@ -169,7 +188,7 @@ impl NodeCore {
             (&mut self.policy, &self.view, &self.tunnels, &self.pending);
         let mut actions = Vec::new();
         let mut restarted = None;
-        let outcome = self.responder.handle(now, unix, src, bytes, |cert| {
+        let outcome = self.responder.handle(now, unix, src.addr, bytes, |cert| {
             let p = cert.prefix;
             let existing = tunnels.get(&p);
             let attempt = pending.contains_key(&p) || existing.is_some_and(|t| t.outgoing && !t.up);
@@ -236,20 +255,14 @@ impl NodeCore {
     }
 
     /// An answer to one of our set-up requests.
-    pub(super) fn on_setup_reply(
-        &mut self,
-        now: Instant,
-        unix: i64,
-        src: SocketAddr,
-        bytes: &[u8],
-    ) {
+    pub(super) fn on_setup_reply(&mut self, now: Instant, unix: i64, src: Endpoint, bytes: &[u8]) {
         if setup::is_punch(bytes) {
             // A NATed peer opened its way to us; nothing to answer.
             tracing::debug!(%src, "punch received");
             return;
         }
-        let found = self.pending.iter().find_map(|(p, nonce)| {
-            setup::check_reply(&self.ca, &self.netconf.crl, *p, nonce, unix, bytes)
+        let found = self.pending.iter().find_map(|(p, a)| {
+            setup::check_reply(&self.ca, &self.netconf.crl, *p, &a.nonce, unix, bytes)
                 .ok()
                 .map(|r| (*p, r))
         });
@@ -262,7 +275,9 @@ impl NodeCore {
             return;
         };
         self.forget_attempt(p);
-        if let Some(seen) = answer.seen {
+        // Over TCP the responder sees our NAT's TCP mapping, which says
+        // nothing of the UDP one.
+        if let Some(seen) = answer.seen.filter(|_| src.transport == Transport::Udp) {
             self.on_seen(now, unix, p, seen);
         }
         match answer.reply {

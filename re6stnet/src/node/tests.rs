@@ -99,6 +99,8 @@ struct Sim {
     roles: Vec<Roles>,
     /// The NAT in front of each node, if any.
     nat: Vec<Option<Nat>>,
+    /// Nodes whose network drops UDP on the underlay.
+    udp_blocked: BTreeSet<usize>,
     next_routing: Instant,
 }
 
@@ -144,6 +146,7 @@ impl Sim {
             log: Vec::new(),
             roles: vec![Roles::default(); n],
             nat: (0..n).map(|_| None).collect(),
+            udp_blocked: BTreeSet::new(),
             next_routing: t0 + Duration::from_secs(1),
             nodes,
             ca,
@@ -254,14 +257,24 @@ impl Sim {
             for (i, a) in sent {
                 match a {
                     Action::Send { dst, bytes } => {
-                        let Some(j) = self.index_of(dst.ip()) else {
+                        let Some(j) = self.index_of(dst.addr.ip()) else {
                             continue;
                         };
                         if self.dead.contains(&j) || self.dead.contains(&i) {
                             continue;
                         }
-                        let src = self.source(i, dst);
-                        if self.admits(j, src, dst) {
+                        let underlay_udp = dst.transport == Transport::Udp && dst.addr.is_ipv4();
+                        if underlay_udp
+                            && (self.udp_blocked.contains(&i) || self.udp_blocked.contains(&j))
+                        {
+                            continue;
+                        }
+                        let src = self.source(i, dst.addr);
+                        if self.admits(j, src, dst.addr) {
+                            let src = Endpoint {
+                                addr: src,
+                                transport: dst.transport,
+                            };
                             self.cores[j].handle_datagram(now, unix, src, &bytes);
                         }
                     }
@@ -522,7 +535,7 @@ fn nodes_behind_symmetric_nats_stay_clients_and_stop_dialling_each_other() {
     let p2 = sim.nodes[2].prefix;
     let asked = sim.count(
         3,
-        |a| matches!(a, Action::Send { dst, .. } if dst.ip() == IpAddr::V6(overlay_address(p2))),
+        |a| matches!(a, Action::Send { dst, .. } if dst.addr.ip() == IpAddr::V6(overlay_address(p2))),
     );
     assert!(asked <= 12, "3 asked 2 {asked} times in 15 minutes");
 }
@@ -537,14 +550,15 @@ fn punch_requests_are_bounded_and_not_replayed() {
         .iter()
         .map(|a| a.parse().unwrap())
         .collect();
-    endpoints.extend((1..=8).map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 9, i)), PORT)));
+    endpoints
+        .extend((1..=8).map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 9, i)), PORT)));
     let body = crate::peer::Body::Punch { endpoints };
     let (to, unix, now) = (sim.nodes[0].prefix, sim.unix(), sim.now);
     let bytes = sim.cores[1].peers.seal(to, &body, unix).unwrap();
     let src = SocketAddr::new(IpAddr::V6(overlay_address(sim.nodes[1].prefix)), PORT);
     let mut punches = Vec::new();
     for _ in 0..2 {
-        sim.cores[0].handle_datagram(now, unix, src, &bytes);
+        sim.cores[0].handle_datagram(now, unix, Endpoint::udp(src), &bytes);
         while let Some(a) = sim.cores[0].poll_action() {
             if let Action::Send { dst, bytes } = a {
                 if re6st_tunnel::setup::is_punch(&bytes) {
@@ -556,10 +570,34 @@ fn punch_requests_are_bounded_and_not_replayed() {
     assert!(punches.len() <= setup::MAX_PUNCH_ENDPOINTS, "{punches:?}");
     assert!(punches
         .iter()
-        .all(|d| re6st_tunnel::link::usable_endpoint(d.ip())));
+        .all(|d| re6st_tunnel::link::usable_endpoint(d.addr.ip())));
     let m = sim.cores[0].metrics();
     assert_eq!(m.rejected.get("punch_endpoint"), Some(&1));
     assert_eq!(m.rejected.get("peer_replay"), Some(&1), "{:?}", m.rejected);
+}
+
+/// A node on a network that drops UDP gets no answer over UDP, and
+/// opens its tunnels over TCP to the same ports.
+#[test]
+fn a_node_whose_udp_is_blocked_opens_its_tunnels_over_tcp() {
+    let c = netconf(1, |c| c.client_count = 2);
+    let mut sim = Sim::new(4, &c);
+    sim.udp_blocked.insert(0);
+    // It serves nobody, so every tunnel it has is one it opened.
+    sim.roles[0].max_clients = Some(0);
+    sim.restart(0, &c);
+    sim.run_until(Duration::from_secs(60));
+    let up: Vec<TunnelStatus> = sim.tunnels(0).into_iter().filter(|t| t.up).collect();
+    assert!(up.len() >= 2, "{up:?}");
+    assert!(sim.cores[0].metrics.tcp_fallbacks >= 2);
+    let over_tcp = sim.count(0, |a| {
+        matches!(a, Action::OpenTunnel { endpoint: Some(e), .. } if e.transport == Transport::Tcp)
+    });
+    assert!(over_tcp >= 2, "{over_tcp} tunnels opened over TCP");
+    assert_eq!(
+        sim.count(0, |a| matches!(a, Action::OpenTunnel { endpoint: Some(e), .. } if e.transport == Transport::Udp)),
+        0
+    );
 }
 
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one
@@ -890,7 +928,7 @@ fn announcements_cannot_postpone_the_registry() {
             .peers
             .seal(sim.nodes[0].prefix, &lie, unix)
             .unwrap();
-        sim.cores[0].handle_datagram(now, unix, src, &bytes);
+        sim.cores[0].handle_datagram(now, unix, Endpoint::udp(src), &bytes);
         sim.deliver();
     }
     assert_eq!(asked(&sim), before + 1, "asked 3 s after the first lie");

@@ -168,6 +168,19 @@ impl Host {
         .map(|_| ())
     }
 
+    /// Drops every UDP datagram forwarded from the LAN on interface `lan`
+    /// (a network that lets only TCP out).
+    pub fn block_forwarded_udp(&self, lan: &str) -> Result<()> {
+        let rules = format!(
+            "table inet r6tnoudp {{\n chain forward {{\n  type filter hook forward priority -10;\n  iifname \"{lan}\" meta l4proto udp drop\n }}\n}}\n"
+        );
+        netns::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
+            Some(&rules),
+        )
+        .map(|_| ())
+    }
+
     /// Puts this host on an IPv4-only LAN behind `router` (its address on
     /// the LAN interface `lan`): the default route goes there and the
     /// LAN's IPv6 addresses are removed.

@@ -1,7 +1,7 @@
 //! Edge nodes behind NAT routers (issue 15): nodes learn their public
 //! endpoint from what their peers see, two nodes behind cone NATs punch a
-//! direct tunnel, and nodes behind symmetric NATs stay clients the mesh
-//! routes for.
+//! direct tunnel, nodes behind symmetric NATs stay clients the mesh
+//! routes for, and a node whose network drops UDP joins over TCP.
 //!
 //! Every site is an Internet host `rK` (nftables masquerade, nothing let in
 //! unasked) with one node `a` or `b` on an IPv4-only LAN behind it.
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use netns_tests::mesh::Mesh;
 use netns_tests::net::NatKind;
-use netns_tests::probe::wait_until;
+use netns_tests::probe::{ping, wait_until};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{LinkParams, Result, Topology};
 use serde_json::Value;
@@ -107,8 +107,8 @@ fn two_nodes_behind_nats_punch_a_direct_tunnel() -> Result<()> {
         started.elapsed()
     );
     check(
-        t["endpoint"] == at_a.to_string(),
-        format!("b reaches a at {}", t["endpoint"]),
+        t["endpoint"] == at_a.to_string() && t["transport"] == "udp",
+        format!("b reaches a at {} over {}", t["endpoint"], t["transport"]),
     )?;
     let (back, _) = wait_until(
         "a's end of the tunnel",
@@ -148,6 +148,44 @@ fn nodes_behind_symmetric_nats_reach_each_other_through_the_mesh() -> Result<()>
     )
 }
 
+/// `r1` lets only TCP out: `a` gets no answer over UDP, opens its
+/// tunnels over TCP to the same ports, and the mesh routes for it. The
+/// TCP transport's cost shows in the RTT, measured here against a node
+/// over UDP with the same WAN delays.
+fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
+    let mut m = start("natudp", NatKind::Cone)?;
+    m.net.host("r1")?.block_forwarded_udp("lan0")?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let started = Instant::now();
+    let a = join(&mut m, "a", &[])?;
+    let took = m.wait_full_reachability(Duration::from_secs(60))?;
+    eprintln!(
+        "tcp: a reaches everyone {:?} after its start ({took:?} of waiting)",
+        started.elapsed()
+    );
+    let tunnels = m.ctl(a, "/tunnels")?;
+    let up: Vec<&Value> = tunnels
+        .as_array()
+        .map(|t| t.iter().filter(|t| t["up"] == true).collect())
+        .unwrap_or_default();
+    check(
+        !up.is_empty() && up.iter().all(|t| t["transport"] == "tcp"),
+        format!("a's tunnels: {tunnels}"),
+    )?;
+    let n1 = m.index("n1")?;
+    let n2 = m.index("n2")?;
+    let to_n1 = m.address(n1);
+    let (over_tcp, over_udp) = (
+        ping(m.host(a)?, to_n1, 20, Duration::from_millis(50))?,
+        ping(m.host(n2)?, to_n1, 20, Duration::from_millis(50))?,
+    );
+    eprintln!(
+        "tcp: ping to n1 over the overlay, a (TCP, via r1) {:?} avg, {} of 20; n2 (UDP) {:?} avg, {} of 20",
+        over_tcp.avg, over_tcp.received, over_udp.avg, over_udp.received
+    );
+    check(over_tcp.received >= 18, "a's pings over TCP came back")
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         (
@@ -157,6 +195,10 @@ fn main() -> ExitCode {
         (
             "nodes_behind_symmetric_nats_reach_each_other_through_the_mesh",
             nodes_behind_symmetric_nats_reach_each_other_through_the_mesh,
+        ),
+        (
+            "a_node_whose_udp_is_blocked_joins_over_tcp",
+            a_node_whose_udp_is_blocked_joins_over_tcp,
         ),
     ])
 }

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-# The demo runs the registry, re6st-conf and re6stnet binaries: build them all.
-cargo build --release --quiet --workspace --bins
+# The demo runs the registry, re6st-conf and re6stnet binaries: build them all
+# (cargo shows its progress; the first build takes several minutes).
+echo "re6st-demo: building the release binaries (the first build takes several minutes)..."
+cargo build --release --workspace --bins
 exec ./target/release/re6st-demo "$@"

@@ -29,7 +29,9 @@ pub struct Matrix {
 }
 
 /// A topology of `n` nodes and `reg` with one-way delays drawn in `delay_ms`
-/// and a share `broken` of the node-to-node paths blackholed (seeded).
+/// and a share `broken` of the node-to-node paths blackholed (seeded); a
+/// share above 0 breaks at least one path, so the mesh always has a broken
+/// path to route around.
 pub fn random_topology(
     tag: &str,
     n: usize,
@@ -44,6 +46,20 @@ pub fn random_topology(
         broken: vec![vec![false; n]; n],
         names,
     };
+    for i in 0..n {
+        for j in i + 1..n {
+            let d = rng.u64(delay_ms.clone());
+            let b = rng.f64() < broken;
+            (m.delay[i][j], m.delay[j][i]) = (d, d);
+            (m.broken[i][j], m.broken[j][i]) = (b, b);
+        }
+    }
+    let none = m.broken.iter().all(|row| row.iter().all(|b| !b));
+    if broken > 0.0 && n >= 2 && none {
+        let i = rng.usize(..n);
+        let j = (i + 1 + rng.usize(..n - 1)) % n;
+        (m.broken[i][j], m.broken[j][i]) = (true, true);
+    }
     let mut t = Topology::new(tag);
     t.host("reg");
     for name in &m.names {
@@ -52,14 +68,10 @@ pub fn random_topology(
     t.default_wan(crate::LinkParams::delay_ms(10));
     for i in 0..n {
         for j in i + 1..n {
-            let d = rng.u64(delay_ms.clone());
-            let b = rng.f64() < broken;
-            (m.delay[i][j], m.delay[j][i]) = (d, d);
-            (m.broken[i][j], m.broken[j][i]) = (b, b);
             t.wan_both(
                 &m.names[i],
                 &m.names[j],
-                crate::LinkParams::delay_ms(d).with_blackhole(b),
+                crate::LinkParams::delay_ms(m.delay[i][j]).with_blackhole(m.broken[i][j]),
             );
         }
     }
@@ -635,5 +647,21 @@ impl Mesh {
             .log_dir()
             .join(format!("{}-re6stnet.log", self.nodes[i].name));
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_of_broken_paths_breaks_at_least_one() {
+        for seed in 0..200 {
+            let (_, m) = random_topology("t", 4, seed, 5..=60, 0.05);
+            let n = m.broken.iter().flatten().filter(|b| **b).count();
+            assert!(n >= 2 && n % 2 == 0, "seed {seed}: {n}");
+        }
+        let (_, m) = random_topology("t", 4, 1, 5..=60, 0.0);
+        assert!(m.broken.iter().flatten().all(|b| !b));
     }
 }

@@ -571,13 +571,15 @@ fn gateways_carry_traffic_out_and_fail_over() -> Result<()> {
 
 /// `--main-interface lan0`: n1's prefix lives on its LAN, where a plain
 /// host takes an address in it; n2 reaches that host over the overlay,
-/// through n1.
+/// through n1. n1's tunnels have `--mtu 1300` while the LAN has 1500:
+/// TCP between the LAN host and n2 gets an MSS that n1's tunnels carry
+/// (clamped in n1's data plane), not the 1360 n2 announces.
 fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
     let mut t = topology("mainif", 1, 10);
     t.host("n2").host("pc");
     t.lan("home", &["n1", "pc"]);
     let mut m = Mesh::start(&t, "reg", &["n2"], &[], &[])?;
-    m.enrol("n1", &["--main-interface", "lan0"])?;
+    m.enrol("n1", &["--main-interface", "lan0", "--mtu", "1300"])?;
     let n1 = m.index("n1")?;
     m.start_node(n1)?;
     m.wait_full_reachability(Duration::from_secs(30))?;
@@ -612,7 +614,31 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
         || m.ping_addr(0, pc_addr, 1).then_some(()),
     )?;
     eprintln!("main interface: n2 pings the LAN host {pc_addr} after {took:?}");
-    Ok(())
+    let n2_addr = m.nodes[0].address.to_string();
+    let mut server = m
+        .host(0)?
+        .spawn("iperf3", "iperf3", &["-s", "-1", "-B", &n2_addr])?;
+    let (client, _) = wait_until(
+        "iperf3 from the LAN host to n2",
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        || {
+            pc.output("iperf3", &["-c", &n2_addr, "-t", "1", "-J"])
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    server.stop()?;
+    let json: serde_json::Value = serde_json::from_slice(&client.stdout)
+        .map_err(|e| netns_tests::Error::Measure(format!("iperf3 output: {e}")))?;
+    let mss = json["start"]["tcp_mss_default"].as_u64().unwrap_or(0);
+    eprintln!(
+        "main interface: TCP from the LAN host (MTU 1500) through n1 (tunnel MTU 1300): MSS {mss}"
+    );
+    check(
+        (536..=1240).contains(&mss),
+        format!("MSS {mss}: not clamped to n1's tunnel MTU 1300 (1240 at most)"),
+    )
 }
 
 fn main() -> ExitCode {

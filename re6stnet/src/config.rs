@@ -57,6 +57,8 @@ pub struct FileConfig {
     pub up: Option<String>,
     /// Interface that carries the node address (and so its prefix).
     pub main_interface: Option<String>,
+    /// MTU of our tunnel devices (instead of the network's).
+    pub mtu: Option<u32>,
 }
 
 /// The settings in force.
@@ -176,6 +178,7 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
                 .filter(|v| !v.is_empty())
                 .or(file.neighbour)
                 .unwrap_or_default(),
+            mtu: flags.mtu.or(file.mtu),
         },
         up: flags.up.or(file.up),
         main_interface: flags
@@ -217,6 +220,9 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
     }
     if cfg.roles.max_clients.is_some_and(|n| n > 1000) {
         bail!("max_clients: at most 1000 incoming tunnels");
+    }
+    if cfg.roles.mtu.is_some_and(|m| !(1280..=65_535).contains(&m)) {
+        bail!("mtu: must be 1280..=65535 (IPv6 needs 1280)");
     }
     if cfg.table == 0 || cfg.table == 255 {
         bail!("table: {} is reserved", cfg.table);
@@ -273,14 +279,17 @@ mod tests {
 
     #[test]
     fn roles_come_from_the_file_or_the_flags() {
-        let file = parse("client_count = 3\nmax_clients = 0\nneighbour = [\"fd5e:0:0:7::/64\"]\n")
-            .unwrap_or_default();
+        let file = parse(
+            "client_count = 3\nmax_clients = 0\nneighbour = [\"fd5e:0:0:7::/64\"]\nmtu = 1380\n",
+        )
+        .unwrap_or_default();
         let c = merge(FileConfig::default(), file.clone());
         assert!(
             matches!(&c, Ok(c) if c.roles == Roles {
                 client_count: Some(3),
                 max_clients: Some(0),
                 neighbours: vec!["fd5e:0:0:7::/64".parse().unwrap_or_default()],
+                mtu: Some(1380),
             }),
             "{c:?}"
         );

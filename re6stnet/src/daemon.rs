@@ -507,6 +507,19 @@ impl Driver {
                 self.routing
                     .send(&self.plane, Command::SetCostMultiplier(name, multiplier));
             }
+            Action::SetMtu { name, mtu } => {
+                if let Some(index) = self.links.get(&name) {
+                    if let Err(e) = self.plane.set_mtu(*index, mtu) {
+                        tracing::debug!(%name, error = %e, "MTU not given to the data plane");
+                    }
+                    // Takes the kernel's RTNL lock: off the control loop.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = re6st_tunnel::tun::set_mtu(&name, mtu) {
+                            tracing::warn!(%name, mtu, error = %e, "setting a tunnel's MTU");
+                        }
+                    });
+                }
+            }
             Action::SetHelloInterval { name, interval } => {
                 self.routing
                     .send(&self.plane, Command::SetHelloInterval(name, interval));

@@ -13,6 +13,7 @@
 //! - [`frame`]: link-local UDP inside IPv6 packets.
 //! - [`tun`]: tun devices.
 //! - [`offload`]: tun offloads (virtio-net header, segmentation, GRO).
+//! - [`mss`]: TCP MSS clamping to a link's MTU.
 //! - [`udp`]: UDP GSO/GRO helpers.
 //! - [`source_limit`]: rate limits of unauthenticated work per source network.
 
@@ -21,6 +22,7 @@ pub mod endpoint;
 pub mod frame;
 pub mod inprocess;
 pub mod link;
+pub mod mss;
 pub mod offload;
 pub mod plane;
 pub mod policy;

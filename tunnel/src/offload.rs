@@ -331,6 +331,15 @@ impl Segments {
             .map(|&(at, n)| self.buf.get(at..at + n).unwrap_or_default())
     }
 
+    /// Lets `f` edit every packet in place (not its length).
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut [u8])) {
+        for &(at, n) in &self.spans {
+            if let Some(p) = self.buf.get_mut(at..at + n) {
+                f(p);
+            }
+        }
+    }
+
     /// Appends a packet made of `head` then `tail`; returns it for editing.
     fn push(&mut self, head: &[u8], tail: &[u8]) -> &mut [u8] {
         let at = self.buf.len();

@@ -122,6 +122,8 @@ pub(crate) enum Command<P> {
     AddSocket(u32, Socket),
     RemoveSocket(u32),
     Send(Endpoint, Vec<u8>),
+    /// A link's device has this MTU now (set by the caller).
+    SetMtu(u32, u32),
     Call(Call<P>),
     Stop,
 }
@@ -263,6 +265,12 @@ impl<P: InProcess> Plane<P> {
             link_local,
         })))?;
         Ok(index)
+    }
+
+    /// Tells the reactor that link `index`'s device now has `mtu` (set
+    /// with [`tun::set_mtu`] by the caller): TCP SYNs are clamped to it.
+    pub fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), PlaneError> {
+        self.command(Command::SetMtu(index, mtu))
     }
 
     /// A device of a closed link, for a new one (see [`tun::reuse`]).

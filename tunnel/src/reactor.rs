@@ -339,6 +339,11 @@ impl<P: InProcess> Reactor<P> {
                     self.ready.remove(&Token(SOCKET | ifindex as usize));
                 }
                 Command::Send(dst, bytes) => self.send_to(dst, &bytes),
+                Command::SetMtu(index, mtu) => {
+                    if let Some(l) = self.io.get_mut(&index) {
+                        l.tun.mtu = mtu;
+                    }
+                }
                 Command::Call(f) => f(&mut self.protocol, now),
                 Command::Stop => return false,
             }
@@ -477,7 +482,7 @@ impl<P: InProcess> Reactor<P> {
         for o in outputs {
             match o {
                 Output::Network(d) => self.send_to(src, &d),
-                Output::Tunnel(p) => self.deliver(index, at, &p),
+                Output::Tunnel(mut p) => self.deliver(index, at, &mut p),
             }
         }
     }
@@ -548,7 +553,7 @@ impl<P: InProcess> Reactor<P> {
 
     /// A decrypted packet of link `index`: to the in-process protocol, or
     /// into the tun device.
-    fn deliver(&mut self, index: u32, at: Instant, packet: &[u8]) {
+    fn deliver(&mut self, index: u32, at: Instant, packet: &mut [u8]) {
         let Some(l) = self.io.get(&index) else {
             return;
         };
@@ -564,6 +569,7 @@ impl<P: InProcess> Reactor<P> {
         let Some(l) = self.io.get_mut(&index) else {
             return;
         };
+        crate::mss::clamp(packet, l.tun.mtu);
         let written = match (&mut l.gro, l.tun.vnet_hdr) {
             (Some(gro), _) => {
                 if gro.is_empty() {
@@ -626,14 +632,19 @@ impl<P: InProcess> Reactor<P> {
                 }
             };
             self.segments.clear();
+            let mtu = l.tun.mtu;
             let packets: &mut dyn Iterator<Item = &[u8]> = if l.tun.vnet_hdr {
                 let split = VnetHdr::parse(&self.packet[..n])
                     .and_then(|h| split(&h, &self.packet[VNET_HDR_LEN..n], &mut self.segments));
                 if split.is_err() {
                     malformed += 1;
                 }
+                self.segments.for_each_mut(|p| {
+                    crate::mss::clamp(p, mtu);
+                });
                 &mut self.segments.iter()
             } else {
+                crate::mss::clamp(&mut self.packet[..n], mtu);
                 &mut std::iter::once(&self.packet[..n])
             };
             for p in packets {

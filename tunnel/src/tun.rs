@@ -25,6 +25,8 @@ pub struct Tun {
     pub vnet_hdr: bool,
     /// The offloads the kernel accepted.
     pub offload: Offload,
+    /// Its MTU (TCP SYNs through it are clamped to it: [`crate::mss`]).
+    pub mtu: u32,
 }
 
 /// Tun offloads in use on a device.
@@ -166,6 +168,7 @@ pub fn create(
         name: name.to_string(),
         vnet_hdr,
         offload,
+        mtu,
     })
 }
 
@@ -202,7 +205,18 @@ pub fn reuse(mut tun: Tun, name: &str, mtu: u32, link_local: Ipv6Addr) -> Result
         tun.name = name.to_string();
     }
     tun.ifindex = configure(name, mtu, link_local)?;
+    tun.mtu = mtu;
     Ok(tun)
+}
+
+/// Sets the MTU of device `name` (takes the kernel's RTNL lock: not on
+/// the reactor).
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), PlaneError> {
+    check_name(name)?;
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(io("control socket"))?;
+    ioctl_ifreq(sock.as_raw_fd(), libc::SIOCSIFMTU, name, mtu as libc::c_int)
+        .map(|_| ())
+        .map_err(io(format!("MTU of {name}")))
 }
 
 /// MTU, up, our link-local address (and no kernel-made one); returns the

@@ -100,6 +100,11 @@ struct Cli {
     /// network) and the node routes them to and from the overlay.
     #[arg(long)]
     main_interface: Option<String>,
+    /// MTU of this node's tunnel devices, instead of the network's `mtu`
+    /// (1280..=65535; a smaller underlay MTU here, say). TCP SYNs through
+    /// a tunnel are clamped to its MTU either way.
+    #[arg(long)]
+    mtu: Option<u32>,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -129,6 +134,7 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         neighbour: Some(cli.neighbour),
         up: cli.up,
         main_interface: cli.main_interface,
+        mtu: cli.mtu,
     };
     config::merge(flags, file)
 }

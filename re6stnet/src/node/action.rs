@@ -48,6 +48,13 @@ pub enum Action {
         /// Multiplier (1: normal).
         multiplier: u16,
     },
+    /// Set the MTU of a tunnel device (the network's changed).
+    SetMtu {
+        /// Interface.
+        name: String,
+        /// MTU.
+        mtu: u32,
+    },
     /// Set the Babel Hello interval of an interface.
     SetHelloInterval {
         /// Interface.

@@ -44,6 +44,8 @@ pub struct Roles {
     pub max_clients: Option<u32>,
     /// Nodes we always keep a tunnel with.
     pub neighbours: Vec<Ipv6Net>,
+    /// MTU of our tunnel devices, instead of the network's `mtu`.
+    pub mtu: Option<u32>,
 }
 
 /// The policy's settings from the network configuration and our roles.
@@ -253,6 +255,14 @@ impl NodeCore {
         self.policy
             .set_config(policy_config(&self.netconf, &self.roles), now);
         self.apply_crl(now, unix);
+        let mtu = self.mtu();
+        if self.roles.mtu.unwrap_or(old.mtu) != mtu {
+            tracing::info!(mtu, "tunnel MTU changed");
+            let names: Vec<String> = self.tunnels.values().map(|t| t.name.clone()).collect();
+            for name in names {
+                self.push(Action::SetMtu { name, mtu });
+            }
+        }
         if old.hello_interval_ms != self.netconf.hello_interval_ms {
             let interval = hello_interval(&self.netconf);
             let names: Vec<String> = self

@@ -544,6 +544,11 @@ impl NodeCore {
         self.revoked
     }
 
+    /// The MTU of our tunnel devices.
+    pub fn mtu(&self) -> u32 {
+        self.roles.mtu.unwrap_or(self.netconf.mtu)
+    }
+
     /// The endpoints of our peer record.
     pub fn endpoints(&self) -> &[SocketAddr] {
         &self.reach.endpoints
@@ -729,7 +734,7 @@ impl NodeCore {
             name,
             wg_key: cert.wg_key,
             endpoint,
-            mtu: self.netconf.mtu,
+            mtu: self.mtu(),
         });
     }
 

@@ -453,6 +453,7 @@ fn a_client_only_node_keeps_its_pinned_neighbour_only() {
         client_count: Some(0),
         max_clients: Some(0),
         neighbours: vec![sim.nodes[3].prefix],
+        mtu: None,
     };
     sim.restart(0, &netconf(1, |_| {}));
     sim.run_until(Duration::from_secs(30));
@@ -825,6 +826,41 @@ fn a_cached_revocation_holds_across_a_restart() {
 /// A newer configuration is applied (saved, forwarded as ConfigVersion,
 /// Hello interval changed on every tunnel and LAN interface); an older
 /// one is ignored.
+/// A new network MTU reaches the devices of existing tunnels, and new
+/// ones; a node with its own `--mtu` keeps it.
+#[test]
+fn an_mtu_change_is_applied_to_existing_tunnels() {
+    let mut sim = Sim::new(3, &netconf(1, |_| {}));
+    sim.roles[2].mtu = Some(1300);
+    sim.restart(2, &netconf(1, |_| {}));
+    sim.run_until(Duration::from_secs(5));
+    let c2 = netconf(2, |c| c.mtu = 1380);
+    for i in 0..3 {
+        sim.answer(i, RegistryResult::Config(Ok(signed(&sim.ca, &c2))));
+    }
+    sim.deliver();
+    let set: BTreeSet<String> = sim
+        .actions(1)
+        .filter_map(|a| match a {
+            Action::SetMtu { name, mtu: 1380 } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let want: BTreeSet<String> = sim.tunnels(1).into_iter().map(|t| t.name).collect();
+    assert!(!want.is_empty());
+    assert_eq!(set, want);
+    assert_eq!(sim.cores[1].mtu(), 1380);
+    assert_eq!(sim.cores[2].mtu(), 1300);
+    assert_eq!(
+        sim.count(2, |a| matches!(a, Action::SetMtu { .. })),
+        0,
+        "its own MTU did not change"
+    );
+    assert!(sim
+        .actions(2)
+        .all(|a| !matches!(a, Action::OpenTunnel { mtu, .. } if *mtu != 1300)));
+}
+
 #[test]
 fn config_change_is_applied_live_and_flooded() {
     let mut sim = Sim::new(2, &netconf(1, |_| {}));

@@ -193,6 +193,7 @@ impl Routing {
                     IpNet::V6(prefix) => Some(SelectedRoute {
                         prefix,
                         via: name(r.iface).map_or(Via::Local, Via::Interface),
+                        direct: r.refmetric == 0,
                     }),
                     IpNet::V4(_) => None,
                 })

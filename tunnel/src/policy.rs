@@ -76,6 +76,10 @@ pub struct View {
     pub routes_via: HashMap<Peer, usize>,
     /// Peers of the cache usable now (not failing), in preference order.
     pub cache: Vec<Peer>,
+    /// Nodes that are direct Babel neighbours on a LAN (`--interface`):
+    /// never tunnel candidates, their traffic stays on the LAN (re6st's
+    /// rule), and routing to them alone is still being alone.
+    pub lan: BTreeSet<Peer>,
     /// A node every connected mesh routes (re6st: the registry's node).
     /// When it is not routed we are on an island: one slot goes to a peer
     /// outside it (cache, else the registry's bootstrap).
@@ -320,7 +324,7 @@ impl Policy {
         let mut distant: Vec<Peer> = view
             .routed
             .iter()
-            .filter(|p| !neighbours.contains(p) && self.usable(p, now))
+            .filter(|p| !neighbours.contains(p) && !view.lan.contains(p) && self.usable(p, now))
             .copied()
             .collect();
         self.shuffle(&mut distant);
@@ -329,12 +333,17 @@ impl Policy {
             actions.push(Action::Open(p));
             opened += 1;
         }
-        if opened < want && view.routed.iter().all(|p| *p == self.me) {
-            // Nothing routed: we are alone (start, or cut off). The cache first...
+        let alone = view
+            .routed
+            .iter()
+            .all(|p| *p == self.me || view.lan.contains(p));
+        if opened < want && alone {
+            // Nothing routed but our LAN: we are alone (start, or cut
+            // off). The cache first...
             let cached: Vec<Peer> = view
                 .cache
                 .iter()
-                .filter(|p| self.usable(p, now))
+                .filter(|p| !view.lan.contains(p) && self.usable(p, now))
                 .copied()
                 .collect();
             for p in cached.into_iter().take(want - opened) {
@@ -449,6 +458,42 @@ mod tests {
             routed: routed.into_iter().map(peer).collect(),
             ..View::default()
         }
+    }
+
+    /// Nodes on our LAN are reached over it: no tunnel to them, neither
+    /// among routed peers nor from the cache when the LAN is all we route.
+    #[test]
+    fn lan_neighbours_are_never_tunnel_candidates() {
+        let t0 = Instant::now();
+        let cfg = PolicyConfig {
+            client_count: 3,
+            ..PolicyConfig::default()
+        };
+        let mut p = Policy::new(peer(1), cfg.clone(), t0, 7);
+        let mut v = view([2, 3, 4, 5]);
+        v.lan = [peer(2), peer(3)].into_iter().collect();
+        let opened: Vec<Action> = p.tick(t0, &v);
+        assert!(opened
+            .iter()
+            .all(|a| *a != Action::Open(peer(2)) && *a != Action::Open(peer(3))));
+        assert_eq!(
+            opened
+                .iter()
+                .filter(|a| matches!(a, Action::Open(_)))
+                .count(),
+            2,
+            "{opened:?}"
+        );
+        let mut p = Policy::new(peer(1), cfg, t0, 7);
+        let mut only_lan = view([2]);
+        only_lan.lan = [peer(2)].into_iter().collect();
+        only_lan.cache = vec![peer(2), peer(7)];
+        let a = p.tick(t0, &only_lan);
+        assert!(
+            a.contains(&Action::Open(peer(7))),
+            "alone but for the LAN: {a:?}"
+        );
+        assert!(!a.contains(&Action::Open(peer(2))));
     }
 
     #[test]

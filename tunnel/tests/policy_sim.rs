@@ -76,6 +76,7 @@ impl World {
             routes_via,
             cache: self.caches[i].clone(),
             anchor: Some(peer(0)),
+            lan: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! Any tun read into the virtio-net header parser and the segmenter, and
-//! any run of decrypted packets (plus the segments) into the coalescer.
+//! Any tun read into the virtio-net header parser and the segmenter, the
+//! segments into MSS clamping, and any run of decrypted packets (plus the
+//! segments) into the coalescer.
 #![no_main]
 use std::cell::RefCell;
 
@@ -19,6 +20,11 @@ fuzz_target!(|data: &[u8]| {
                 assert!(segs.is_empty());
             }
         }
+        segs.for_each_mut(|p| {
+            let len = p.len();
+            let _ = re6st_tunnel::mss::clamp(p, 1280 + u32::from(data.first().copied().unwrap_or(0)));
+            assert_eq!(p.len(), len);
+        });
         for gro in [&mut *tcp_only, &mut *with_udp] {
             for seg in segs.iter() {
                 gro.push(seg);

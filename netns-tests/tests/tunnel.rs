@@ -184,9 +184,26 @@ fn setup_then_handshake_over_ipv4() -> Result<()> {
 }
 
 /// The same over TCP, with every UDP datagram to b dropped: requests,
-/// answers, handshakes and packets all go in frames on one connection.
+/// answers, handshakes and packets all go in frames on one connection;
+/// before, host m opened 40 connections to b and sent garbage on them:
+/// b kept 8 of them, and a's connection still got in.
 fn setup_then_handshake_over_tcp_with_udp_blocked() -> Result<()> {
     setup_then_handshake(Transport::Tcp)
+}
+
+/// Connections from `m` to `to`, each sent a junk frame; kept open.
+fn tcp_junk(m: &netns_tests::Host, to: SocketAddr, n: usize) -> Result<Vec<std::net::TcpStream>> {
+    m.in_ns(move || {
+        (0..n)
+            .filter_map(|i| {
+                let mut c =
+                    std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
+                let junk = [0u8, 4, 1, 0, 0, i as u8];
+                std::io::Write::write_all(&mut c, &junk).ok()?;
+                Some(c)
+            })
+            .collect()
+    })
 }
 
 fn setup_then_handshake(transport: Transport) -> Result<()> {
@@ -196,6 +213,7 @@ fn setup_then_handshake(transport: Transport) -> Result<()> {
     });
     t.host("a")
         .host("b")
+        .host("m")
         .wan_both("a", "b", LinkParams::delay_ms(5));
     let net = Net::build(&t)?;
     let (a, b) = (net.host("a")?, net.host("b")?);
@@ -233,6 +251,10 @@ fn setup_then_handshake(transport: Transport) -> Result<()> {
     };
     let (plane_a, rx_a) = start(a, wg_a)?;
     let (plane_b, rx_b) = start(b, wg_b)?;
+    let junk = match transport {
+        Transport::Tcp => tcp_junk(net.host("m")?, b_ep.addr, 40)?,
+        Transport::Udp => Vec::new(),
+    };
     let mut responder = Responder::new(ca.cert().clone(), id_b);
     let (req, nonce) = request(&id_a, pb, now).map_err(|e| Error::Measure(e.to_string()))?;
     plane_a
@@ -314,6 +336,14 @@ fn setup_then_handshake(transport: Transport) -> Result<()> {
             (via == Some(b_ep)).then_some(())
         },
     )?;
+    if transport == Transport::Tcp {
+        let refused = plane_b.published().dropped.get("tcp_refused").copied();
+        check(
+            junk.len() == 40 && refused == Some(32),
+            format!("{} junk connections, b refused {refused:?}", junk.len()),
+        )?;
+    }
+    drop(junk);
     // A replay of the same request is refused.
     check(
         responder.handle(std::time::Instant::now(), now, src.addr, &req, |_| {

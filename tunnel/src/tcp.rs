@@ -3,8 +3,9 @@
 //! frames ([`crate::stream`]) both ways. A connection is made on the
 //! first datagram for an address that has none; an idle one (nothing
 //! read for [`IDLE`]) is closed, as is one that sends an empty frame or
-//! fails. Bounded: [`MAX_STREAMS`] connections, [`MAX_QUEUED`] bytes
-//! waiting to be written on each.
+//! fails. Bounded: [`MAX_STREAMS`] connections, [`MAX_PER_SOURCE`]
+//! incoming ones per address, [`MAX_QUEUED`] bytes waiting to be written
+//! on each.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -22,6 +23,9 @@ pub(crate) const LISTENER: Token = Token(2);
 pub(crate) const STREAM: usize = 1 << 34;
 /// Connections at most (incoming and outgoing).
 pub const MAX_STREAMS: usize = 256;
+/// Incoming connections from one address at most, so that one host
+/// cannot take every slot.
+pub const MAX_PER_SOURCE: usize = 8;
 /// Bytes waiting to be written on one connection, at most; datagrams
 /// beyond are dropped (`tcp_queue_full`), as a full UDP buffer would.
 pub const MAX_QUEUED: usize = 1 << 20;
@@ -38,6 +42,7 @@ struct Conn {
     out: Vec<u8>,
     last_rx: Instant,
     connecting: bool,
+    outgoing: bool,
 }
 
 /// What servicing a connection gave.
@@ -114,6 +119,7 @@ impl Streams {
                 out: Vec::new(),
                 last_rx: now,
                 connecting,
+                outgoing: connecting,
             },
         );
         Some(id)
@@ -128,14 +134,17 @@ impl Streams {
             };
             match l.accept() {
                 Ok((stream, remote)) => {
-                    if self.conns.len() >= MAX_STREAMS {
+                    let remote = canonical(remote);
+                    let from_there = self
+                        .conns
+                        .values()
+                        .filter(|c| c.remote.ip() == remote.ip() && !c.outgoing)
+                        .count();
+                    if self.conns.len() >= MAX_STREAMS || from_there >= MAX_PER_SOURCE {
                         refused += 1;
                         continue;
                     }
-                    if self
-                        .insert(registry, stream, canonical(remote), now, false)
-                        .is_none()
-                    {
+                    if self.insert(registry, stream, remote, now, false).is_none() {
                         refused += 1;
                     }
                 }

@@ -183,7 +183,38 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
         "tcp: ping to n1 over the overlay, a (TCP, via r1) {:?} avg, {} of 20; n2 (UDP) {:?} avg, {} of 20",
         over_tcp.avg, over_tcp.received, over_udp.avg, over_udp.received
     );
-    check(over_tcp.received >= 18, "a's pings over TCP came back")
+    check(over_tcp.received >= 18, "a's pings over TCP came back")?;
+    let (tcp_mbps, udp_mbps) = (throughput(&m, a, n1)?, throughput(&m, n2, n1)?);
+    eprintln!(
+        "tcp: iperf3 to n1 over the overlay, 3 s: a (TCP transport) {tcp_mbps:.0} Mbit/s, n2 (UDP) {udp_mbps:.0} Mbit/s"
+    );
+    Ok(())
+}
+
+/// Mbit/s of one iperf3 TCP stream from node `i` to node `j` over the
+/// overlay for 3 s (a figure for the log: the WAN emulator shapes it).
+fn throughput(m: &Mesh, i: usize, j: usize) -> Result<f64> {
+    let to = m.address(j).to_string();
+    let mut server = m.host(j)?.spawn("iperf3", "iperf3", &["-s", "-1", "-B", &to])?;
+    let (out, _) = wait_until(
+        "iperf3 over the overlay",
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        || {
+            m.host(i)
+                .ok()?
+                .output("iperf3", &["-c", &to, "-t", "3", "-J"])
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    server.stop()?;
+    let json: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| netns_tests::Error::Measure(format!("iperf3 output: {e}")))?;
+    Ok(json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6)
 }
 
 fn main() -> ExitCode {

@@ -195,7 +195,9 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
 /// overlay for 3 s (a figure for the log: the WAN emulator shapes it).
 fn throughput(m: &Mesh, i: usize, j: usize) -> Result<f64> {
     let to = m.address(j).to_string();
-    let mut server = m.host(j)?.spawn("iperf3", "iperf3", &["-s", "-1", "-B", &to])?;
+    let mut server = m
+        .host(j)?
+        .spawn("iperf3", "iperf3", &["-s", "-1", "-B", &to])?;
     let (out, _) = wait_until(
         "iperf3 over the overlay",
         Duration::from_secs(10),

@@ -3,7 +3,8 @@
 //! agent's silence, and the copies re-placed since the master started.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+
+use re6st_registry::prometheus::{labels, Exposition, Kind};
 
 use crate::store::{Instance, Node};
 
@@ -22,33 +23,23 @@ pub struct Snapshot<'a> {
     pub replacements: u64,
 }
 
-/// Escapes a label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// The text exposition format.
 pub fn render(s: &Snapshot<'_>) -> String {
-    let mut out = String::new();
     let mut by_state: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for i in s.instances {
         *by_state.entry((&i.state, &i.status)).or_default() += 1;
     }
-    out.push_str("# HELP re6st_orch_instances Instances by wanted state and reported status.\n");
-    out.push_str("# TYPE re6st_orch_instances gauge\n");
-    for ((state, status), n) in by_state {
-        let _ = writeln!(
-            out,
-            "re6st_orch_instances{{state=\"{}\",status=\"{}\"}} {n}",
-            label(state),
-            label(status)
-        );
-    }
+    let mut e = Exposition::new();
+    e.family(
+        "re6st_orch_instances",
+        Kind::Gauge,
+        "Instances by wanted state and reported status.",
+        by_state.iter().map(|((state, status), n)| {
+            (labels(&[("state", state), ("status", status)]), *n as f64)
+        }),
+    );
     let mut agents: BTreeMap<&str, u64> = [("live", 0), ("silent", 0), ("revoked", 0)].into();
-    out.push_str("# HELP re6st_orch_agent_silence_seconds Seconds since each agent last called.\n");
-    out.push_str("# TYPE re6st_orch_agent_silence_seconds gauge\n");
+    let mut silences = Vec::new();
     for n in s.nodes {
         let silence = (s.now - n.last_seen).max(0);
         let kind = if n.revoked {
@@ -59,26 +50,32 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "live"
         };
         *agents.entry(kind).or_default() += 1;
-        let _ = writeln!(
-            out,
-            "re6st_orch_agent_silence_seconds{{node=\"{}\",site=\"{}\"}} {silence}",
-            label(&n.name),
-            label(&n.site)
-        );
+        silences.push((
+            labels(&[("node", &n.name), ("site", &n.site)]),
+            silence as f64,
+        ));
     }
-    out.push_str(
-        "# HELP re6st_orch_agents Agents by liveness (silent: longer than the agent timeout).\n",
+    e.family(
+        "re6st_orch_agent_silence_seconds",
+        Kind::Gauge,
+        "Seconds since each agent last called.",
+        silences,
     );
-    out.push_str("# TYPE re6st_orch_agents gauge\n");
-    for (kind, n) in agents {
-        let _ = writeln!(out, "re6st_orch_agents{{state=\"{kind}\"}} {n}");
-    }
-    out.push_str(
-        "# HELP re6st_orch_replacements_total Copies re-placed since the master started.\n",
+    e.family(
+        "re6st_orch_agents",
+        Kind::Gauge,
+        "Agents by liveness (silent: longer than the agent timeout).",
+        agents
+            .iter()
+            .map(|(kind, n)| (labels(&[("state", kind)]), *n as f64)),
     );
-    out.push_str("# TYPE re6st_orch_replacements_total counter\n");
-    let _ = writeln!(out, "re6st_orch_replacements_total {}", s.replacements);
-    out
+    e.single(
+        "re6st_orch_replacements_total",
+        Kind::Counter,
+        "Copies re-placed since the master started.",
+        s.replacements as f64,
+    );
+    e.finish()
 }
 
 #[cfg(test)]

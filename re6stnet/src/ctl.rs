@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use re6st_registry::config::NetworkConfig;
+use re6st_registry::prometheus::{labels, Exposition, Kind};
 use serde::{Deserialize, Serialize};
 
 /// Counters of the node daemon.
@@ -208,32 +209,22 @@ async fn metrics(State(s): State<Shared>) -> Response {
         .into_response()
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// Prometheus text exposition of a snapshot.
 pub fn render_metrics(s: &Snapshot) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let mut one = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(o, "# HELP re6st_{name} {help}\n# TYPE re6st_{name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "re6st_{name}{labels} {v}");
-        }
+    let mut e = Exposition::new();
+    let mut one = |name: &str, kind: Kind, help: &str, samples: Vec<(String, f64)>| {
+        e.family(&format!("re6st_{name}"), kind, help, samples);
     };
     let plain = |v: f64| vec![(String::new(), v)];
     let labelled = |label: &str, m: &BTreeMap<String, u64>| -> Vec<(String, f64)> {
         m.iter()
-            .map(|(k, v)| (format!("{{{label}=\"{}\"}}", escape(k)), *v as f64))
+            .map(|(k, v)| (labels(&[(label, k)]), *v as f64))
             .collect()
     };
     let m = &s.metrics;
     one(
         "tunnels",
-        "gauge",
+        Kind::Gauge,
         "Tunnels by direction.",
         ["out", "in"]
             .iter()
@@ -247,49 +238,49 @@ pub fn render_metrics(s: &Snapshot) -> String {
     );
     one(
         "tunnels_opened_total",
-        "counter",
+        Kind::Counter,
         "Tunnels added.",
         plain(m.tunnels_opened as f64),
     );
     one(
         "tunnels_closed_total",
-        "counter",
+        Kind::Counter,
         "Tunnels removed.",
         plain(m.tunnels_closed as f64),
     );
     one(
         "tunnels_lost_total",
-        "counter",
+        Kind::Counter,
         "Tunnels lost, by reason.",
         labelled("reason", &m.tunnels_lost),
     );
     one(
         "tunnel_attempts_failed_total",
-        "counter",
+        Kind::Counter,
         "Failed outgoing tunnel attempts, by reason.",
         labelled("reason", &m.setup_failed),
     );
     one(
         "observed_endpoint_claims_total",
-        "counter",
+        Kind::Counter,
         "Peers' claims of the address they see us at, by what they did (agreed: a quorum saw it).",
         labelled("result", &m.observed),
     );
     one(
         "punches_total",
-        "counter",
+        Kind::Counter,
         "Punches sent through our NAT for peers dialling us.",
         plain(m.punches as f64),
     );
     one(
         "tcp_fallbacks_total",
-        "counter",
+        Kind::Counter,
         "Tunnel set-ups retried over TCP after no answer over UDP.",
         plain(m.tcp_fallbacks as f64),
     );
     one(
         "handshakes_total",
-        "counter",
+        Kind::Counter,
         "Tunnels whose WireGuard handshake completed.",
         plain(m.handshakes as f64),
     );
@@ -298,7 +289,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
             .iter()
             .map(|t| {
                 (
-                    format!("{{peer=\"{}\",direction=\"{dir}\"}}", escape(&t.peer)),
+                    labels(&[("peer", &t.peer), ("direction", dir)]),
                     f(t) as f64,
                 )
             })
@@ -308,7 +299,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
     b.extend(bytes("rx", |t| t.rx_bytes));
     one(
         "tunnel_bytes_total",
-        "counter",
+        Kind::Counter,
         "Bytes through each tunnel.",
         b,
     );
@@ -319,10 +310,15 @@ pub fn render_metrics(s: &Snapshot) -> String {
             r.state.stats.packets_rejected,
         )
     });
-    one("routes", "gauge", "Selected routes.", plain(routes as f64));
+    one(
+        "routes",
+        Kind::Gauge,
+        "Selected routes.",
+        plain(routes as f64),
+    );
     one(
         "route_changes_total",
-        "counter",
+        Kind::Counter,
         "Selected-route changes.",
         plain(switches as f64),
     );
@@ -331,7 +327,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
     });
     one(
         "babel_packets_total",
-        "counter",
+        Kind::Counter,
         "Babel packets by direction.",
         vec![
             ("{direction=\"in\"}".into(), babel_in as f64),
@@ -342,7 +338,7 @@ pub fn render_metrics(s: &Snapshot) -> String {
     rejected.push(("{reason=\"babel\"}".into(), babel_rejected as f64));
     one(
         "rejected_packets_total",
-        "counter",
+        Kind::Counter,
         "Packets refused, by reason.",
         rejected,
     );
@@ -362,41 +358,41 @@ pub fn render_metrics(s: &Snapshot) -> String {
         .unwrap_or_default();
     one(
         "babel_dropped_total",
-        "counter",
+        Kind::Counter,
         "Babel packets and TLVs refused (bad MAC, replay, martian or foreign prefix, absurd seqno request...), by reason.",
         babel_drops,
     );
     one(
         "peer_messages_received_total",
-        "counter",
+        Kind::Counter,
         "Peer-protocol messages accepted, by kind.",
         labelled("kind", &m.peer_in),
     );
     one(
         "peer_messages_unsent_total",
-        "counter",
+        Kind::Counter,
         "Peer-protocol messages that could not be sent (a configuration too large to flood), by kind.",
         labelled("kind", &m.peer_unsent),
     );
     one(
         "peer_messages_sent_total",
-        "counter",
+        Kind::Counter,
         "Peer-protocol messages sent, by kind.",
         labelled("kind", &m.peer_out),
     );
     one(
         "config_version",
-        "gauge",
+        Kind::Gauge,
         "Network configuration version in force.",
         plain(s.node.config_version as f64),
     );
     one(
         "config_changes_total",
-        "counter",
+        Kind::Counter,
         "Network configurations applied live.",
         plain(m.config_changes as f64),
     );
-    o
+    e.finish()
 }
 
 fn router(s: Shared) -> Router {

@@ -6,6 +6,8 @@
 //! - [`config`]: the signed network configuration, HMAC keys, sealing to a
 //!   node's WireGuard key.
 //! - [`auth`]: node-signed requests and signed peer records.
+//! - [`metrics`]: the registry's Prometheus metrics; [`prometheus`]: the
+//!   text exposition every component writes.
 
 pub mod admin_access;
 pub mod api;
@@ -14,7 +16,9 @@ pub mod cert;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod prefix;
+pub mod prometheus;
 pub mod server;
 pub mod store;
 

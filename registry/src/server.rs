@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::body::to_bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{
+    ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -27,6 +30,7 @@ use crate::auth::{RequestAuth, SignedPeerRecord};
 use crate::cert::NodeCert;
 use crate::config::{seal, SignedHmacKeys};
 use crate::error::Error;
+use crate::metrics::{Event, Metrics, Scrape};
 use crate::store::{parse_wg_key, RevokeTarget, Store};
 
 /// Unix seconds now.
@@ -41,6 +45,7 @@ pub fn now() -> i64 {
 pub struct AppState {
     store: Mutex<Store>,
     admin: AdminAccess,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -49,6 +54,7 @@ impl AppState {
         Arc::new(Self {
             store: Mutex::new(store),
             admin,
+            metrics: Metrics::default(),
         })
     }
 
@@ -60,8 +66,11 @@ impl AppState {
     {
         let me = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let mut store = me.store.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut store)
+            let r = f(&mut store);
+            me.metrics.db(started.elapsed());
+            r
         })
         .await
         .map_err(|e| ApiError(Error::Corrupt(format!("worker failed: {e}"))))?
@@ -104,12 +113,31 @@ impl IntoResponse for ApiError {
         } else {
             self.0.detail()
         };
+        let code = self.0.code().to_string();
         let body = ErrorAnswer {
-            error: self.0.code().to_string(),
+            error: code.clone(),
             detail,
         };
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        r.extensions_mut().insert(Refused(code));
+        r
     }
+}
+
+/// The error code of a refused request, for the metrics.
+#[derive(Clone, Debug)]
+struct Refused(String);
+
+/// Counts every routed request by its route, status and refusal.
+async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(String::new, |p| p.as_str().to_string());
+    let r = next.run(req).await;
+    let refused = r.extensions().get::<Refused>().map(|c| c.0.as_str());
+    st.metrics.request(&route, r.status().as_u16(), refused);
+    r
 }
 
 fn error_response(status: StatusCode, error: &str, detail: &str) -> Response {
@@ -255,6 +283,7 @@ async fn post_join(
         .with_store(move |s| s.join(&req.token, &req.csr, wg, now()))
         .await?;
     tracing::info!(prefix = %issued.prefix, serial = issued.serial, "node joined");
+    st.metrics.event(Event::Join);
     Ok(json(issued))
 }
 
@@ -271,6 +300,7 @@ async fn post_renew(
     let issued = st.with_store(move |s| s.renew(&node, wg, now())).await?;
     if issued.renewed {
         tracing::info!(prefix = %issued.prefix, serial = issued.serial, "certificate renewed");
+        st.metrics.event(Event::Renewal);
     }
     Ok(json(issued))
 }
@@ -376,6 +406,7 @@ async fn admin_revoke(
     };
     let revoked = st.with_store(move |s| s.revoke(&target, now())).await?;
     tracing::info!(?revoked, "revoked");
+    st.metrics.event(Event::Revocation(revoked.len() as u64));
     Ok(json(RevokeAnswer { revoked }))
 }
 
@@ -400,6 +431,25 @@ async fn admin_set_config(
         .with_store(move |s| s.set_param(&req.key, &req.value, now()))
         .await?;
     Ok(json(cfg))
+}
+
+async fn get_metrics(State(st): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+    let (nodes, version) = st
+        .with_store(|s| Ok((s.list_nodes()?, s.config()?.version)))
+        .await?;
+    let text = st.metrics.render(&Scrape {
+        nodes: &nodes,
+        config_version: version,
+        now: now(),
+    });
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn not_found() -> Response {
@@ -436,6 +486,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/admin/config",
             get(admin_get_config).put(admin_set_config),
         )
+        .route("/metrics", get(get_metrics))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), count))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

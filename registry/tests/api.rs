@@ -373,3 +373,32 @@ async fn members_renew_get_sealed_hmac_keys_publish_and_bootstrap() -> anyhow::R
     assert_eq!(anonymous.status(), 401);
     Ok(())
 }
+
+/// `/metrics` counts joins and refusals by endpoint and reason, and says
+/// how many nodes there are and which configuration is in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_joins_refusals_and_nodes() -> anyhow::Result<()> {
+    let reg = start().await?;
+    let client = RegistryClient::new(&reg.url)?;
+    for _ in 0..2 {
+        join(&client, &token(&reg)?).await?;
+    }
+    let (status, _) = raw(&reg.url, "POST", "/v1/join", b"{\"token\":".to_vec(), None).await?;
+    assert_eq!(status, 400);
+    let text = reqwest::get(format!("{}/metrics", reg.url))
+        .await?
+        .text()
+        .await?;
+    let version = Store::open(&reg.db)?.config()?.version;
+    for line in [
+        "re6st_registry_requests_total{endpoint=\"/v1/join\",status=\"200\"} 2".to_string(),
+        "re6st_registry_refused_total{endpoint=\"/v1/join\",reason=\"invalid\"} 1".to_string(),
+        "re6st_registry_joins_total 2".to_string(),
+        "re6st_registry_nodes 2".to_string(),
+        format!("re6st_registry_config_version {version}"),
+    ] {
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
+    assert!(text.contains("re6st_registry_db_operations_total"));
+    Ok(())
+}

@@ -7,7 +7,7 @@
 //! incoming ones per address, [`MAX_QUEUED`] bytes waiting to be written
 //! on each.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ pub const MAX_QUEUED: usize = 1 << 20;
 pub const IDLE: Duration = Duration::from_secs(60);
 /// Reads per connection per round.
 const READ_BUDGET: usize = 16;
+/// Sources of accepted connections remembered, at most.
+const ACCEPTED_MEMORY: usize = 4096;
 
 struct Conn {
     stream: TcpStream,
@@ -61,6 +63,10 @@ pub(crate) struct Streams {
     listener: Option<TcpListener>,
     conns: HashMap<usize, Conn>,
     by_remote: HashMap<SocketAddr, usize>,
+    /// Sources of connections we accepted (a peer's ephemeral port):
+    /// never dialled when their connection is gone; the peer reconnects.
+    accepted: HashSet<SocketAddr>,
+    accepted_order: VecDeque<SocketAddr>,
     next: usize,
     buf: Vec<u8>,
 }
@@ -84,6 +90,8 @@ impl Streams {
             listener,
             conns: HashMap::new(),
             by_remote: HashMap::new(),
+            accepted: HashSet::new(),
+            accepted_order: VecDeque::new(),
             next: 1,
             buf: vec![0; 65_536],
         }
@@ -144,6 +152,14 @@ impl Streams {
                         refused += 1;
                         continue;
                     }
+                    if self.accepted.insert(remote) {
+                        self.accepted_order.push_back(remote);
+                        if self.accepted_order.len() > ACCEPTED_MEMORY {
+                            if let Some(old) = self.accepted_order.pop_front() {
+                                self.accepted.remove(&old);
+                            }
+                        }
+                    }
                     if self.insert(registry, stream, remote, now, false).is_none() {
                         refused += 1;
                     }
@@ -200,6 +216,9 @@ impl Streams {
         let id = match self.by_remote.get(&remote) {
             Some(id) => *id,
             None => {
+                if self.accepted.contains(&remote) {
+                    return Err("tcp_gone");
+                }
                 if self.conns.len() >= MAX_STREAMS {
                     return Err("tcp_too_many");
                 }
@@ -285,5 +304,52 @@ impl Streams {
             self.close(registry, *id);
         }
         idle.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Events, Poll};
+
+    /// Loopback only, as the registry's API tests: no namespace needed.
+    #[test]
+    fn an_accepted_source_is_never_dialled_back() {
+        let mut poll = Poll::new().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let mut streams = Streams::new(Some(listener), poll.registry());
+        let client = std::net::TcpStream::connect(at).unwrap();
+        let remote = client.local_addr().unwrap();
+        let now = Instant::now();
+        let mut events = Events::with_capacity(8);
+        let mut accepted = false;
+        for _ in 0..50 {
+            poll.poll(&mut events, Some(Duration::from_millis(20)))
+                .unwrap();
+            streams.accept(poll.registry(), now);
+            if streams.by_remote.contains_key(&remote) {
+                accepted = true;
+                break;
+            }
+        }
+        assert!(accepted, "the connection was accepted");
+        drop(client);
+        let id = streams.by_remote[&remote];
+        let mut closed = None;
+        for _ in 0..50 {
+            poll.poll(&mut events, Some(Duration::from_millis(20)))
+                .unwrap();
+            closed = streams.service(poll.registry(), now, id).closed;
+            if closed.is_some() {
+                break;
+            }
+        }
+        assert_eq!(closed, Some("tcp_closed"));
+        assert_eq!(
+            streams.send(poll.registry(), now, remote, b"x"),
+            Err("tcp_gone")
+        );
+        assert!(streams.conns.is_empty(), "nothing was dialled");
     }
 }

@@ -130,6 +130,46 @@ fn twelve_nodes_around_broken_paths() -> Result<()> {
     Ok(())
 }
 
+/// Two halves, n1-n3 and n4-n6, whose direct paths to each other are all
+/// broken from the start: each half builds its own mesh. When the paths
+/// heal, nothing in a half's routes points to the other; the anchor (n1,
+/// the first node to join) is what the second half misses, so it spends a
+/// slot on a cached node outside, and the halves become one mesh.
+fn a_split_mesh_heals_through_its_anchor() -> Result<()> {
+    let n = names(6);
+    let mut t = topology("split", 6, 10);
+    let (a, b) = (&n[..3], &n[3..]);
+    for x in a {
+        for y in b {
+            t.wan_both(x, y, LinkParams::delay_ms(10).with_blackhole(true));
+        }
+    }
+    let m = Mesh::start(&t, "reg", &refs(&n), &[], &[])?;
+    let halves = || {
+        (0..6).all(|i| {
+            let mine = if i < 3 { 0..3 } else { 3..6 };
+            mine.clone().all(|j| i == j || m.ping(i, j, 1))
+        })
+    };
+    let (_, took) = wait_until(
+        "each half routing within itself",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || halves().then_some(()),
+    )?;
+    eprintln!("split: both halves meshed after {took:?}");
+    check(!m.ping(0, 5, 1), "the halves are apart")?;
+    let wan = m.net.wan()?;
+    for x in a {
+        for y in b {
+            wan.heal(x, y)?;
+        }
+    }
+    let took = m.wait_full_reachability(Duration::from_secs(120))?;
+    eprintln!("split: the paths healed, one mesh again after {took:?}");
+    Ok(())
+}
+
 /// Three nodes, the direct path n1-n2 in use; it breaks silently (the WAN
 /// drops everything between them): traffic moves through n3.
 fn silent_failure_of_a_path_in_use() -> Result<()> {
@@ -644,6 +684,10 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
+        (
+            "a_split_mesh_heals_through_its_anchor",
+            a_split_mesh_heals_through_its_anchor,
+        ),
         (
             "twelve_nodes_around_broken_paths",
             twelve_nodes_around_broken_paths,

@@ -91,6 +91,12 @@ pub struct NetworkConfig {
     /// [`Freshness`]); 0 in configurations signed before it existed.
     #[serde(default)]
     pub valid_until: i64,
+    /// A node every connected part of the mesh routes (re6st: the
+    /// registry's own node; here the first node to join, or the
+    /// operator's choice): a node that does not route it is on an island
+    /// and spends one tunnel slot outside it, so a split mesh heals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
 }
 
 /// A settable parameter: its name, and how to check and apply a value.
@@ -180,6 +186,7 @@ impl NetworkConfig {
             crl: Vec::new(),
             hmac_version: 1,
             valid_until: now + CONFIG_VALIDITY_S,
+            anchor: None,
         }
     }
 
@@ -198,11 +205,33 @@ impl NetworkConfig {
     pub fn settable() -> Vec<&'static str> {
         let mut v: Vec<&str> = PARAMS.iter().map(|p| p.name).collect();
         v.push("registry_urls");
+        v.push("anchor");
         v
     }
 
     /// Sets one parameter from text, checking its range. Does not bump the version.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        if key == "anchor" {
+            let value = value.trim();
+            if value.is_empty() {
+                self.anchor = None;
+                return Ok(());
+            }
+            let network: ipnet::Ipv6Net = self
+                .network
+                .parse()
+                .map_err(|_| Error::Corrupt("the configuration's network".into()))?;
+            let p: ipnet::Ipv6Net = value
+                .parse()
+                .map_err(|_| Error::Invalid(format!("anchor: {value:?} is not an IPv6 prefix")))?;
+            if !network.contains(&p) || p.prefix_len() <= network.prefix_len() {
+                return Err(Error::Invalid(format!(
+                    "anchor: {p} is not a node prefix inside {network}"
+                )));
+            }
+            self.anchor = Some(p.to_string());
+            return Ok(());
+        }
         if key == "registry_urls" {
             let urls: Vec<String> = value
                 .split(',')
@@ -579,6 +608,13 @@ mod tests {
         c.set("registry_urls", "http://a.example, https://b.example")?;
         assert_eq!(c.registry_urls.len(), 2);
         assert!(c.set("registry_urls", "ftp://x").is_err());
+        c.set("anchor", "fd5e:0:0:7::/64")?;
+        assert_eq!(c.anchor.as_deref(), Some("fd5e:0:0:7::/64"));
+        for bad in ["fd99::/64", "fd5e::/48", "x"] {
+            assert!(c.set("anchor", bad).is_err(), "{bad}");
+        }
+        c.set("anchor", "")?;
+        assert_eq!(c.anchor, None);
         Ok(())
     }
 

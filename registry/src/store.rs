@@ -621,6 +621,13 @@ impl Store {
         )?;
         save_free(&tx, &alloc)?;
         tx.commit()?;
+        // The first node is the mesh's anchor unless the operator chose one
+        // (a failure here leaves none: `config set anchor` sets it).
+        if self.config().is_ok_and(|c| c.anchor.is_none()) {
+            if let Err(e) = self.set_param("anchor", &prefix, now) {
+                tracing::warn!(error = %e, "setting the anchor");
+            }
+        }
         Ok(Issued {
             cert,
             prefix,
@@ -1274,6 +1281,21 @@ mod tests {
         let mut wg = [0; 32];
         wg.copy_from_slice(&raw[raw.len() - 32..]);
         wg
+    }
+
+    /// The first node to join anchors the mesh; later ones change
+    /// nothing, nor does a join after the operator chose another.
+    #[test]
+    fn the_first_node_to_join_is_the_anchor() -> Result<()> {
+        let mut f = fixture()?;
+        assert_eq!(f.store.config()?.anchor, None);
+        let (_, first) = join(&mut f.store, NOW)?;
+        let c = f.store.config()?;
+        assert_eq!(c.anchor.as_deref(), Some(first.prefix.as_str()));
+        join(&mut f.store, NOW)?;
+        assert_eq!(f.store.config()?.version, c.version);
+        assert_eq!(f.store.config()?.anchor, c.anchor);
+        Ok(())
     }
 
     #[test]

@@ -430,6 +430,7 @@ impl NodeCore {
         let cache = std::mem::take(&mut self.view.cache);
         self.view = routing::policy_view(routing, self.prefix, self.network, &self.tunnels);
         self.view.cache = cache;
+        self.view.anchor = self.netconf.anchor.as_deref().and_then(|a| a.parse().ok());
         self.refresh_cache(unix);
         self.run_policy(now, unix);
         self.settle(now);

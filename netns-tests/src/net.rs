@@ -113,6 +113,15 @@ impl Host {
         )
     }
 
+    /// Loads an nftables ruleset (`nft -f -`) in this host.
+    pub fn nft(&self, rules: &str) -> Result<()> {
+        netns::run_with_input(
+            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
+            Some(rules),
+        )
+        .map(|_| ())
+    }
+
     /// Silently breaks an interface: nftables drops everything arriving on
     /// it (the link stays up, as a real path failure would).
     pub fn block_ingress(&self, iface: &str) -> Result<()> {
@@ -120,11 +129,7 @@ impl Host {
         let rules = format!(
             "table netdev {table} {{\n chain in {{\n  type filter hook ingress device \"{iface}\" priority -500; policy drop;\n }}\n}}\n"
         );
-        netns::run_with_input(
-            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
-            Some(&rules),
-        )
-        .map(|_| ())
+        self.nft(&rules)
     }
 
     /// NAT (masquerade) for traffic from `source` (a prefix, IPv4 or IPv6)
@@ -134,11 +139,7 @@ impl Host {
         let rules = format!(
             "table {family} r6tnat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  {family} saddr {source} oifname \"{iface}\" masquerade\n }}\n}}\n"
         );
-        netns::run_with_input(
-            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
-            Some(&rules),
-        )
-        .map(|_| ())
+        self.nft(&rules)
     }
 
     /// Makes this host a home NAT router for the LAN on its interface
@@ -161,11 +162,7 @@ impl Host {
              }}\n"
         );
         netns::sysctl(&self.ns, &[("net.ipv4.ip_forward", "1")])?;
-        netns::run_with_input(
-            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
-            Some(&rules),
-        )
-        .map(|_| ())
+        self.nft(&rules)
     }
 
     /// Drops every UDP datagram forwarded from the LAN on interface `lan`
@@ -174,11 +171,7 @@ impl Host {
         let rules = format!(
             "table inet r6tnoudp {{\n chain forward {{\n  type filter hook forward priority -10;\n  iifname \"{lan}\" meta l4proto udp drop\n }}\n}}\n"
         );
-        netns::run_with_input(
-            Command::new("ip").args(["netns", "exec", &self.ns, "nft", "-f", "-"]),
-            Some(&rules),
-        )
-        .map(|_| ())
+        self.nft(&rules)
     }
 
     /// Puts this host on an IPv4-only LAN behind `router` (its address on

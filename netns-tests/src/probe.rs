@@ -123,6 +123,27 @@ pub fn ping(from: &Host, dst: IpAddr, count: u32, interval: Duration) -> Result<
     })
 }
 
+/// One iperf3 TCP stream from `client` to a server started on `server`,
+/// bound to `to`, for `secs` seconds; iperf3's JSON report (`-J`).
+pub fn iperf3(client: &Host, server: &Host, to: IpAddr, secs: u32) -> Result<serde_json::Value> {
+    let to = to.to_string();
+    let mut s = server.spawn("iperf3", "iperf3", &["-s", "-1", "-B", &to])?;
+    let secs = secs.to_string();
+    let (out, _) = wait_until(
+        &format!("iperf3 from {} to {to}", client.name()),
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+        || {
+            client
+                .output("iperf3", &["-c", &to, "-t", &secs, "-J"])
+                .ok()
+                .filter(|o| o.status.success())
+        },
+    )?;
+    s.stop()?;
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::Measure(format!("iperf3 output: {e}")))
+}
+
 /// Polls `f` every `every` until it returns `Some`, for at most `timeout`.
 /// Returns the value and how long it took.
 pub fn wait_until<T>(

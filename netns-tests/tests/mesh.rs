@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use netns_tests::mesh::{random_topology, Mesh};
-use netns_tests::probe::{wait_until, LossProbe};
+use netns_tests::probe::{iperf3, wait_until, LossProbe};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{cleanup, LinkParams, Result, Topology};
 
@@ -654,23 +654,7 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
         || m.ping_addr(0, pc_addr, 1).then_some(()),
     )?;
     eprintln!("main interface: n2 pings the LAN host {pc_addr} after {took:?}");
-    let n2_addr = m.nodes[0].address.to_string();
-    let mut server = m
-        .host(0)?
-        .spawn("iperf3", "iperf3", &["-s", "-1", "-B", &n2_addr])?;
-    let (client, _) = wait_until(
-        "iperf3 from the LAN host to n2",
-        Duration::from_secs(10),
-        Duration::from_millis(300),
-        || {
-            pc.output("iperf3", &["-c", &n2_addr, "-t", "1", "-J"])
-                .ok()
-                .filter(|o| o.status.success())
-        },
-    )?;
-    server.stop()?;
-    let json: serde_json::Value = serde_json::from_slice(&client.stdout)
-        .map_err(|e| netns_tests::Error::Measure(format!("iperf3 output: {e}")))?;
+    let json = iperf3(pc, m.host(0)?, m.address(0), 1)?;
     let mss = json["start"]["tcp_mss_default"].as_u64().unwrap_or(0);
     eprintln!(
         "main interface: TCP from the LAN host (MTU 1500) through n1 (tunnel MTU 1300): MSS {mss}"

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use netns_tests::mesh::Mesh;
 use netns_tests::net::NatKind;
-use netns_tests::probe::{ping, wait_until};
+use netns_tests::probe::{iperf3, ping, wait_until};
 use netns_tests::testing::{check, run_suite};
 use netns_tests::{LinkParams, Result, Topology};
 use serde_json::Value;
@@ -194,26 +194,8 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
 /// Mbit/s of one iperf3 TCP stream from node `i` to node `j` over the
 /// overlay for 3 s (a figure for the log: the WAN emulator shapes it).
 fn throughput(m: &Mesh, i: usize, j: usize) -> Result<f64> {
-    let to = m.address(j).to_string();
-    let mut server = m
-        .host(j)?
-        .spawn("iperf3", "iperf3", &["-s", "-1", "-B", &to])?;
-    let (out, _) = wait_until(
-        "iperf3 over the overlay",
-        Duration::from_secs(10),
-        Duration::from_millis(300),
-        || {
-            m.host(i)
-                .ok()?
-                .output("iperf3", &["-c", &to, "-t", "3", "-J"])
-                .ok()
-                .filter(|o| o.status.success())
-        },
-    )?;
-    server.stop()?;
-    let json: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| netns_tests::Error::Measure(format!("iperf3 output: {e}")))?;
-    Ok(json["end"]["sum_received"]["bits_per_second"]
+    let report = iperf3(m.host(i)?, m.host(j)?, m.address(j), 3)?;
+    Ok(report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
         / 1e6)

@@ -229,10 +229,7 @@ fn setup_then_handshake(transport: Transport) -> Result<()> {
     };
     if transport == Transport::Tcp {
         let rules = "table inet r6tnoudp {\n chain in {\n  type filter hook input priority 0;\n  meta l4proto udp drop\n }\n}\n";
-        netns_tests::netns::run_with_input(
-            std::process::Command::new("ip").args(["netns", "exec", b.ns(), "nft", "-f", "-"]),
-            Some(rules),
-        )?;
+        b.nft(rules)?;
     }
     let start = |h: &netns_tests::Host, wg: [u8; 32]| -> Result<(Plane, mpsc::Receiver<Event>)> {
         let (tx, rx) = mpsc::channel();

@@ -650,6 +650,16 @@ mod tests {
         Identity::issued(ca, prefix, serial, [i as u8; 32], NOW).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The CA, initiator a, and responder b's prefix and responder.
+    fn pair() -> (Ca, Identity, Ipv6Net, Responder) {
+        let ca = ca();
+        let a = node(&ca, 1, 11);
+        let b = node(&ca, 2, 12);
+        let b_prefix = b.cert.prefix;
+        let resp = Responder::new(ca.cert().clone(), b);
+        (ca, a, b_prefix, resp)
+    }
+
     fn src() -> SocketAddr {
         "198.18.1.2:326"
             .parse()
@@ -658,11 +668,7 @@ mod tests {
 
     #[test]
     fn accept_round_trip_binds_the_wireguard_key() {
-        let ca = ca();
-        let a = node(&ca, 1, 11);
-        let b = node(&ca, 2, 12);
-        let b_prefix = b.cert.prefix;
-        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (ca, a, b_prefix, mut resp) = pair();
         let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
         let Outcome::Accepted { peer, reply } =
             resp.handle(Instant::now(), NOW, src(), &req, |_| Decision::Accept)
@@ -699,11 +705,7 @@ mod tests {
     /// nobody on the path can point it elsewhere.
     #[test]
     fn the_answer_says_where_the_request_came_from() {
-        let ca = ca();
-        let a = node(&ca, 1, 11);
-        let b = node(&ca, 2, 12);
-        let b_prefix = b.cert.prefix;
-        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (ca, a, b_prefix, mut resp) = pair();
         let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
         let nat: SocketAddr = "198.18.7.1:40123".parse().unwrap_or(src());
         let Outcome::Accepted { reply, .. } =
@@ -734,11 +736,7 @@ mod tests {
 
     #[test]
     fn busy_carries_signed_suggestions() {
-        let ca = ca();
-        let a = node(&ca, 1, 11);
-        let b = node(&ca, 2, 12);
-        let b_prefix = b.cert.prefix;
-        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (ca, a, b_prefix, mut resp) = pair();
         let (req, nonce) = request(&a, b_prefix, NOW).unwrap_or_else(|e| panic!("{e}"));
         let try_these: Vec<Ipv6Net> = vec!["fd5e:0:0:7::/64".parse().unwrap_or_default()];
         let Outcome::Reply(reply) = resp.handle(Instant::now(), NOW, src(), &req, |_| {
@@ -754,11 +752,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_dropped_or_refused() {
-        let ca = ca();
-        let a = node(&ca, 1, 11);
-        let b = node(&ca, 2, 12);
-        let b_prefix = b.cert.prefix;
-        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (ca, a, b_prefix, mut resp) = pair();
         let t = Instant::now();
         // Stale and future timestamps.
         let (old, _) = request(&a, b_prefix, NOW - 120).unwrap_or_else(|e| panic!("{e}"));
@@ -878,11 +872,7 @@ mod tests {
 
     #[test]
     fn floods_are_rate_limited_and_state_stays_bounded() {
-        let ca = ca();
-        let a = node(&ca, 1, 11);
-        let b = node(&ca, 2, 12);
-        let b_prefix = b.cert.prefix;
-        let mut resp = Responder::new(ca.cert().clone(), b);
+        let (_, a, b_prefix, mut resp) = pair();
         let t = Instant::now();
         let mut limited = 0;
         for _ in 0..40 {

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::node::Roles;
+use re6st_tunnel::endpoint::Transport;
 use serde::Deserialize;
 
 /// Default configuration file (used when it exists and `--config` is not given).
@@ -59,6 +60,9 @@ pub struct FileConfig {
     pub main_interface: Option<String>,
     /// MTU of our tunnel devices (instead of the network's).
     pub mtu: Option<u32>,
+    /// Dial over `udp` or `tcp` only (default: UDP, then TCP when UDP
+    /// gets no answer).
+    pub transport: Option<String>,
 }
 
 /// The settings in force.
@@ -179,6 +183,12 @@ pub fn merge(flags: FileConfig, file: FileConfig) -> anyhow::Result<NodeConfig> 
                 .or(file.neighbour)
                 .unwrap_or_default(),
             mtu: flags.mtu.or(file.mtu),
+            transport: match flags.transport.or(file.transport).as_deref() {
+                None => None,
+                Some("udp") => Some(Transport::Udp),
+                Some("tcp") => Some(Transport::Tcp),
+                Some(other) => bail!("transport: {other:?} is neither \"udp\" nor \"tcp\""),
+            },
         },
         up: flags.up.or(file.up),
         main_interface: flags
@@ -280,7 +290,7 @@ mod tests {
     #[test]
     fn roles_come_from_the_file_or_the_flags() {
         let file = parse(
-            "client_count = 3\nmax_clients = 0\nneighbour = [\"fd5e:0:0:7::/64\"]\nmtu = 1380\n",
+            "client_count = 3\nmax_clients = 0\nneighbour = [\"fd5e:0:0:7::/64\"]\nmtu = 1380\ntransport = \"tcp\"\n",
         )
         .unwrap_or_default();
         let c = merge(FileConfig::default(), file.clone());
@@ -290,6 +300,7 @@ mod tests {
                 max_clients: Some(0),
                 neighbours: vec!["fd5e:0:0:7::/64".parse().unwrap_or_default()],
                 mtu: Some(1380),
+                transport: Some(Transport::Tcp),
             }),
             "{c:?}"
         );

@@ -105,6 +105,11 @@ struct Cli {
     /// a tunnel are clamped to its MTU either way.
     #[arg(long)]
     mtu: Option<u32>,
+    /// Dial new tunnels over this transport only: `tcp` on a site known to
+    /// block UDP (skips the 3 s UDP attempt), `udp` to never fall back.
+    /// Default: UDP, then TCP to the same port when UDP gets no answer.
+    #[arg(long, value_parser = ["udp", "tcp"])]
+    transport: Option<String>,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
@@ -135,6 +140,7 @@ fn settings(cli: Cli) -> anyhow::Result<config::NodeConfig> {
         up: cli.up,
         main_interface: cli.main_interface,
         mtu: cli.mtu,
+        transport: cli.transport,
     };
     config::merge(flags, file)
 }

@@ -46,6 +46,9 @@ pub struct Roles {
     pub neighbours: Vec<Ipv6Net>,
     /// MTU of our tunnel devices, instead of the network's `mtu`.
     pub mtu: Option<u32>,
+    /// How we dial: None, UDP then TCP when UDP gets no answer; or only
+    /// this one (TCP on a site known to block UDP).
+    pub transport: Option<re6st_tunnel::endpoint::Transport>,
 }
 
 /// The policy's settings from the network configuration and our roles.

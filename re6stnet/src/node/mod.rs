@@ -323,7 +323,7 @@ impl NodeCore {
                 Timer::Setup(p) => {
                     self.resend.remove(&p);
                     if let Some(a) = self.pending.remove(&p) {
-                        if a.transport == Transport::Udp {
+                        if a.transport == Transport::Udp && self.roles.transport.is_none() {
                             // No answer over UDP: perhaps UDP is blocked
                             // on the way; the same port over TCP.
                             tracing::debug!(peer = %p, "no answer over UDP: trying TCP");

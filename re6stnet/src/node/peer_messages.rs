@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use re6st_tunnel::endpoint::Transport;
 use re6st_tunnel::policy::DRAIN_MULTIPLIER;
 
 use super::{Action, ConfigSource, FailReason, LossReason, NodeCore};
@@ -95,7 +94,7 @@ impl NodeCore {
                     if eps.is_empty() {
                         self.unreachable(now, unix, from, FailReason::NoEndpoint);
                     } else {
-                        self.request_setup(now, unix, from, &eps, Transport::Udp);
+                        self.request_setup(now, unix, from, &eps, self.dial());
                     }
                 }
             }

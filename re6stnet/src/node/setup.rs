@@ -39,7 +39,7 @@ impl NodeCore {
         let stale = self.stale.remove(&p);
         match self.book.endpoints(p).map(<[SocketAddr]>::to_vec) {
             Some(eps) if !eps.is_empty() && !stale => {
-                self.request_setup(now, unix, p, &eps, Transport::Udp);
+                self.request_setup(now, unix, p, &eps, self.dial());
             }
             _ => {
                 tracing::debug!(peer = %p, "asking for its endpoints");
@@ -114,6 +114,11 @@ impl NodeCore {
             }
             Err(e) => tracing::warn!(error = %e, "set-up request"),
         }
+    }
+
+    /// The transport of a new set-up: ours if we have one, else UDP.
+    pub(super) fn dial(&self) -> Transport {
+        self.roles.transport.unwrap_or(Transport::Udp)
     }
 
     /// Sends our pending request to a NATed peer again (its punch may

@@ -454,6 +454,7 @@ fn a_client_only_node_keeps_its_pinned_neighbour_only() {
         max_clients: Some(0),
         neighbours: vec![sim.nodes[3].prefix],
         mtu: None,
+        transport: None,
     };
     sim.restart(0, &netconf(1, |_| {}));
     sim.run_until(Duration::from_secs(30));
@@ -599,6 +600,24 @@ fn a_node_whose_udp_is_blocked_opens_its_tunnels_over_tcp() {
         sim.count(0, |a| matches!(a, Action::OpenTunnel { endpoint: Some(e), .. } if e.transport == Transport::Udp)),
         0
     );
+}
+
+/// `--transport tcp`: every set-up goes over TCP at once, none over UDP.
+#[test]
+fn a_tcp_only_node_never_dials_over_udp() {
+    let c = netconf(1, |c| c.client_count = 2);
+    let mut sim = Sim::new(4, &c);
+    sim.roles[0].transport = Some(Transport::Tcp);
+    sim.roles[0].max_clients = Some(0);
+    sim.restart(0, &c);
+    sim.run_until(Duration::from_secs(10));
+    assert!(sim.tunnels(0).iter().filter(|t| t.up).count() >= 2);
+    let over_udp = sim.count(0, |a| {
+        matches!(a, Action::Send { dst, bytes }
+            if dst.transport == Transport::Udp && re6st_tunnel::setup::is_request(bytes))
+    });
+    assert_eq!(over_udp, 0, "set-up requests over UDP");
+    assert_eq!(sim.cores[0].metrics.tcp_fallbacks, 0);
 }
 
 /// The smaller node restarts (SIGKILL: no Close) and asks the larger one

@@ -417,7 +417,7 @@ fn demo_runs_and_ctrl_c_leaves_nothing() -> Result<()> {
     let log = std::env::temp_dir().join(format!("re6st-demo-keep-{}.out", std::process::id()));
     let file = std::fs::File::create(&log).map_err(|e| Error::io("creating the demo log", e))?;
     let mut child = std::process::Command::new(exe)
-        .args(["--nodes", "3", "--keep"])
+        .args(["--nodes", "3", "--seed", "2", "--keep"])
         .stdout(file)
         .stderr(std::process::Stdio::null())
         .spawn()

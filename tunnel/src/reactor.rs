@@ -444,25 +444,15 @@ impl<P: InProcess> Reactor<P> {
 
     /// Sends one datagram to `dst`; failures are counted.
     fn send_to(&mut self, dst: Endpoint, bytes: &[u8]) {
-        match dst.transport {
-            Transport::Udp => {
-                if self
-                    .socket
-                    .send_to(bytes, &SockAddr::from(dst.addr))
-                    .is_err()
-                {
-                    self.drop_count("send_failed");
-                }
-            }
-            Transport::Tcp => {
-                let now = Instant::now();
-                if let Err(why) = self
-                    .streams
-                    .send(self.poll.registry(), now, dst.addr, bytes)
-                {
-                    self.drop_count(why);
-                }
-            }
+        let sent = send_via(
+            &self.socket,
+            &mut self.streams,
+            self.poll.registry(),
+            dst,
+            bytes,
+        );
+        if let Err(why) = sent {
+            self.drop_count(why);
         }
     }
 
@@ -717,8 +707,17 @@ impl<P: InProcess> Reactor<P> {
                     .map(|ep| (ep, link.encapsulate_into(&self.framed, &mut self.dec)));
                 match sealed {
                     Some((ep, Some(n))) => {
-                        let d = self.dec[..n].to_vec();
-                        self.send_to(ep, &d);
+                        let registry = self.poll.registry();
+                        let sent = send_via(
+                            &self.socket,
+                            &mut self.streams,
+                            registry,
+                            ep,
+                            &self.dec[..n],
+                        );
+                        if let Err(why) = sent {
+                            self.drop_count(why);
+                        }
                     }
                     Some((_, None)) => {}
                     None => self.drop_count("no_endpoint"),
@@ -804,6 +803,24 @@ impl<P: InProcess> Reactor<P> {
                 longest_iteration: self.longest,
             };
         }
+    }
+}
+
+/// Sends one datagram to `dst` over its transport (split borrows, so
+/// that a caller can send from its own buffers without a copy).
+fn send_via(
+    socket: &Socket,
+    streams: &mut Streams,
+    registry: &mio::Registry,
+    dst: Endpoint,
+    bytes: &[u8],
+) -> Result<(), &'static str> {
+    match dst.transport {
+        Transport::Udp => socket
+            .send_to(bytes, &SockAddr::from(dst.addr))
+            .map(|_| ())
+            .map_err(|_| "send_failed"),
+        Transport::Tcp => streams.send(registry, Instant::now(), dst.addr, bytes),
     }
 }
 

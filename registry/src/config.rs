@@ -97,6 +97,61 @@ pub struct NetworkConfig {
     /// and spends one tunnel slot outside it, so a split mesh heals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anchor: Option<String>,
+    /// IPv4 inside the overlay (re6st `--ipv4`): every node gets a subnet
+    /// of this network, derived from its IPv6 prefix (routing's
+    /// `ipv4_map`). None: IPv6 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Overlay>,
+}
+
+/// The overlay's IPv4 network and how many bits a node subnet adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ipv4Overlay {
+    /// The IPv4 network (e.g. `198.19.0.0/16`).
+    pub network: ipnet::Ipv4Net,
+    /// Bits after the network's in a node's subnet (16 in a /16: /32 each).
+    pub sublen: u8,
+}
+
+impl Ipv4Overlay {
+    /// Parses `NETWORK SUBLEN` and checks it against the IPv6 network and
+    /// node prefix length: every node of the default length must get a
+    /// subnet of its own.
+    pub fn parse(value: &str, network: ipnet::Ipv6Net, prefix_len: u8) -> Result<Self> {
+        let bad = |why: String| Error::Invalid(format!("ipv4: {why}"));
+        let mut words = value.split_whitespace();
+        let (Some(net), Some(sub), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad(format!(
+                "{value:?} is not `NETWORK SUBLEN` (e.g. `198.19.0.0/16 16`)"
+            )));
+        };
+        let net: ipnet::Ipv4Net = net
+            .parse()
+            .map_err(|_| bad(format!("{net:?} is not an IPv4 network")))?;
+        let sublen: u8 = sub
+            .parse()
+            .map_err(|_| bad(format!("{sub:?} is not a number of bits")))?;
+        if sublen == 0 || u32::from(net.prefix_len()) + u32::from(sublen) > 32 {
+            return Err(bad(format!(
+                "{net} plus {sublen} bits is not a subnet length of 1 to 32"
+            )));
+        }
+        let node_bits = prefix_len.saturating_sub(network.prefix_len());
+        if sublen < node_bits {
+            return Err(bad(format!(
+                "{sublen} bits cannot number /{prefix_len} node prefixes of {network} \
+                 ({node_bits} bits needed)"
+            )));
+        }
+        if u32::from(network.prefix_len()) + u32::from(sublen) > 128 {
+            return Err(bad(format!("{sublen} bits do not fit after {network}")));
+        }
+        Ok(Self {
+            network: net.trunc(),
+            sublen,
+        })
+    }
 }
 
 /// A settable parameter: its name, and how to check and apply a value.
@@ -187,6 +242,7 @@ impl NetworkConfig {
             hmac_version: 1,
             valid_until: now + CONFIG_VALIDITY_S,
             anchor: None,
+            ipv4: None,
         }
     }
 
@@ -206,6 +262,7 @@ impl NetworkConfig {
         let mut v: Vec<&str> = PARAMS.iter().map(|p| p.name).collect();
         v.push("registry_urls");
         v.push("anchor");
+        v.push("ipv4");
         v
     }
 
@@ -230,6 +287,19 @@ impl NetworkConfig {
                 )));
             }
             self.anchor = Some(p.to_string());
+            return Ok(());
+        }
+        if key == "ipv4" {
+            let value = value.trim();
+            if value.is_empty() {
+                self.ipv4 = None;
+                return Ok(());
+            }
+            let network: ipnet::Ipv6Net = self
+                .network
+                .parse()
+                .map_err(|_| Error::Corrupt("the configuration's network".into()))?;
+            self.ipv4 = Some(Ipv4Overlay::parse(value, network, self.prefix_len)?);
             return Ok(());
         }
         if key == "registry_urls" {
@@ -615,6 +685,23 @@ mod tests {
         }
         c.set("anchor", "")?;
         assert_eq!(c.anchor, None);
+        c.set("ipv4", "198.19.0.0/16 16")?;
+        assert_eq!(
+            c.ipv4.map(|v| (v.network.to_string(), v.sublen)),
+            Some(("198.19.0.0/16".into(), 16))
+        );
+        for bad in [
+            "198.19.0.0/16",
+            "198.19.0.0/16 17",
+            "198.19.0.0/24 8",
+            "198.19.0.0/16 0",
+            "fd00::/64 8",
+            "198.19.0.0/16 x",
+        ] {
+            assert!(c.set("ipv4", bad).is_err(), "{bad}");
+        }
+        c.set("ipv4", "")?;
+        assert_eq!(c.ipv4, None);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use re6st_routing::auth::{Algorithm, Auth, AuthConfig, Key};
+use re6st_routing::ipv4_map::Ipv4Map;
 use re6st_routing::neighbour::IfaceId;
 use re6st_routing::router::{Filter, InterfaceConfig, Origin, Router, RouterConfig};
 use re6st_routing::wire::{self, PacketWriter, Tlv};
@@ -44,6 +45,14 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Origin::Any
         },
+        ipv4: (mode & 16 == 16).then(|| {
+            Ipv4Map::new(
+                "fd00::/8".parse().unwrap_or_else(|e| panic!("{e}")),
+                "198.19.0.0/16".parse().unwrap_or_else(|e| panic!("{e}")),
+                16,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        }),
     };
     cfg.auth = hmac.then(keys);
     let mut r = Router::new(cfg, t0);

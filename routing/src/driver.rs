@@ -132,8 +132,8 @@ pub struct DriverConfig {
     pub table: u32,
     /// Our route protocol number.
     pub proto: u8,
-    /// Preferred source address of installed routes.
-    pub pref_src: Option<Ipv6Addr>,
+    /// Preferred source addresses of installed routes.
+    pub pref_src: crate::kernel::PrefSrc,
     /// Whether to program the kernel at all.
     pub install: bool,
     /// Prefixes held `unreachable` (low preference) while we run, so that

@@ -32,6 +32,9 @@ pub enum DropReason {
     /// A prefix announced under another router-id than the one it is
     /// bound to (a member originating another node's prefix).
     WrongOrigin,
+    /// An IPv4 destination inside the overlay's IPv4 network that is no
+    /// node's subnet (covering several, or part of one).
+    NotNodeSubnet,
     /// A finite Update with no router-id in force (RFC 8966 §4.6.9).
     NoRouterId,
     /// A Seqno Request more than 100 ahead of our seqno.
@@ -47,7 +50,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         Self::NotLinkLocal,
         Self::UnknownInterface,
         Self::Unparsable,
@@ -60,6 +63,7 @@ impl DropReason {
         Self::TooSpecific,
         Self::DefaultRoute,
         Self::WrongOrigin,
+        Self::NotNodeSubnet,
         Self::NoRouterId,
         Self::SeqnoRequestTooFar,
         Self::SeqnoRequestNoHops,
@@ -82,6 +86,7 @@ impl DropReason {
             Self::TooSpecific => "too_specific",
             Self::DefaultRoute => "default_route",
             Self::WrongOrigin => "wrong_origin",
+            Self::NotNodeSubnet => "not_node_subnet",
             Self::NoRouterId => "no_router_id",
             Self::SeqnoRequestTooFar => "seqno_request_too_far",
             Self::SeqnoRequestNoHops => "seqno_request_no_hops",

@@ -2,9 +2,10 @@
 //! are touched; replaced atomically (`NLM_F_REPLACE`); all of ours are
 //! removed at exit and stale ones at start. Besides forwarding routes:
 //! `unreachable` routes for retractions still held (RFC 8966 §3.5.4), and
-//! a covering `unreachable` route for the whole overlay network.
+//! a covering `unreachable` route for the whole overlay network. IPv4
+//! routes get their IPv6 next hop as `via inet6` (RFC 9229).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
@@ -25,7 +26,16 @@ pub struct Kernel {
     handle: Handle,
     table: u32,
     proto: u8,
-    pref_src: Option<Ipv6Addr>,
+    pref_src: PrefSrc,
+}
+
+/// Preferred source addresses of the routes we install, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefSrc {
+    /// For IPv6 routes.
+    pub v6: Option<Ipv6Addr>,
+    /// For IPv4 routes.
+    pub v4: Option<Ipv4Addr>,
 }
 
 fn table_of(m: &RouteMessage) -> u32 {
@@ -40,7 +50,7 @@ fn table_of(m: &RouteMessage) -> u32 {
 
 impl Kernel {
     /// Opens a netlink connection (its task runs on the current runtime).
-    pub fn new(table: u32, proto: u8, pref_src: Option<Ipv6Addr>) -> anyhow::Result<Self> {
+    pub fn new(table: u32, proto: u8, pref_src: PrefSrc) -> anyhow::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
         Ok(Self {
@@ -58,24 +68,49 @@ impl Kernel {
         ifindex: Option<u32>,
         via: Option<IpAddr>,
     ) -> Option<RouteMessage> {
-        let IpNet::V6(p) = prefix else { return None };
-        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(p.network(), p.prefix_len())
-            .table_id(self.table)
-            .protocol(RouteProtocol::from(self.proto));
-        if let Some(IpNet::V6(s)) = src {
-            b = b.source_prefix(s.network(), s.prefix_len());
+        match prefix {
+            IpNet::V6(p) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len())
+                    .table_id(self.table)
+                    .protocol(RouteProtocol::from(self.proto));
+                if let Some(IpNet::V6(s)) = src {
+                    b = b.source_prefix(s.network(), s.prefix_len());
+                }
+                if let Some(i) = ifindex {
+                    b = b.output_interface(i);
+                }
+                if let Some(IpAddr::V6(g)) = via {
+                    b = b.gateway(g);
+                }
+                if let (Some(ps), true) = (self.pref_src.v6, ifindex.is_some()) {
+                    b = b.pref_source(ps);
+                }
+                Some(b.build())
+            }
+            IpNet::V4(p) => {
+                if src.is_some() {
+                    return None;
+                }
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len())
+                    .table_id(self.table)
+                    .protocol(RouteProtocol::from(self.proto));
+                if let Some(i) = ifindex {
+                    b = b.output_interface(i);
+                }
+                // Babel's IPv4 routes have IPv6 next hops (RFC 9229).
+                match via {
+                    Some(IpAddr::V6(g)) => b = b.via(g),
+                    Some(IpAddr::V4(g)) => b = b.gateway(g),
+                    None => {}
+                }
+                if let (Some(ps), true) = (self.pref_src.v4, ifindex.is_some()) {
+                    b = b.pref_source(ps);
+                }
+                Some(b.build())
+            }
         }
-        if let Some(i) = ifindex {
-            b = b.output_interface(i);
-        }
-        if let Some(IpAddr::V6(g)) = via {
-            b = b.gateway(g);
-        }
-        if let (Some(ps), true) = (self.pref_src, ifindex.is_some()) {
-            b = b.pref_source(ps);
-        }
-        Some(b.build())
     }
 
     /// An `unreachable` route for `prefix` (optionally from `src`), with
@@ -86,17 +121,29 @@ impl Kernel {
         src: Option<IpNet>,
         priority: u32,
     ) -> Option<RouteMessage> {
-        let IpNet::V6(p) = prefix else { return None };
-        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(p.network(), p.prefix_len())
-            .table_id(self.table)
-            .protocol(RouteProtocol::from(self.proto))
-            .kind(RouteType::Unreachable)
-            .priority(priority);
-        if let Some(IpNet::V6(s)) = src {
-            b = b.source_prefix(s.network(), s.prefix_len());
+        match prefix {
+            IpNet::V6(p) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len())
+                    .table_id(self.table)
+                    .protocol(RouteProtocol::from(self.proto))
+                    .kind(RouteType::Unreachable)
+                    .priority(priority);
+                if let Some(IpNet::V6(s)) = src {
+                    b = b.source_prefix(s.network(), s.prefix_len());
+                }
+                Some(b.build())
+            }
+            IpNet::V4(p) => src.is_none().then(|| {
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(p.network(), p.prefix_len())
+                    .table_id(self.table)
+                    .protocol(RouteProtocol::from(self.proto))
+                    .kind(RouteType::Unreachable)
+                    .priority(priority)
+                    .build()
+            }),
         }
-        Some(b.build())
     }
 
     /// Applies a change; `ifindex` maps the router's interface to the kernel's.
@@ -153,14 +200,19 @@ impl Kernel {
         Ok(())
     }
 
-    /// Removes every IPv6 route with our proto in our table; returns how many.
+    /// Removes every route (IPv6 and IPv4) with our proto in our table;
+    /// returns how many.
     pub async fn flush(&self) -> anyhow::Result<usize> {
-        let filter = RouteMessageBuilder::<Ipv6Addr>::new().build();
-        let mut routes = self.handle.route().get(filter).execute();
         let mut ours = Vec::new();
-        while let Some(m) = routes.try_next().await? {
-            if u8::from(m.header.protocol) == self.proto && table_of(&m) == self.table {
-                ours.push(m);
+        for filter in [
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(filter).execute();
+            while let Some(m) = routes.try_next().await? {
+                if u8::from(m.header.protocol) == self.proto && table_of(&m) == self.table {
+                    ours.push(m);
+                }
             }
         }
         let n = ours.len();

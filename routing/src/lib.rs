@@ -15,12 +15,14 @@
 //! - [`effects`]: kernel route changes and the persisted seqno, off the
 //!   router's loop.
 //! - [`kernel`]: kernel routes over rtnetlink with our own `proto`.
+//! - [`ipv4_map`]: a node's IPv4 subnet, derived from its IPv6 prefix.
 
 pub mod auth;
 pub mod driver;
 pub mod drop_reason;
 pub mod effects;
 pub mod embedded;
+pub mod ipv4_map;
 pub mod kernel;
 pub mod metric;
 pub mod neighbour;

@@ -989,7 +989,13 @@ impl PacketWriter {
         };
         let set_default = bytes.len() > omitted;
         let flags = if set_default { FLAG_DEFAULT_PREFIX } else { 0 };
-        let mut v = vec![ae_of(p), flags, p.prefix_len(), omitted as u8];
+        // Our packets go over IPv6 links: an IPv4 prefix is sent with the
+        // packet's IPv6 source as its next hop (v4-via-v6, RFC 9229).
+        let update_ae = match p {
+            IpNet::V4(_) => ae::V4_VIA_V6,
+            IpNet::V6(_) => ae::IPV6,
+        };
+        let mut v = vec![update_ae, flags, p.prefix_len(), omitted as u8];
         v.extend_from_slice(&interval.to_be_bytes());
         v.extend_from_slice(&seqno.to_be_bytes());
         v.extend_from_slice(&metric.to_be_bytes());

@@ -246,7 +246,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         router: rcfg,
         table: cli.table,
         proto: PROTO,
-        pref_src: cli.pref_src,
+        pref_src: re6st_routing::kernel::PrefSrc {
+            v6: cli.pref_src,
+            v4: None,
+        },
         install: !cli.no_install,
         cover: Vec::new(),
         seqno_file: cli.state_file.clone(),

@@ -13,6 +13,11 @@
 //! so a member cannot originate another node's prefix, or a prefix
 //! covering it, under its own id. The Router-Id TLV is not signed: a
 //! modified router can still write the owner's id (docs/security.md).
+//! With [`Filter::ipv4`] set, IPv4 destinations must be node subnets of
+//! its IPv4 network (exactly as long as one, no source prefix), and under
+//! [`Origin::NodePrefix`] come only from the router-id of a node prefix
+//! that maps to that subnet; without it they follow the rules above (with
+//! re6st's IPv6 networks: none is inside).
 
 use std::net::Ipv6Addr;
 
@@ -20,6 +25,7 @@ use ipnet::{IpNet, Ipv6Net};
 
 use super::RouteKey;
 use crate::drop_reason::DropReason;
+use crate::ipv4_map::Ipv4Map;
 
 /// What received routes may be installed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +39,8 @@ pub struct Filter {
     pub default_from: Vec<IpNet>,
     /// Which router-id may originate a (non-default) destination.
     pub origin: Origin,
+    /// The IPv4 node subnets accepted (None: no IPv4 destination).
+    pub ipv4: Option<Ipv4Map>,
 }
 
 /// Which router-id may originate a destination.
@@ -100,6 +108,15 @@ impl Filter {
         if martian(&key.prefix) || key.src.as_ref().is_some_and(martian) {
             return Err(DropReason::Martian);
         }
+        if let (IpNet::V4(p), Some(m)) = (key.prefix, self.ipv4) {
+            return if key.src.is_some() || !m.network4.contains(&p) {
+                Err(DropReason::OutsideNetwork)
+            } else if m.owners(p).is_empty() {
+                Err(DropReason::NotNodeSubnet)
+            } else {
+                Ok(())
+            };
+        }
         if key.prefix.prefix_len() == 0 {
             // Exactly a configured source: `::/0 from <one node's prefix>`
             // would take that node's outbound traffic.
@@ -130,6 +147,14 @@ impl Filter {
             {
                 Err(DropReason::WrongOrigin)
             }
+            (Origin::NodePrefix, IpNet::V4(p)) => {
+                let owners = self.ipv4.map(|m| m.owners(p)).unwrap_or_default();
+                if owners.into_iter().any(|o| node_router_id(o) == router_id) {
+                    Ok(())
+                } else {
+                    Err(DropReason::WrongOrigin)
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -150,7 +175,49 @@ mod tests {
             max_plen: Some(64),
             default_from: vec![key("fd00:1::/48", None).prefix],
             origin: Origin::NodePrefix,
+            ipv4: Some(
+                Ipv4Map::new(
+                    "fd00:1::/48".parse().unwrap(),
+                    "198.19.0.0/16".parse().unwrap(),
+                    16,
+                )
+                .unwrap(),
+            ),
         }
+    }
+
+    #[test]
+    fn ipv4_node_subnets_pass_only_from_their_owner() {
+        let f = re6st();
+        let subnet = key("198.19.0.5/32", None);
+        assert_eq!(f.check(&subnet), Ok(()));
+        let owner = node_router_id("fd00:1:0:5::/64".parse().unwrap());
+        let other = node_router_id("fd00:1:0:6::/64".parse().unwrap());
+        assert_eq!(f.check_origin(&subnet, owner), Ok(()));
+        assert_eq!(f.check_origin(&subnet, other), Err(DropReason::WrongOrigin));
+        assert_eq!(
+            f.check(&key("198.19.0.0/24", None)),
+            Err(DropReason::NotNodeSubnet),
+            "a prefix covering other nodes' subnets"
+        );
+        assert_eq!(
+            f.check(&key("198.18.0.5/32", None)),
+            Err(DropReason::OutsideNetwork)
+        );
+        assert_eq!(
+            f.check(&key("0.0.0.0/0", None)),
+            Err(DropReason::OutsideNetwork)
+        );
+        assert_eq!(
+            f.check(&key("198.19.0.5/32", Some("198.19.0.0/16"))),
+            Err(DropReason::OutsideNetwork)
+        );
+        let no_ipv4 = Filter {
+            ipv4: None,
+            ..re6st()
+        };
+        assert_eq!(no_ipv4.check(&subnet), Err(DropReason::OutsideNetwork));
+        assert_eq!(Filter::default().check(&subnet), Ok(()), "plain Babel");
     }
 
     #[test]

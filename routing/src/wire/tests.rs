@@ -279,6 +279,34 @@ fn updates_carry_router_id_and_expanded_prefixes() -> Result<(), WireError> {
 }
 
 #[test]
+fn ipv4_updates_are_sent_v4_via_v6() -> Result<(), WireError> {
+    let prefix: IpNet = "198.19.0.5/32".parse().unwrap();
+    let mut w = PacketWriter::new(1024);
+    assert!(w.push(
+        &Tlv::Update {
+            ae: ae::IPV4,
+            flags: 0,
+            omitted: 0,
+            interval: 400,
+            seqno: 7,
+            metric: 96,
+            prefix: Some(prefix),
+            src_prefix: None,
+            router_id: Some([1, 2, 3, 4, 5, 6, 7, 8]),
+            next_hop: None,
+        },
+        0
+    ));
+    let p = parse(&w.finish(&[]))?;
+    let got = p.body.iter().find_map(|t| match t {
+        Tlv::Update { ae, prefix, .. } => Some((*ae, *prefix)),
+        _ => None,
+    });
+    assert_eq!(got, Some((ae::V4_VIA_V6, Some(prefix))));
+    Ok(())
+}
+
+#[test]
 fn structural_errors_and_semantic_errors() {
     assert_eq!(parse(&[]), Err(WireError::TooShort));
     assert_eq!(parse(&[43, 2, 0, 0]), Err(WireError::BadMagic(43)));

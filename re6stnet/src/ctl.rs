@@ -91,6 +91,9 @@ pub struct NodeSummary {
     pub prefix: String,
     /// Our overlay address.
     pub address: String,
+    /// Our overlay IPv4 address and subnet length (None: IPv6 only).
+    #[serde(default)]
+    pub ipv4: Option<String>,
     /// The network.
     pub network: String,
     /// Babel router-id.

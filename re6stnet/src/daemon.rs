@@ -20,6 +20,7 @@ use re6st_registry::client::{Identity as ClientId, RegistryClient};
 use re6st_registry::config::{Freshness, HmacKeys, NetworkConfig, SignedConfig, STALE_BOUND_S};
 use re6st_routing::driver::{self, Command, DriverConfig};
 use re6st_routing::embedded::Embedded;
+use re6st_routing::kernel::PrefSrc;
 use re6st_routing::metric::RttParams;
 use re6st_routing::router::{
     node_router_id, Filter, InterfaceConfig, Origin, RouterConfig, RoutingState,
@@ -33,6 +34,7 @@ use tokio::sync::mpsc;
 use crate::babel::{BabelHost, Plane, Routing};
 use crate::config::NodeConfig;
 use crate::ctl::{Snapshot, TunnelInfo};
+use crate::ipv4::{self, Ipv4Side};
 use crate::node::{
     hello_interval, Action, CacheChange, CoreConfig, EndpointSource, NodeCore, RegistryRequest,
     RegistryResult,
@@ -60,13 +62,15 @@ fn link_local(prefix: Ipv6Net) -> Ipv6Addr {
 /// node prefix (a member cannot take over part of another node's prefix),
 /// originated under the router-id of the prefix (a member cannot
 /// originate another node's prefix), and no default route but a
-/// gateway's `::/0 from <network>`.
-fn routing_filter(network: Ipv6Net, c: &NetworkConfig) -> Filter {
+/// gateway's `::/0 from <network>`; IPv4 only as node subnets, from
+/// their owners' router-ids.
+fn routing_filter(network: Ipv6Net, c: &NetworkConfig, ipv4: Option<&Ipv4Side>) -> Filter {
     Filter {
         networks: vec![IpNet::V6(network)],
         max_plen: Some(c.prefix_len),
         default_from: vec![IpNet::V6(network)],
         origin: Origin::NodePrefix,
+        ipv4: ipv4.map(|s| s.map),
     }
 }
 
@@ -85,7 +89,14 @@ fn tunnel_iface(c: &NetworkConfig) -> InterfaceConfig {
 
 /// Starts the `--up` command with the node's addresses in its environment
 /// and logs how it ends (the node does not wait for it).
-fn run_up_hook(cmd: &str, prefix: Ipv6Net, address: Ipv6Addr, network: Ipv6Net, cfg: &NodeConfig) {
+fn run_up_hook(
+    cmd: &str,
+    prefix: Ipv6Net,
+    address: Ipv6Addr,
+    network: Ipv6Net,
+    ipv4: Option<&Ipv4Side>,
+    cfg: &NodeConfig,
+) {
     let mut c = tokio::process::Command::new("/bin/sh");
     c.arg("-c")
         .arg(cmd)
@@ -95,6 +106,10 @@ fn run_up_hook(cmd: &str, prefix: Ipv6Net, address: Ipv6Addr, network: Ipv6Net, 
         .env("RE6ST_TABLE", cfg.table.to_string())
         .env("RE6ST_STATE_DIR", &cfg.state_dir)
         .kill_on_drop(false);
+    if let Some(s) = ipv4 {
+        c.env("RE6ST_IPV4", s.address.to_string())
+            .env("RE6ST_IPV4_NETWORK", s.network().to_string());
+    }
     match c.spawn() {
         Ok(mut child) => {
             tokio::spawn(async move {
@@ -189,6 +204,8 @@ struct Driver {
     tasks: mpsc::Sender<RegistryResult>,
     routing_state: Option<RoutingState>,
     started: Instant,
+    /// IPv4 inside the overlay (forwarded on every tunnel).
+    ipv4: Option<Ipv4Side>,
 }
 
 /// Runs the node until `shutdown` resolves; cleans up on the way out.
@@ -223,22 +240,48 @@ pub async fn run(
     let (signed, netconf) = initial_config(&cfg, &files, registry.as_deref()).await?;
     tracing::info!(%prefix, version = netconf.version, "network configuration");
 
+    // Read at start only: a change of the network's IPv4 setting takes
+    // effect when the node restarts.
+    let ipv4 = Ipv4Side::of(&netconf, network, prefix).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no IPv4 inside the overlay");
+        None
+    });
     let forwarding = system::Forwarding::enable()?;
-    let address = NodeAddress::install(prefix, network, &cfg.main_interface).await?;
-    tracing::info!(address = %address.addr(), "node address");
-    let overlay_table = OverlayTable::install(network, prefix, cfg.table).await?;
+    if ipv4.is_some() && cfg.main_interface != "lo" {
+        ipv4::forward_on(&cfg.main_interface)?;
+    }
+    let address = NodeAddress::install(
+        prefix,
+        network,
+        &cfg.main_interface,
+        ipv4.map(|s| (s.network(), s.address)),
+    )
+    .await?;
+    tracing::info!(address = %address.addr(), ipv4 = ?ipv4.map(|s| s.address), "node address");
+    let overlay_table = OverlayTable::install(
+        network,
+        prefix,
+        ipv4.map(|s| (s.network(), s.subnet)),
+        cfg.table,
+    )
+    .await?;
 
     let hmac = state::load_hmac(&cfg.state_dir).filter(|k| k.version == netconf.hmac_version);
     let mut rcfg = RouterConfig::new(node_router_id(prefix), driver::os_seed()?);
     rcfg.auth = hmac.as_ref().map(state::auth_config).transpose()?;
-    rcfg.filter = routing_filter(network, &netconf);
+    rcfg.filter = routing_filter(network, &netconf, ipv4.as_ref());
     let driver_cfg = DriverConfig {
         router: rcfg,
         table: cfg.table,
         proto: re6st_routing::kernel::PROTO,
-        pref_src: Some(address.addr()),
+        pref_src: PrefSrc {
+            v6: Some(address.addr()),
+            v4: ipv4.map(|s| s.address.addr()),
+        },
         install: true,
-        cover: vec![IpNet::V6(network)],
+        cover: std::iter::once(IpNet::V6(network))
+            .chain(ipv4.map(|s| IpNet::V4(s.network())))
+            .collect(),
         seqno_file: Some(cfg.state_dir.join(state::SEQNO_FILE)),
     };
     let embedded = Embedded::start(&driver_cfg, Instant::now()).await?;
@@ -253,6 +296,9 @@ pub async fn run(
     .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
     let mut routing = Routing::default();
     routing.send(&plane, Command::Export(IpNet::V6(prefix), None));
+    if let Some(s) = ipv4 {
+        routing.send(&plane, Command::Export(IpNet::V4(s.subnet), None));
+    }
     let gateway = cfg
         .gateway
         .then_some((IpNet::V6(Ipv6Net::default()), Some(IpNet::V6(network))));
@@ -265,7 +311,7 @@ pub async fn run(
         }
     }
     if let Some(cmd) = &cfg.up {
-        run_up_hook(cmd, prefix, address.addr(), network, &cfg);
+        run_up_hook(cmd, prefix, address.addr(), network, ipv4.as_ref(), &cfg);
     }
 
     let cache_file = cfg.state_dir.join(state::CACHE_FILE);
@@ -309,6 +355,7 @@ pub async fn run(
         tasks,
         routing_state: None,
         started: now,
+        ipv4,
     };
     node.apply().await;
 
@@ -486,12 +533,18 @@ impl Driver {
                     },
                 );
                 let parked = self.plane.take_parked();
+                let v4 = self.ipv4.is_some();
                 tokio::task::spawn_blocking(move || {
                     let tun = match parked {
                         Some(t) => tun::reuse(t, &name, mtu, ll)
                             .or_else(|_| tun::create(&name, mtu, ll, true)),
                         None => tun::create(&name, mtu, ll, true),
                     };
+                    if let (true, Ok(_)) = (v4, &tun) {
+                        if let Err(e) = ipv4::forward_on(&name) {
+                            tracing::warn!(%name, error = %format!("{e:#}"), "no IPv4 through this tunnel");
+                        }
+                    }
                     let _ = done.blocking_send((name, tun));
                 });
             }
@@ -680,6 +733,7 @@ impl Driver {
             crate::ctl::NodeSummary {
                 prefix: prefix.to_string(),
                 address: overlay_address(prefix).to_string(),
+                ipv4: self.ipv4.map(|s| s.address.to_string()),
                 network: self.files.ca.network().to_string(),
                 router_id: driver::format_router_id(&node_router_id(prefix)),
                 config_version: self.core.config().version,

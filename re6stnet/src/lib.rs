@@ -1,12 +1,14 @@
-//! The re6st-rs node. So far: enrolment with a registry ([`enrol`], the
-//! `re6st-conf` tool) and the peer protocol ([`peer`]). The node daemon and
-//! `re6stctl` come with issue 6.
+//! The re6st-rs node: enrolment with a registry ([`enrol`], the
+//! `re6st-conf` tool), the peer protocol ([`peer`]), the node's decisions
+//! ([`node`]) and the daemon that drives them ([`daemon`]), and
+//! `re6stctl`'s control API ([`ctl`]).
 
 pub mod babel;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod enrol;
+pub mod ipv4;
 pub mod node;
 pub mod overlay_table;
 pub mod peer;

@@ -14,11 +14,13 @@
 //! overlay-sourced traffic to outside the network goes to the nearest
 //! gateway, and without one the lookup goes on to `main`. With `--table
 //! 254` (main) nothing of this is installed and routes go to `main` as
-//! before.
+//! before. With IPv4 in the overlay the same holds for the IPv4 network:
+//! `ip -4 rule add to NETWORK4 lookup TABLE`, `throw` for our subnet (no
+//! IPv4 gateways, so no `from` rule).
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
-use ipnet::Ipv6Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::route::{RouteProtocol, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
@@ -39,10 +41,12 @@ pub struct OverlayTable {
     handle: Handle,
     network: Ipv6Net,
     prefix: Ipv6Net,
+    /// The IPv4 network and our subnet in it.
+    ipv4: Option<(Ipv4Net, Ipv4Net)>,
     table: u32,
 }
 
-fn is_ours(m: &RuleMessage, network: Ipv6Net, table: u32) -> bool {
+fn is_ours(m: &RuleMessage, network: IpNet, table: u32) -> bool {
     let table_of = m
         .attributes
         .iter()
@@ -52,23 +56,25 @@ fn is_ours(m: &RuleMessage, network: Ipv6Net, table: u32) -> bool {
         })
         .unwrap_or(u32::from(m.header.table));
     let to_network = m.header.dst_len == network.prefix_len()
-        && m.attributes.iter().any(|a| {
-            matches!(a, RuleAttribute::Destination(std::net::IpAddr::V6(d)) if *d == network.network())
-        });
+        && m.attributes
+            .iter()
+            .any(|a| matches!(a, RuleAttribute::Destination(d) if *d == network.network()));
     let from_network = m.header.src_len == network.prefix_len()
-        && m.attributes.iter().any(|a| {
-            matches!(a, RuleAttribute::Source(std::net::IpAddr::V6(d)) if *d == network.network())
-        });
+        && m.attributes
+            .iter()
+            .any(|a| matches!(a, RuleAttribute::Source(d) if *d == network.network()));
     table_of == table && (to_network || from_network)
 }
 
 impl OverlayTable {
     /// Installs the rules for `network` and the throw route for our
-    /// `prefix` in `table` (rules left by a crashed run are removed
-    /// first); None for the main table.
+    /// `prefix` in `table`, and those of the IPv4 network and our subnet
+    /// in it (rules left by a crashed run are removed first); None for
+    /// the main table.
     pub async fn install(
         network: Ipv6Net,
         prefix: Ipv6Net,
+        ipv4: Option<(Ipv4Net, Ipv4Net)>,
         table: u32,
     ) -> anyhow::Result<Option<Self>> {
         if table == MAIN_TABLE {
@@ -80,6 +86,7 @@ impl OverlayTable {
             handle,
             network,
             prefix,
+            ipv4,
             table,
         };
         me.remove_rules().await?;
@@ -103,31 +110,62 @@ impl OverlayTable {
                 .await
                 .with_context(|| format!("adding the rule `{which} {network} lookup {table}`"))?;
         }
-        me.handle
-            .route()
-            .add(me.throw_route())
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("adding `throw {prefix}` to table {table}"))?;
+        if let Some((network4, _)) = ipv4 {
+            me.handle
+                .rule()
+                .add()
+                .v4()
+                .destination_prefix(network4.network(), network4.prefix_len())
+                .table_id(table)
+                .priority(RULE_PRIORITY)
+                .action(RuleAction::ToTable)
+                .execute()
+                .await
+                .with_context(|| format!("adding the rule `to {network4} lookup {table}`"))?;
+        }
+        for (route, what) in me.throw_routes() {
+            me.handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding `throw {what}` to table {table}"))?;
+        }
         Ok(Some(me))
     }
 
-    fn throw_route(&self) -> rtnetlink::packet_route::route::RouteMessage {
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+    fn throw_routes(&self) -> Vec<(rtnetlink::packet_route::route::RouteMessage, IpNet)> {
+        let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
             .destination_prefix(self.prefix.network(), self.prefix.prefix_len())
             .table_id(self.table)
             .protocol(RouteProtocol::Static)
             .kind(RouteType::Throw)
-            .build()
+            .build();
+        let v4 = self.ipv4.map(|(_, subnet)| {
+            let m = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(subnet.network(), subnet.prefix_len())
+                .table_id(self.table)
+                .protocol(RouteProtocol::Static)
+                .kind(RouteType::Throw)
+                .build();
+            (m, IpNet::V4(subnet))
+        });
+        std::iter::once((v6, IpNet::V6(self.prefix)))
+            .chain(v4)
+            .collect()
     }
 
     async fn remove_rules(&self) -> anyhow::Result<()> {
         let mut ours = Vec::new();
-        let mut rules = self.handle.rule().get(IpVersion::V6).execute();
-        while let Some(m) = rules.try_next().await.context("listing rules")? {
-            if is_ours(&m, self.network, self.table) {
-                ours.push(m);
+        let networks = std::iter::once((IpVersion::V6, IpNet::V6(self.network)))
+            .chain(self.ipv4.map(|(n, _)| (IpVersion::V4, IpNet::V4(n))));
+        for (version, network) in networks {
+            let mut rules = self.handle.rule().get(version).execute();
+            while let Some(m) = rules.try_next().await.context("listing rules")? {
+                if is_ours(&m, network, self.table) {
+                    ours.push(m);
+                }
             }
         }
         for m in ours {
@@ -144,7 +182,9 @@ impl OverlayTable {
     /// Removes the rules and the throw route (clean shutdown).
     pub async fn remove(self) -> anyhow::Result<()> {
         self.remove_rules().await?;
-        let _ = self.handle.route().del(self.throw_route()).execute().await;
+        for (route, _) in self.throw_routes() {
+            let _ = self.handle.route().del(route).execute().await;
+        }
         Ok(())
     }
 }

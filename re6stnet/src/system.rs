@@ -5,52 +5,71 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
-use ipnet::Ipv6Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::Handle;
 
 /// The node address (`prefix::1`) on the loopback device, the node prefix
-/// routed locally through it.
+/// routed locally through it; with IPv4 in the overlay, the node's IPv4
+/// address and subnet beside it.
 #[derive(Debug)]
 pub struct NodeAddress {
     handle: Handle,
     iface: u32,
     addr: Ipv6Addr,
     prefix_len: u8,
+    v4: Option<Ipv4Net>,
 }
 
-fn address_of(m: &AddressMessage) -> Option<Ipv6Addr> {
+fn address_of(m: &AddressMessage) -> Option<IpAddr> {
     m.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Address(IpAddr::V6(a)) => Some(*a),
+        AddressAttribute::Address(a) => Some(*a),
         _ => None,
     })
 }
 
 /// Whether an address found on `lo` at start is a leftover of an earlier
-/// run: any address of the network, except the single addresses (/128)
-/// inside our own prefix, which are the orchestration agent's instance
-/// addresses (see [`add_instance_address`]) and outlive a restart of the
-/// daemon.
-fn is_stale(addr: Ipv6Addr, len: u8, prefix: Ipv6Net, network: Ipv6Net) -> bool {
-    network.contains(&addr) && !(len == 128 && prefix.contains(&addr))
+/// run: any address of the network (IPv6 or IPv4), except the single
+/// addresses (/128) inside our own prefix, which are the orchestration
+/// agent's instance addresses (see [`add_instance_address`]) and outlive
+/// a restart of the daemon.
+fn is_stale(
+    addr: IpAddr,
+    len: u8,
+    prefix: Ipv6Net,
+    network: Ipv6Net,
+    network4: Option<Ipv4Net>,
+) -> bool {
+    match addr {
+        IpAddr::V6(a) => network.contains(&a) && !(len == 128 && prefix.contains(&a)),
+        IpAddr::V4(a) => network4.is_some_and(|n| n.contains(&a)),
+    }
 }
 
 impl NodeAddress {
-    /// Removes addresses of `network` left on `lo` and on `iface` by a
-    /// previous run (see [`is_stale`]), then adds `prefix::1/len` to
-    /// `iface` (`lo`, or a LAN interface: the main interface, whose hosts
-    /// then live in our prefix and are routed by us).
-    pub async fn install(prefix: Ipv6Net, network: Ipv6Net, iface: &str) -> anyhow::Result<Self> {
+    /// Removes addresses of `network` (and of the IPv4 network) left on
+    /// `lo` and on `iface` by a previous run (see [`is_stale`]), then adds
+    /// `prefix::1/len` to `iface` (`lo`, or a LAN interface: the main
+    /// interface, whose hosts then live in our prefix and are routed by
+    /// us), and `v4`'s address with its subnet's length.
+    pub async fn install(
+        prefix: Ipv6Net,
+        network: Ipv6Net,
+        iface: &str,
+        v4: Option<(Ipv4Net, Ipv4Net)>,
+    ) -> anyhow::Result<Self> {
         let (conn, handle, _) = rtnetlink::new_connection().context("netlink")?;
         tokio::spawn(conn);
         let lo = re6st_routing::driver::ifindex_of("lo")?;
         let index = re6st_routing::driver::ifindex_of(iface)
             .with_context(|| format!("the main interface {iface}"))?;
+        let network4 = v4.map(|(n, _)| n);
         let mut stale = Vec::new();
         for i in [lo, index] {
             let mut addrs = handle.address().get().set_link_index_filter(i).execute();
             while let Some(m) = addrs.try_next().await.context("listing addresses")? {
-                if address_of(&m).is_some_and(|a| is_stale(a, m.header.prefix_len, prefix, network))
+                if address_of(&m)
+                    .is_some_and(|a| is_stale(a, m.header.prefix_len, prefix, network, network4))
                 {
                     stale.push(m);
                 }
@@ -64,18 +83,24 @@ impl NodeAddress {
             let _ = handle.address().del(m).execute().await;
         }
         let addr = re6st_registry::cert::overlay_address(prefix);
-        handle
-            .address()
-            .add(index, IpAddr::V6(addr), prefix.prefix_len())
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("adding {addr}/{} to {iface}", prefix.prefix_len()))?;
+        let v4 = v4.map(|(_, a)| a);
+        let wanted = std::iter::once((IpAddr::V6(addr), prefix.prefix_len()))
+            .chain(v4.map(|a| (IpAddr::V4(a.addr()), a.prefix_len())));
+        for (a, len) in wanted {
+            handle
+                .address()
+                .add(index, a, len)
+                .replace()
+                .execute()
+                .await
+                .with_context(|| format!("adding {a}/{len} to {iface}"))?;
+        }
         Ok(Self {
             handle,
             iface: index,
             addr,
             prefix_len: prefix.prefix_len(),
+            v4,
         })
     }
 
@@ -84,18 +109,26 @@ impl NodeAddress {
         self.addr
     }
 
-    /// Removes the address (clean shutdown).
+    /// Removes the addresses (clean shutdown).
     pub async fn remove(self) -> anyhow::Result<()> {
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(self.iface)
-            .set_address_filter(IpAddr::V6(self.addr))
-            .set_prefix_length_filter(self.prefix_len)
-            .execute();
-        while let Some(m) = addrs.try_next().await? {
-            self.handle.address().del(m).execute().await?;
+        let ours = std::iter::once((IpAddr::V6(self.addr), self.prefix_len))
+            .chain(self.v4.map(|a| (IpAddr::V4(a.addr()), a.prefix_len())));
+        for (a, len) in ours {
+            let mut found = Vec::new();
+            let mut addrs = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(self.iface)
+                .set_address_filter(a)
+                .set_prefix_length_filter(len)
+                .execute();
+            while let Some(m) = addrs.try_next().await? {
+                found.push(m);
+            }
+            for m in found {
+                self.handle.address().del(m).execute().await?;
+            }
         }
         Ok(())
     }
@@ -319,26 +352,39 @@ mod tests {
     fn instance_addresses_survive_a_restart_old_prefixes_do_not() {
         let network: Ipv6Net = "fd5e:5e::/48".parse().unwrap_or_default();
         let prefix: Ipv6Net = "fd5e:5e:0:2::/64".parse().unwrap_or_default();
-        let a = |s: &str| s.parse().unwrap_or(Ipv6Addr::LOCALHOST);
+        let a = |s: &str| s.parse().unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert!(
-            is_stale(a("fd5e:5e:0:2::1"), 64, prefix, network),
+            is_stale(a("fd5e:5e:0:2::1"), 64, prefix, network, None),
             "our node address: re-added"
         );
         assert!(
-            !is_stale(a("fd5e:5e:0:2::1:0"), 128, prefix, network),
+            !is_stale(a("fd5e:5e:0:2::1:0"), 128, prefix, network, None),
             "an instance's"
         );
         assert!(
-            is_stale(a("fd5e:5e:0:7::1:0"), 128, prefix, network),
+            is_stale(a("fd5e:5e:0:7::1:0"), 128, prefix, network, None),
             "another prefix's"
         );
         assert!(
-            is_stale(a("fd5e:5e:0:7::1"), 64, prefix, network),
+            is_stale(a("fd5e:5e:0:7::1"), 64, prefix, network, None),
             "an old node address"
         );
         assert!(
-            !is_stale(a("fd00::1"), 128, prefix, network),
+            !is_stale(a("fd00::1"), 128, prefix, network, None),
             "not the network's"
+        );
+        let v4 = Some("198.19.0.0/16".parse().unwrap_or_default());
+        assert!(
+            is_stale(a("198.19.0.42"), 32, prefix, network, v4),
+            "an IPv4 address of the network"
+        );
+        assert!(
+            !is_stale(a("198.18.0.2"), 24, prefix, network, v4),
+            "not the IPv4 network's"
+        );
+        assert!(
+            !is_stale(a("198.19.0.42"), 32, prefix, network, None),
+            "IPv4 not configured"
         );
     }
 }

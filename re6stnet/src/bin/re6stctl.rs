@@ -87,6 +87,7 @@ fn render(what: What, v: &Value) -> String {
             for (k, val) in [
                 ("prefix", &n["prefix"]),
                 ("address", &n["address"]),
+                ("ipv4", &n["ipv4"]),
                 ("network", &n["network"]),
                 ("router-id", &n["router_id"]),
                 ("config version", &n["config_version"]),

@@ -665,6 +665,100 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
     )
 }
 
+/// IPv4 inside the overlay (the network's `ipv4`): every node takes the
+/// first address of its prefix's subnet, Babel carries the subnets with
+/// IPv6 next hops (RFC 9229), and `ping -4` works between every pair,
+/// also between the two whose direct path is broken (relayed by the
+/// third). The nodes are killed (SIGKILL) and restarted on hosts that do
+/// not forward IPv4 (the harness's namespaces do): they forward it on
+/// their tunnels only, and leave no duplicate rule or address. A clean
+/// stop takes the IPv4 address and rule away.
+fn ipv4_inside_the_overlay() -> Result<()> {
+    let n = names(3);
+    let mut t = topology("ipv4", 3, 10);
+    let broken = LinkParams {
+        blackhole: true,
+        ..LinkParams::delay_ms(10)
+    };
+    t.wan_both("n1", "n3", broken);
+    let network4 = ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(198, 19, 240, 0), 20)
+        .map_err(|e| netns_tests::Error::Measure(e.to_string()))?;
+    let mut m = Mesh::start_with_init(
+        &t,
+        "reg",
+        &refs(&n),
+        &["--prefix-len", "56"],
+        &[],
+        &[("ipv4", "198.19.240.0/20 8")],
+        &[],
+    )?;
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    for i in 0..3 {
+        m.kill_node(i)?;
+        m.host(i)?
+            .run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=0"])?;
+        m.start_node(i)?;
+    }
+    m.wait_full_reachability(Duration::from_secs(30))?;
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let status = m.ctl(i, "/status")?;
+        let a: ipnet::Ipv4Net = status["node"]["ipv4"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| netns_tests::Error::Measure(format!("no IPv4 in {status}")))?;
+        check(
+            network4.contains(&a) && a.prefix_len() == 28 && u32::from(a.addr()) % 16 == 1,
+            format!("n{}: IPv4 {a}", i + 1),
+        )?;
+        addrs.push(a.addr());
+    }
+    let ping4 = |i: usize, j: usize| {
+        m.host(i).ok().and_then(|h| {
+            let (src, dst) = (addrs[i].to_string(), addrs[j].to_string());
+            let args = ["-4", "-n", "-c", "1", "-W", "1", "-I", &src, &dst];
+            h.output("ping", &args).ok().filter(|o| o.status.success())
+        })
+    };
+    for i in 0..3 {
+        for j in (0..3).filter(|&j| j != i) {
+            let (_, took) = wait_until(
+                &format!("n{} pinging n{} over IPv4", i + 1, j + 1),
+                Duration::from_secs(20),
+                Duration::from_millis(200),
+                || ping4(i, j),
+            )?;
+            eprintln!("ipv4: n{} reaches n{} after {took:?} more", i + 1, j + 1);
+        }
+    }
+    let routes = ip_show(&m, &["-4", "route", "show", "table", "326", "proto", "113"])?;
+    check(
+        routes.contains("via inet6 fe80::"),
+        format!("IPv4 routes with IPv6 next hops: {routes}"),
+    )?;
+    let rules = ip_show(&m, &["-4", "rule"])?;
+    check(
+        rules.matches("to 198.19.240.0/20 lookup 326").count() == 1,
+        format!("rules after a restart: {rules}"),
+    )?;
+    let lo = ip_show(&m, &["-4", "addr", "show", "dev", "lo"])?;
+    check(
+        lo.matches("inet 198.19.240.").count() == 1,
+        format!("addresses after a restart: {lo}"),
+    )?;
+    let all = m
+        .host(0)?
+        .run("sysctl", &["-n", "net.ipv4.conf.all.forwarding"])?;
+    let all = String::from_utf8_lossy(&all.stdout).trim().to_string();
+    check(all == "0", format!("host-wide IPv4 forwarding {all}"))?;
+    check(m.stop_node(0)?, "clean stop exits 0")?;
+    let rules = ip_show(&m, &["-4", "rule"])?;
+    check(!rules.contains("lookup 326"), format!("rule left: {rules}"))?;
+    let lo = ip_show(&m, &["-4", "addr", "show", "dev", "lo"])?;
+    check(!lo.contains("198.19.240."), format!("address left: {lo}"))
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
@@ -710,5 +804,6 @@ fn main() -> ExitCode {
             "a_lan_behind_its_main_interface_is_routed",
             a_lan_behind_its_main_interface_is_routed,
         ),
+        ("ipv4_inside_the_overlay", ipv4_inside_the_overlay),
     ])
 }

@@ -671,8 +671,9 @@ fn a_lan_behind_its_main_interface_is_routed() -> Result<()> {
 /// also between the two whose direct path is broken (relayed by the
 /// third). The nodes are killed (SIGKILL) and restarted on hosts that do
 /// not forward IPv4 (the harness's namespaces do): they forward it on
-/// their tunnels only, and leave no duplicate rule or address. A clean
-/// stop takes the IPv4 address and rule away.
+/// their tunnels only, and leave no duplicate rule or address. Packets
+/// for outside the overlay sent into a tunnel are refused at its other
+/// end. A clean stop takes the IPv4 address and rule away.
 fn ipv4_inside_the_overlay() -> Result<()> {
     let n = names(3);
     let mut t = topology("ipv4", 3, 10);
@@ -736,6 +737,61 @@ fn ipv4_inside_the_overlay() -> Result<()> {
     check(
         routes.contains("via inet6 fe80::"),
         format!("IPv4 routes with IPv6 next hops: {routes}"),
+    )?;
+    // n1 points destinations outside the overlay at its tunnel to n2:
+    // n2 does not let them into its host (it would forward them).
+    let v6 = ip_show(&m, &["-6", "route", "show", "table", "326", "proto", "113"])?;
+    let hop = v6
+        .lines()
+        .find(|l| l.starts_with(m.nodes[1].prefix.as_str()))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let at = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1));
+            Some((at("via")?.to_string(), at("dev")?.to_string()))
+        })
+        .ok_or_else(|| netns_tests::Error::Measure(format!("no route to n2 in {v6}")))?;
+    let h = m.host(0)?;
+    h.run(
+        "ip",
+        &[
+            "-4",
+            "route",
+            "add",
+            "198.18.250.1/32",
+            "via",
+            "inet6",
+            &hop.0,
+            "dev",
+            &hop.1,
+        ],
+    )?;
+    h.run(
+        "ip",
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::1/128",
+            "via",
+            &hop.0,
+            "dev",
+            &hop.1,
+        ],
+    )?;
+    for dst in ["198.18.250.1", "2001:db8::1"] {
+        let _ = h.output("ping", &["-n", "-c", "3", "-i", "0.2", "-W", "1", dst]);
+    }
+    let metrics = re6stnet::ctl::fetch(&m.nodes[1].ctl, "/metrics")
+        .map_err(|e| netns_tests::Error::Measure(format!("n2's metrics: {e:#}")))?;
+    let refused = metrics
+        .lines()
+        .find(|l| l.contains("reason=\"wireguard_outside_overlay\""))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!("ipv4: n2 refused {refused} packets for outside the overlay");
+    check(
+        refused >= 6,
+        format!("n2 let in packets for outside the overlay ({refused} refused)"),
     )?;
     let rules = ip_show(&m, &["-4", "rule"])?;
     check(

@@ -26,6 +26,7 @@ use re6st_routing::router::{
     node_router_id, Filter, InterfaceConfig, Origin, RouterConfig, RoutingState,
 };
 use re6st_tunnel::cache::PeerCache;
+use re6st_tunnel::ingress::{Admit, Ingress};
 use re6st_tunnel::plane::{Event, PlaneError};
 use re6st_tunnel::policy::Peer;
 use re6st_tunnel::tun::{self, Tun};
@@ -294,6 +295,14 @@ pub async fn run(
         BabelHost(embedded),
     )
     .with_context(|| format!("starting the data plane on UDP port {}", cfg.port))?;
+    plane.set_ingress(Ingress {
+        v6: if cfg.gateway {
+            Admit::Any
+        } else {
+            Admit::Within(network)
+        },
+        v4: ipv4.map_or(Admit::Nothing, |s| Admit::Within(s.network())),
+    })?;
     let mut routing = Routing::default();
     routing.send(&plane, Command::Export(IpNet::V6(prefix), None));
     if let Some(s) = ipv4 {

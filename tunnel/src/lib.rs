@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod endpoint;
 pub mod frame;
+pub mod ingress;
 pub mod inprocess;
 pub mod link;
 pub mod mss;

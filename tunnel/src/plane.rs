@@ -124,6 +124,8 @@ pub(crate) enum Command<P> {
     Send(Endpoint, Vec<u8>),
     /// A link's device has this MTU now (set by the caller).
     SetMtu(u32, u32),
+    /// What decrypted packets may enter the host from now on.
+    SetIngress(crate::ingress::Ingress),
     Call(Call<P>),
     Stop,
 }
@@ -271,6 +273,12 @@ impl<P: InProcess> Plane<P> {
     /// with [`tun::set_mtu`] by the caller): TCP SYNs are clamped to it.
     pub fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), PlaneError> {
         self.command(Command::SetMtu(index, mtu))
+    }
+
+    /// Sets which decrypted packets enter the host (the default: all);
+    /// the others are counted as `outside_overlay`.
+    pub fn set_ingress(&self, ingress: crate::ingress::Ingress) -> Result<(), PlaneError> {
+        self.command(Command::SetIngress(ingress))
     }
 
     /// A device of a closed link, for a new one (see [`tun::reuse`]).

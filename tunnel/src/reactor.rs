@@ -38,6 +38,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::endpoint::{Endpoint, Transport};
 use crate::frame;
+use crate::ingress::Ingress;
 use crate::inprocess::InProcess;
 use crate::link::{Links, Output, BUF};
 use crate::offload::{split, Gro, Segments, VnetHdr, VNET_HDR_LEN};
@@ -98,6 +99,7 @@ pub(crate) struct Reactor<P> {
     by_ifindex: HashMap<u32, u32>,
     sockets: HashMap<u32, Socket>,
     protocol: P,
+    ingress: Ingress,
     mailbox: Arc<Mutex<Vec<Command<P>>>>,
     published: Arc<Mutex<Published>>,
     parked: Arc<Mutex<Vec<Tun>>>,
@@ -199,6 +201,7 @@ impl<P: InProcess> Reactor<P> {
             by_ifindex: HashMap::new(),
             sockets: HashMap::new(),
             protocol,
+            ingress: Ingress::default(),
             mailbox,
             published,
             parked,
@@ -344,6 +347,7 @@ impl<P: InProcess> Reactor<P> {
                         l.tun.mtu = mtu;
                     }
                 }
+                Command::SetIngress(i) => self.ingress = i,
                 Command::Call(f) => f(&mut self.protocol, now),
                 Command::Stop => return false,
             }
@@ -542,7 +546,7 @@ impl<P: InProcess> Reactor<P> {
     }
 
     /// A decrypted packet of link `index`: to the in-process protocol, or
-    /// into the tun device.
+    /// into the tun device if the ingress policy admits it.
     fn deliver(&mut self, index: u32, at: Instant, packet: &mut [u8]) {
         let Some(l) = self.io.get(&index) else {
             return;
@@ -555,6 +559,10 @@ impl<P: InProcess> Reactor<P> {
                     .handle_datagram(now, at, ifindex, d.src, d.payload);
                 return;
             }
+        }
+        if !self.ingress.admits(packet) {
+            self.drop_count("outside_overlay");
+            return;
         }
         let Some(l) = self.io.get_mut(&index) else {
             return;

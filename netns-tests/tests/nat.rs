@@ -188,7 +188,46 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
     eprintln!(
         "tcp: iperf3 to n1 over the overlay, 3 s: a (TCP transport) {tcp_mbps:.0} Mbit/s, n2 (UDP) {udp_mbps:.0} Mbit/s"
     );
-    Ok(())
+    // The same with 1% loss each way on every Internet path of r1 (a's
+    // site) and of n2: TCP retransmits what UDP loses.
+    let wan = m.net.wan()?;
+    let lossy = LinkParams {
+        loss: 0.01,
+        ..LinkParams::delay_ms(10)
+    };
+    for from in ["r1", "n2"] {
+        for to in ["reg", "n1", "n2", "n3", "r1", "r2"]
+            .into_iter()
+            .filter(|h| *h != from)
+        {
+            wan.set_both(from, to, lossy)?;
+        }
+    }
+    let (over_tcp, over_udp) = (
+        ping(m.host(a)?, to_n1, 100, Duration::from_millis(20))?,
+        ping(m.host(n2)?, to_n1, 100, Duration::from_millis(20))?,
+    );
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    eprintln!(
+        "tcp: 1% loss: ping to n1, a (TCP) avg {:.1} max {:.1} ms, {} of 100; n2 (UDP) avg {:.1} max {:.1} ms, {} of 100",
+        ms(over_tcp.avg),
+        ms(over_tcp.max),
+        over_tcp.received,
+        ms(over_udp.avg),
+        ms(over_udp.max),
+        over_udp.received
+    );
+    let (tcp_mbps, udp_mbps) = (throughput(&m, a, n1)?, throughput(&m, n2, n1)?);
+    eprintln!(
+        "tcp: 1% loss: iperf3 to n1, 3 s: a (TCP transport) {tcp_mbps:.0} Mbit/s, n2 (UDP) {udp_mbps:.0} Mbit/s"
+    );
+    check(
+        over_tcp.received >= 90,
+        format!(
+            "a's pings over TCP with 1% loss: {} of 100",
+            over_tcp.received
+        ),
+    )
 }
 
 /// Mbit/s of one iperf3 TCP stream from node `i` to node `j` over the

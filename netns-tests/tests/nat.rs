@@ -82,7 +82,8 @@ fn tunnel(m: &Mesh, i: usize, j: usize) -> Option<Value> {
 /// `a` learns its mapping from two peers and announces it instead of its
 /// LAN address; `b`, told to keep a tunnel to `a`, gets a direct tunnel
 /// through both NATs: whichever dials first asks the other, over the
-/// overlay, to punch.
+/// overlay, to punch; again after `a` is killed with SIGKILL and
+/// restarted.
 fn two_nodes_behind_nats_punch_a_direct_tunnel() -> Result<()> {
     let mut m = start("natcone", NatKind::Cone)?;
     m.wait_full_reachability(Duration::from_secs(30))?;
@@ -121,7 +122,27 @@ fn two_nodes_behind_nats_punch_a_direct_tunnel() -> Result<()> {
         format!("a reaches b at {}", back["endpoint"]),
     )?;
     check(m.ping(b, a, 5), "b pings a over the overlay")?;
-    check(m.ping(a, b, 5), "a pings b over the overlay")
+    check(m.ping(a, b, 5), "a pings b over the overlay")?;
+    // SIGKILL: the restarted `a` learns its mapping again and the two
+    // punch a new direct tunnel.
+    m.kill_node(a)?;
+    let restarted = Instant::now();
+    m.start_node(a)?;
+    let (back, took) = wait_until(
+        "a's direct tunnel to b after a's restart",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || tunnel(&m, a, b),
+    )?;
+    eprintln!(
+        "nat: a killed and restarted: direct tunnel to b {:?} after the restart ({took:?} of waiting)",
+        restarted.elapsed()
+    );
+    check(
+        back["endpoint"] == at_b.to_string(),
+        format!("after the restart a reaches b at {}", back["endpoint"]),
+    )?;
+    check(m.ping(b, a, 5), "b pings the restarted a")
 }
 
 /// Behind NATs that give every flow another port, peers disagree on
@@ -151,7 +172,9 @@ fn nodes_behind_symmetric_nats_reach_each_other_through_the_mesh() -> Result<()>
 /// `r1` lets only TCP out: `a` gets no answer over UDP, opens its
 /// tunnels over TCP to the same ports, and the mesh routes for it. The
 /// TCP transport's cost shows in the RTT, measured here against a node
-/// over UDP with the same WAN delays.
+/// over UDP with the same WAN delays, without and with loss. Then `a`,
+/// and `n1` at the other end of one of its TCP tunnels, are killed with
+/// SIGKILL and restarted: the mesh reaches them again, `a` over TCP.
 fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
     let mut m = start("natudp", NatKind::Cone)?;
     m.net.host("r1")?.block_forwarded_udp("lan0")?;
@@ -227,6 +250,35 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
             "a's pings over TCP with 1% loss: {} of 100",
             over_tcp.received
         ),
+    )?;
+    for from in ["r1", "n2"] {
+        for to in ["reg", "n1", "n2", "n3", "r1", "r2"]
+            .into_iter()
+            .filter(|h| *h != from)
+        {
+            wan.set_both(from, to, LinkParams::delay_ms(10))?;
+        }
+    }
+    // SIGKILL at either end of TCP tunnels: the dead streams are noticed
+    // and the restarted node is reached over TCP again.
+    for (i, name) in [(a, "a"), (n1, "n1")] {
+        m.kill_node(i)?;
+        let restarted = Instant::now();
+        m.start_node(i)?;
+        m.wait_full_reachability(Duration::from_secs(60))?;
+        eprintln!(
+            "tcp: {name} killed and restarted: full reachability {:?} after the restart",
+            restarted.elapsed()
+        );
+    }
+    let tunnels = m.ctl(a, "/tunnels")?;
+    let up: Vec<&Value> = tunnels
+        .as_array()
+        .map(|t| t.iter().filter(|t| t["up"] == true).collect())
+        .unwrap_or_default();
+    check(
+        !up.is_empty() && up.iter().all(|t| t["transport"] == "tcp"),
+        format!("a's tunnels after the restarts: {tunnels}"),
     )
 }
 

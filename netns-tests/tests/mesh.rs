@@ -738,6 +738,38 @@ fn ipv4_inside_the_overlay() -> Result<()> {
         routes.contains("via inet6 fe80::"),
         format!("IPv4 routes with IPv6 next hops: {routes}"),
     )?;
+    // `re6stctl path` from n1 to n3 shows the relay, n2; `ping` works,
+    // and fails for an overlay address nobody holds.
+    let ctl = netns_tests::binary("re6stctl")?;
+    let ctl = ctl.to_string_lossy();
+    let sock = m.nodes[0].ctl.to_string_lossy().into_owned();
+    let run_ctl = |args: &[&str]| -> Result<(bool, String)> {
+        let mut all = vec!["--socket", sock.as_str()];
+        all.extend_from_slice(args);
+        let o = m.host(0)?.output(&ctl, &all)?;
+        Ok((
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ))
+    };
+    let (_, table) = run_ctl(&["path", &m.nodes[2].prefix])?;
+    eprintln!("ipv4: re6stctl path n3 from n1:\n{table}");
+    let (ok, text) = run_ctl(&["--json", "path", &m.nodes[2].prefix])?;
+    let hops: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| netns_tests::Error::Measure(format!("re6stctl path: {e}: {text}")))?;
+    let node = |k: usize| hops[k]["node"].as_str().unwrap_or_default().to_string();
+    check(
+        ok && hops.as_array().map(Vec::len) == Some(2)
+            && node(0) == m.nodes[1].prefix
+            && node(1) == m.nodes[2].prefix
+            && hops[1]["reached"] == true,
+        format!("path n1 -> n3 through n2: {text}"),
+    )?;
+    let (ok, text) = run_ctl(&["ping", &m.nodes[2].address.to_string()])?;
+    check(ok, format!("re6stctl ping n3: {text}"))?;
+    let nobody = "fd5e:5e:0:ff00::1";
+    let (ok, _) = run_ctl(&["ping", "--count", "1", nobody])?;
+    check(!ok, "re6stctl ping to an address nobody holds fails")?;
     // n1 points destinations outside the overlay at its tunnel to n2:
     // n2 does not let them into its host (it would forward them).
     let v6 = ip_show(&m, &["-6", "route", "show", "table", "326", "proto", "113"])?;

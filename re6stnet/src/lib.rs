@@ -11,6 +11,7 @@ pub mod enrol;
 pub mod ipv4;
 pub mod node;
 pub mod overlay_table;
+pub mod path;
 pub mod peer;
 pub mod state;
 pub mod system;

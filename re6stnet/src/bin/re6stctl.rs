@@ -1,11 +1,16 @@
 //! `re6stctl`: what a running re6stnet knows (peers, tunnels, neighbours,
-//! routes, configuration), as tables for people or JSON for machines.
+//! routes, configuration), as tables for people or JSON for machines; and
+//! the overlay path to a destination (`path`, `ping`).
 
-use std::path::PathBuf;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use serde_json::Value;
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv6Net;
+use re6stnet::path::{HopStats, Tracer};
+use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Show the state of a running re6stnet node")]
@@ -20,7 +25,7 @@ struct Cli {
     what: What,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum What {
     /// The node: prefix, address, configuration version, counts.
     Status,
@@ -36,6 +41,27 @@ enum What {
     Config,
     /// Prometheus metrics (text).
     Metrics,
+    /// The overlay path to DEST hop by hop, like mtr: who answers at each
+    /// hop (its node prefix), loss, RTT. Needs root (a raw ICMPv6 socket).
+    Path(Probe),
+    /// Echo requests to DEST from our overlay address: loss and RTT.
+    /// Needs root.
+    Ping(Probe),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Probe {
+    /// An overlay address, or a node prefix (its node address).
+    dest: String,
+    /// Probes per hop (ping: in all).
+    #[arg(long, default_value_t = 3)]
+    count: u32,
+    /// Hops tried at most (path).
+    #[arg(long, default_value_t = 16)]
+    max_hops: u32,
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value_t = 1.0)]
+    wait: f64,
 }
 
 fn s(v: &Value) -> String {
@@ -79,7 +105,7 @@ fn rows(v: &Value, cols: &[&str]) -> Vec<Vec<String>> {
         .unwrap_or_default()
 }
 
-fn render(what: What, v: &Value) -> String {
+fn render(what: &What, v: &Value) -> String {
     match what {
         What::Status => {
             let n = &v["node"];
@@ -186,13 +212,130 @@ fn render(what: What, v: &Value) -> String {
                 })
                 .unwrap_or_default(),
         ),
-        What::Config | What::Metrics => serde_json::to_string_pretty(v).unwrap_or_default(),
+        What::Config | What::Metrics | What::Path(_) | What::Ping(_) => {
+            serde_json::to_string_pretty(v).unwrap_or_default()
+        }
+    }
+}
+
+fn fetch_json(socket: &Path, path: &str) -> Result<Value, String> {
+    let body = re6stnet::ctl::fetch(socket, path).map_err(|e| format!("{e:#}"))?;
+    serde_json::from_str(&body).map_err(|e| format!("the daemon's answer is not JSON: {e}"))
+}
+
+/// The destination address: an address, or a node prefix's node address.
+fn destination(dest: &str) -> Result<Ipv6Addr, String> {
+    if let Ok(a) = dest.parse::<Ipv6Addr>() {
+        return Ok(a);
+    }
+    dest.parse::<Ipv6Net>()
+        .map(re6st_registry::cert::overlay_address)
+        .map_err(|_| format!("{dest:?} is neither an IPv6 address nor a prefix"))
+}
+
+/// The most specific routed prefix holding `addr` (the node it belongs to).
+fn node_of(addr: Ipv6Addr, routes: &Value) -> Option<Ipv6Net> {
+    routes
+        .as_array()?
+        .iter()
+        .filter(|r| r["src_prefix"].is_null())
+        .filter_map(|r| r["prefix"].as_str()?.parse::<Ipv6Net>().ok())
+        .filter(|p| p.prefix_len() > 0 && p.contains(&addr))
+        .max_by_key(Ipv6Net::prefix_len)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+/// Runs `path` (`trace`) or `ping`: whether the destination answered,
+/// and the hops as text or JSON.
+fn probe(cli: &Cli, p: &Probe, trace: bool) -> Result<(bool, String), String> {
+    let dst = destination(&p.dest)?;
+    let status = fetch_json(&cli.socket, "/status")?;
+    let src: Ipv6Addr = status["node"]["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or("the daemon's status has no overlay address")?;
+    let routes = fetch_json(&cli.socket, "/routes")?;
+    if !(0.0..=60.0).contains(&p.wait) {
+        return Err("--wait must be 0 to 60 seconds".into());
+    }
+    let wait = Duration::from_secs_f64(p.wait);
+    let mut tracer = Tracer::new(src, dst).map_err(|e| format!("raw ICMPv6 socket: {e}"))?;
+    let hops: Vec<u32> = if trace {
+        (1..=p.max_hops.clamp(1, 64)).collect()
+    } else {
+        vec![64]
+    };
+    let mut out = Vec::new();
+    let mut reached = false;
+    for h in hops {
+        let mut stats = HopStats::default();
+        for _ in 0..p.count.max(1) {
+            stats.add(
+                tracer
+                    .probe(h, wait)
+                    .map_err(|e| format!("probing {dst}: {e}"))?,
+            );
+        }
+        let rtt = stats.rtt();
+        out.push(json!({
+            "hop": if trace { Some(h) } else { None },
+            "address": stats.from.map(|a| a.to_string()),
+            "node": stats.from.and_then(|a| node_of(a, &routes)).map(|n| n.to_string()),
+            "sent": stats.sent,
+            "loss": stats.loss(),
+            "rtt_avg_ms": rtt.map(|r| r.0.as_secs_f64() * 1e3),
+            "rtt_best_ms": rtt.map(|r| r.1.as_secs_f64() * 1e3),
+            "rtt_worst_ms": rtt.map(|r| r.2.as_secs_f64() * 1e3),
+            "rtt": rtt.map(|(a, b, w)| format!("{}/{}/{}", ms(a), ms(b), ms(w))),
+            "reached": stats.reached,
+        }));
+        reached = stats.reached;
+        if stats.reached || stats.unreachable {
+            break;
+        }
+    }
+    let v = Value::Array(out);
+    let text = if cli.json {
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    } else {
+        let cols = ["hop", "address", "node", "loss", "rtt"];
+        let mut rows = rows(&v, &cols);
+        for (r, hop) in rows.iter_mut().zip(v.as_array().into_iter().flatten()) {
+            r[3] = format!("{:.0}%", hop["loss"].as_f64().unwrap_or(0.0) * 100.0);
+        }
+        let headers = ["HOP", "ADDRESS", "NODE", "LOSS", "RTT avg/best/worst (ms)"];
+        if trace {
+            table(&headers, rows)
+        } else {
+            let rows = rows.into_iter().map(|r| r[1..].to_vec()).collect();
+            table(&headers[1..], rows)
+        }
+    };
+    Ok((reached, text))
+}
+
+/// `path` or `ping`, with its exit code.
+fn run_probe(cli: &Cli, p: &Probe, trace: bool) -> ExitCode {
+    match probe(cli, p, trace) {
+        Ok((true, text)) => out(&format!("{text}\n")),
+        Ok((false, text)) => {
+            let _ = out(&format!("{text}\n"));
+            eprintln!("re6stctl: {} did not answer", p.dest);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("re6stctl: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = match cli.what {
+    let path = match &cli.what {
         What::Status => "/status",
         What::Peers => "/peers",
         What::Tunnels => "/tunnels",
@@ -200,6 +343,8 @@ fn main() -> ExitCode {
         What::Routes => "/routes",
         What::Config => "/config",
         What::Metrics => "/metrics",
+        What::Path(p) => return run_probe(&cli, p, true),
+        What::Ping(p) => return run_probe(&cli, p, false),
     };
     let body = match re6stnet::ctl::fetch(&cli.socket, path) {
         Ok(b) => b,
@@ -224,7 +369,7 @@ fn main() -> ExitCode {
             serde_json::to_string_pretty(&v).unwrap_or_default()
         ))
     } else {
-        out(&format!("{}\n", render(cli.what, &v)))
+        out(&format!("{}\n", render(&cli.what, &v)))
     }
 }
 

@@ -114,6 +114,12 @@ pub struct NodeSummary {
     pub revoked: bool,
     /// Certificate expiry (unix seconds).
     pub cert_not_after: i64,
+    /// Seconds until then (negative: expired), at the snapshot.
+    #[serde(default)]
+    pub cert_expires_in_s: i64,
+    /// Whether the registry answered the last read (None: not asked yet).
+    #[serde(default)]
+    pub registry_reachable: Option<bool>,
     /// Registry URL.
     pub registry: Option<String>,
 }
@@ -383,6 +389,59 @@ pub fn render_metrics(s: &Snapshot) -> String {
         "Peer-protocol messages sent, by kind.",
         labelled("kind", &m.peer_out),
     );
+    let neighbours = s
+        .routing
+        .as_ref()
+        .map(|r| r.status().neighbours)
+        .unwrap_or_default();
+    let per_neighbour = |f: &dyn Fn(&re6st_routing::driver::NeighbourStatus) -> Option<f64>| {
+        neighbours
+            .iter()
+            .filter_map(|n| {
+                let l = labels(&[
+                    ("interface", &n.interface),
+                    ("address", &n.address.to_string()),
+                ]);
+                Some((l, f(n)?))
+            })
+            .collect::<Vec<_>>()
+    };
+    one(
+        "neighbour_rtt_seconds",
+        Kind::Gauge,
+        "Smoothed RTT to each Babel neighbour.",
+        per_neighbour(&|n| n.rtt_ms.map(|r| r / 1e3)),
+    );
+    one(
+        "neighbour_cost",
+        Kind::Gauge,
+        "Babel link cost to each neighbour (65535: unreachable).",
+        per_neighbour(&|n| Some(f64::from(n.cost))),
+    );
+    one(
+        "tunnel_handshake_age_seconds",
+        Kind::Gauge,
+        "Seconds since each tunnel's last WireGuard handshake.",
+        s.tunnels
+            .iter()
+            .filter_map(|t| Some((labels(&[("peer", &t.peer)]), t.since_handshake_s? as f64)))
+            .collect(),
+    );
+    one(
+        "certificate_expiry_seconds",
+        Kind::Gauge,
+        "Seconds until our certificate expires (negative: expired).",
+        plain(s.node.cert_expires_in_s as f64),
+    );
+    one(
+        "can_reach_registry",
+        Kind::Gauge,
+        "1 when the registry answered our last read, 0 when it did not (absent before the first).",
+        s.node
+            .registry_reachable
+            .map(|r| plain(if r { 1.0 } else { 0.0 }))
+            .unwrap_or_default(),
+    );
     one(
         "config_version",
         Kind::Gauge,
@@ -520,6 +579,11 @@ mod tests {
                 routes: 1,
                 cost_multiplier: 1,
             }],
+            node: NodeSummary {
+                cert_expires_in_s: 86_400,
+                registry_reachable: Some(false),
+                ..NodeSummary::default()
+            },
             ..Snapshot::default()
         };
         let text = render_metrics(&s);
@@ -529,8 +593,41 @@ mod tests {
             "re6st_peer_messages_received_total{kind=\"config\"} 2",
             "re6st_tunnel_bytes_total{peer=\"fd5e:0:0:2::/64\",direction=\"rx\"} 20",
             "# TYPE re6st_routes gauge",
+            "re6st_tunnel_handshake_age_seconds{peer=\"fd5e:0:0:2::/64\"} 3",
+            "re6st_certificate_expiry_seconds 86400",
+            "re6st_can_reach_registry 0",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+    }
+
+    /// The metric names the dashboard's queries use (`re6st_...`).
+    pub(crate) fn dashboard_metrics() -> Vec<String> {
+        let d: serde_json::Value =
+            serde_json::from_str(include_str!("../../dist/grafana/re6st-rs.json")).unwrap();
+        let mut names = Vec::new();
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let e = t["expr"].as_str().unwrap();
+                for (at, _) in e.match_indices("re6st_") {
+                    let name: String = e[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_asks_only_for_metrics_the_node_serves() {
+        let text = render_metrics(&Snapshot::default());
+        let names = dashboard_metrics();
+        assert!(names.len() > 10, "{names:?}");
+        for n in names.iter().filter(|n| !n.starts_with("re6st_registry_")) {
+            assert!(text.contains(&format!("# TYPE {n} ")), "{n} is not served");
         }
     }
 

@@ -762,6 +762,8 @@ impl Driver {
                 uptime_s: self.started.elapsed().as_secs(),
                 revoked: self.core.revoked(),
                 cert_not_after: self.core.certificate().not_after,
+                cert_expires_in_s: self.core.certificate().not_after - unix(),
+                registry_reachable: self.core.registry_reachable(),
                 registry: self.cfg.registry.clone(),
             },
             tunnels,

@@ -219,5 +219,20 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+        // What the dashboard in dist/ asks for exists.
+        let d = include_str!("../../dist/grafana/re6st-rs.json");
+        let asked: Vec<&str> = d
+            .match_indices("re6st_registry_")
+            .map(|(at, _)| {
+                let end = d[at..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(d.len(), |e| at + e);
+                &d[at..end]
+            })
+            .collect();
+        assert!(asked.len() > 5, "{asked:?}");
+        for n in asked {
+            assert!(text.contains(&format!("# TYPE {n} ")), "{n} is not served");
+        }
     }
 }

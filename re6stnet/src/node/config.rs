@@ -73,6 +73,11 @@ impl NodeCore {
     /// The answer to a [`RegistryRequest`].
     pub fn handle_registry(&mut self, now: Instant, unix: i64, result: RegistryResult) {
         self.busy.remove(&result.kind());
+        match &result {
+            RegistryResult::Config(r) => self.registry_reachable = Some(r.is_ok()),
+            RegistryResult::Bootstrap(r) => self.registry_reachable = Some(r.is_ok()),
+            _ => {}
+        }
         match result {
             RegistryResult::Config(Ok(signed)) => {
                 self.config_failures = 0;

@@ -186,6 +186,9 @@ pub struct NodeCore {
     busy: BTreeSet<RegistryKind>,
     roles: Roles,
     config_failures: u32,
+    /// Whether the registry answered our last read (config, bootstrap);
+    /// None before the first.
+    registry_reachable: Option<bool>,
     hmac_failures: u32,
     metrics: Metrics,
     revoked: bool,
@@ -263,6 +266,7 @@ impl NodeCore {
             timers: Timers::default(),
             busy: BTreeSet::new(),
             config_failures: 0,
+            registry_reachable: None,
             hmac_failures: 0,
             metrics: Metrics::default(),
             revoked: false,
@@ -543,6 +547,12 @@ impl NodeCore {
     /// Whether our certificate is revoked.
     pub fn revoked(&self) -> bool {
         self.revoked
+    }
+
+    /// Whether the registry answered our last read (None: not asked yet,
+    /// or no registry).
+    pub fn registry_reachable(&self) -> Option<bool> {
+        self.registry_reachable
     }
 
     /// The MTU of our tunnel devices.

@@ -1073,7 +1073,8 @@ fn a_renewal_keeps_the_tunnels_when_the_old_serial_is_revoked() {
 
 /// With the registry down, nodes still open tunnels from their caches and
 /// keep them; the configuration and the Babel keys are asked again with
-/// growing delays.
+/// growing delays; the node says the registry is unreachable, and
+/// reachable again once it answers.
 #[test]
 fn registry_down_the_mesh_runs_from_the_cache() {
     let mut sim = Sim::new(2, &netconf(1, |c| c.tunnel_refresh_s = 86_400));
@@ -1103,6 +1104,10 @@ fn registry_down_the_mesh_runs_from_the_cache() {
         );
         assert!(gaps[gaps.len() - 1] > gaps[0]);
     }
+    assert_eq!(sim.cores[1].registry_reachable(), Some(false));
+    let (now, unix) = (sim.now, sim.unix());
+    sim.cores[1].handle_registry(now, unix, RegistryResult::Bootstrap(Ok(Vec::new())));
+    assert_eq!(sim.cores[1].registry_reachable(), Some(true), "back");
 }
 
 /// poll_timeout is None or in the future after every input, and a lone

@@ -186,15 +186,7 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
         "tcp: a reaches everyone {:?} after its start ({took:?} of waiting)",
         started.elapsed()
     );
-    let tunnels = m.ctl(a, "/tunnels")?;
-    let up: Vec<&Value> = tunnels
-        .as_array()
-        .map(|t| t.iter().filter(|t| t["up"] == true).collect())
-        .unwrap_or_default();
-    check(
-        !up.is_empty() && up.iter().all(|t| t["transport"] == "tcp"),
-        format!("a's tunnels: {tunnels}"),
-    )?;
+    all_up_over_tcp(&m, a)?;
     let n1 = m.index("n1")?;
     let n2 = m.index("n2")?;
     let to_n1 = m.address(n1);
@@ -218,14 +210,7 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
         loss: 0.01,
         ..LinkParams::delay_ms(10)
     };
-    for from in ["r1", "n2"] {
-        for to in ["reg", "n1", "n2", "n3", "r1", "r2"]
-            .into_iter()
-            .filter(|h| *h != from)
-        {
-            wan.set_both(from, to, lossy)?;
-        }
-    }
+    set_site_paths(wan, lossy)?;
     let (over_tcp, over_udp) = (
         ping(m.host(a)?, to_n1, 100, Duration::from_millis(20))?,
         ping(m.host(n2)?, to_n1, 100, Duration::from_millis(20))?,
@@ -251,14 +236,7 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
             over_tcp.received
         ),
     )?;
-    for from in ["r1", "n2"] {
-        for to in ["reg", "n1", "n2", "n3", "r1", "r2"]
-            .into_iter()
-            .filter(|h| *h != from)
-        {
-            wan.set_both(from, to, LinkParams::delay_ms(10))?;
-        }
-    }
+    set_site_paths(wan, LinkParams::delay_ms(10))?;
     // SIGKILL at either end of TCP tunnels: the dead streams are noticed
     // and the restarted node is reached over TCP again.
     for (i, name) in [(a, "a"), (n1, "n1")] {
@@ -271,15 +249,33 @@ fn a_node_whose_udp_is_blocked_joins_over_tcp() -> Result<()> {
             restarted.elapsed()
         );
     }
-    let tunnels = m.ctl(a, "/tunnels")?;
+    all_up_over_tcp(&m, a)
+}
+
+/// Node `i` has tunnels up, all over TCP.
+fn all_up_over_tcp(m: &Mesh, i: usize) -> Result<()> {
+    let tunnels = m.ctl(i, "/tunnels")?;
     let up: Vec<&Value> = tunnels
         .as_array()
         .map(|t| t.iter().filter(|t| t["up"] == true).collect())
         .unwrap_or_default();
     check(
         !up.is_empty() && up.iter().all(|t| t["transport"] == "tcp"),
-        format!("a's tunnels after the restarts: {tunnels}"),
+        format!("{}'s tunnels: {tunnels}", m.nodes[i].name),
     )
+}
+
+/// Sets every Internet path of `r1` (a's site) and of `n2`, both ways.
+fn set_site_paths(wan: &netns_tests::wan::WanHandle, params: LinkParams) -> Result<()> {
+    for from in ["r1", "n2"] {
+        for to in ["reg", "n1", "n2", "n3", "r1", "r2"]
+            .into_iter()
+            .filter(|h| *h != from)
+        {
+            wan.set_both(from, to, params)?;
+        }
+    }
+    Ok(())
 }
 
 /// Mbit/s of one iperf3 TCP stream from node `i` to node `j` over the

@@ -266,6 +266,13 @@ impl NetworkConfig {
         v
     }
 
+    /// The network prefix, parsed.
+    fn network_prefix(&self) -> Result<ipnet::Ipv6Net> {
+        self.network
+            .parse()
+            .map_err(|_| Error::Corrupt("the configuration's network".into()))
+    }
+
     /// Sets one parameter from text, checking its range. Does not bump the version.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         if key == "anchor" {
@@ -274,10 +281,7 @@ impl NetworkConfig {
                 self.anchor = None;
                 return Ok(());
             }
-            let network: ipnet::Ipv6Net = self
-                .network
-                .parse()
-                .map_err(|_| Error::Corrupt("the configuration's network".into()))?;
+            let network = self.network_prefix()?;
             let p: ipnet::Ipv6Net = value
                 .parse()
                 .map_err(|_| Error::Invalid(format!("anchor: {value:?} is not an IPv6 prefix")))?;
@@ -295,10 +299,7 @@ impl NetworkConfig {
                 self.ipv4 = None;
                 return Ok(());
             }
-            let network: ipnet::Ipv6Net = self
-                .network
-                .parse()
-                .map_err(|_| Error::Corrupt("the configuration's network".into()))?;
+            let network = self.network_prefix()?;
             self.ipv4 = Some(Ipv4Overlay::parse(value, network, self.prefix_len)?);
             return Ok(());
         }

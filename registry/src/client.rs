@@ -12,6 +12,7 @@ use crate::config::{Sealed, SignedConfig};
 use crate::error::{Error, Result};
 use crate::server::now;
 use crate::store::Issued;
+use crate::topology::{Report, REPORT_PATH};
 
 /// A node's signing identity: its key and the serial of its certificate.
 pub struct Identity<'a> {
@@ -156,6 +157,13 @@ impl RegistryClient {
     pub async fn publish_peer(&self, who: &Identity<'_>, record: &SignedPeerRecord) -> Result<()> {
         let body = serde_json::to_vec(record).map_err(|e| Error::Invalid(e.to_string()))?;
         self.send::<()>(reqwest::Method::POST, "/v1/peer", Some(body), Some(who))
+            .await
+    }
+
+    /// Posts our topology report (node-signed).
+    pub async fn report(&self, who: &Identity<'_>, report: &Report) -> Result<()> {
+        let body = serde_json::to_vec(report).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.send::<()>(reqwest::Method::POST, REPORT_PATH, Some(body), Some(who))
             .await
     }
 

@@ -6,6 +6,7 @@
 //! - [`config`]: the signed network configuration, HMAC keys, sealing to a
 //!   node's WireGuard key.
 //! - [`auth`]: node-signed requests and signed peer records.
+//! - [`topology`]: nodes' topology reports and the network map.
 //! - [`metrics`]: the registry's Prometheus metrics; [`prometheus`]: the
 //!   text exposition every component writes.
 
@@ -21,5 +22,6 @@ pub mod prefix;
 pub mod prometheus;
 pub mod server;
 pub mod store;
+pub mod topology;
 
 pub use error::{Error, Result};

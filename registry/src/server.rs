@@ -32,6 +32,7 @@ use crate::config::{seal, SignedHmacKeys};
 use crate::error::Error;
 use crate::metrics::{Event, Metrics, Scrape};
 use crate::store::{parse_wg_key, RevokeTarget, Store};
+use crate::topology::{Report, PAGE, REPORT_PATH};
 
 /// Unix seconds now.
 pub fn now() -> i64 {
@@ -334,6 +335,43 @@ async fn post_peer(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn post_report(
+    State(st): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawBody(bytes): RawBody,
+) -> Result<Response, ApiError> {
+    let node = node_auth(&st, &headers, &method, &uri, &bytes, false).await?;
+    st.with_store(move |s| {
+        let report = Report::parse(&bytes, s.ca().cert().network(), node.prefix)?;
+        s.put_report(&node, &report, now())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn admin_topology(State(st): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+    Ok(json(st.with_store(|s| s.topology(now())).await?))
+}
+
+/// The live map; it fetches `/v1/topology`, so it shows nothing to
+/// whoever may not read that.
+async fn topology_page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'",
+            ),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
 async fn get_bootstrap(
     State(st): State<Arc<AppState>>,
     method: Method,
@@ -474,6 +512,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/hmac-keys", get(get_hmac_keys))
         .route("/v1/peer", post(post_peer))
         .route("/v1/bootstrap", get(get_bootstrap))
+        .route(REPORT_PATH, post(post_report))
+        .route("/v1/topology", get(admin_topology))
+        .route("/topology", get(topology_page))
         .route(
             "/v1/admin/tokens",
             post(admin_add_token).get(admin_list_tokens),

@@ -19,6 +19,7 @@ use crate::cert::{check_csr, Ca, IssueRequest, NodeCert};
 use crate::config::{random_bytes, HmacKeys, NetworkConfig, SignedConfig, CONFIG_VALIDITY_S};
 use crate::error::{Error, Result};
 use crate::prefix::{Allocator, Block};
+use crate::topology::{Report, Topology};
 
 /// How long a join token is valid unless its creator says otherwise (a
 /// token that leaks from a shell history or a ticket does not stay a key
@@ -26,7 +27,7 @@ use crate::prefix::{Allocator, Block};
 pub const DEFAULT_TOKEN_LIFETIME_S: i64 = 7 * 86_400;
 
 /// Schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// A certificate is renewable this long before it expires.
 pub const RENEW_BEFORE_S: i64 = 30 * 86_400;
 /// Peer records older than this are not handed out.
@@ -80,6 +81,11 @@ CREATE TABLE quarantine(prefix TEXT PRIMARY KEY, until INTEGER NOT NULL) STRICT;
 const SCHEMA_V3: &str = "
 CREATE TABLE superseded(serial INTEGER PRIMARY KEY, prefix TEXT NOT NULL, not_after INTEGER NOT NULL, due INTEGER) STRICT;
 ALTER TABLE cert ADD COLUMN wg_key BLOB;
+";
+
+/// Version 4: the latest topology report of every node (checked, as JSON).
+const SCHEMA_V4: &str = "
+CREATE TABLE report(prefix TEXT PRIMARY KEY, body TEXT NOT NULL, received INTEGER NOT NULL) STRICT;
 ";
 
 /// A superseded certificate stays valid this long (by default: see
@@ -266,6 +272,7 @@ impl Store {
         tx.execute_batch(SCHEMA)?;
         tx.execute_batch(SCHEMA_V2)?;
         tx.execute_batch(SCHEMA_V3)?;
+        tx.execute_batch(SCHEMA_V4)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let abs = |f: &Path| -> Result<String> {
             let a = std::fs::canonicalize(f)
@@ -340,6 +347,13 @@ impl Store {
             tx.pragma_update(None, "user_version", 3)?;
             tx.commit()?;
             version = 3;
+        }
+        if version == 3 {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA_V4)?;
+            tx.pragma_update(None, "user_version", 4)?;
+            tx.commit()?;
+            version = 4;
         }
         if version != SCHEMA_VERSION {
             return Err(Error::Corrupt(format!(
@@ -917,6 +931,45 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps `report` as the latest of the authenticated `node` (checked
+    /// by [`Report::parse`]).
+    pub fn put_report(&mut self, node: &NodeCert, report: &Report, now: i64) -> Result<()> {
+        let body = serde_json::to_string(report).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO report(prefix, body, received) VALUES (?1, ?2, ?3)
+             ON CONFLICT(prefix) DO UPDATE SET body = ?2, received = ?3",
+            params![node.prefix.to_string(), body, now],
+        )?;
+        Ok(())
+    }
+
+    /// The network map: every node with its latest report.
+    pub fn topology(&self, now: i64) -> Result<Topology> {
+        let mut st = self
+            .conn
+            .prepare("SELECT prefix, body, received FROM report JOIN node USING (prefix)")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut reports = Vec::new();
+        for row in rows {
+            let (prefix, body, at) = row?;
+            let report: Report = serde_json::from_str(&body)
+                .map_err(|e| Error::Corrupt(format!("stored report of {prefix}: {e}")))?;
+            reports.push((prefix, report, at));
+        }
+        Ok(Topology::build(
+            self.ca.cert().network(),
+            self.list_nodes()?,
+            reports,
+            now,
+        ))
+    }
+
     /// A few random fresh peer records of registered nodes, never `exclude`'s.
     pub fn bootstrap(&self, exclude: Option<Ipv6Net>, now: i64) -> Result<Vec<SignedPeerRecord>> {
         let exclude = exclude.map(|p| p.to_string()).unwrap_or_default();
@@ -1100,6 +1153,7 @@ fn advance_hmac(conn: &Connection, ca: &Ca, now: i64) -> Result<()> {
 fn free_node(conn: &Connection, prefix: &str, now: i64) -> Result<()> {
     conn.execute("DELETE FROM node WHERE prefix = ?1", params![prefix])?;
     conn.execute("DELETE FROM peer WHERE prefix = ?1", params![prefix])?;
+    conn.execute("DELETE FROM report WHERE prefix = ?1", params![prefix])?;
     conn.execute("DELETE FROM superseded WHERE prefix = ?1", params![prefix])?;
     let until: Option<i64> = conn.query_row(
         "SELECT MAX(not_after) FROM cert WHERE prefix = ?1",
@@ -1429,8 +1483,8 @@ mod tests {
         let db = f.store.path.clone();
         let (old_key, old) = join(&mut f.store, NOW)?;
         f.store.conn.execute_batch(
-            "DROP TABLE quarantine; DROP TABLE superseded; ALTER TABLE cert DROP COLUMN wg_key;
-             PRAGMA user_version = 1;",
+            "DROP TABLE quarantine; DROP TABLE superseded; DROP TABLE report;
+             ALTER TABLE cert DROP COLUMN wg_key; PRAGMA user_version = 1;",
         )?;
         drop(f.store);
         let mut store = Store::open(&db)?;
@@ -1446,6 +1500,38 @@ mod tests {
             |r| r.get(0),
         )?;
         assert_eq!(wg, wg_key_of(&old_key));
+        assert_eq!(
+            store.topology(NOW)?.nodes.len(),
+            1,
+            "the report table is there"
+        );
+        Ok(())
+    }
+
+    /// The latest report of a node is on the map until it is revoked.
+    #[test]
+    fn reports_are_kept_per_node_and_dropped_with_it() -> Result<()> {
+        let mut f = fixture()?;
+        let (key, a) = join(&mut f.store, NOW)?;
+        let node = authenticated(&mut f.store, &key, a.serial, NOW)?;
+        let report = |v: &str| Report {
+            version: v.into(),
+            tunnels: Vec::new(),
+            unreachable: Vec::new(),
+        };
+        f.store.put_report(&node, &report("1"), NOW)?;
+        f.store.put_report(&node, &report("2"), NOW + 60)?;
+        let map = f.store.topology(NOW + 60)?;
+        assert_eq!(map.nodes.len(), 1);
+        assert_eq!(map.nodes[0].version.as_deref(), Some("2"));
+        assert_eq!(map.nodes[0].reported, Some(NOW + 60));
+        f.store.revoke(&RevokeTarget::Serial(a.serial), NOW + 120)?;
+        assert!(f.store.topology(NOW + 120)?.nodes.is_empty());
+        let left: i64 = f
+            .store
+            .conn
+            .query_row("SELECT COUNT(*) FROM report", [], |r| r.get(0))?;
+        assert_eq!(left, 0);
         Ok(())
     }
 

@@ -402,3 +402,98 @@ async fn metrics_count_joins_refusals_and_nodes() -> anyhow::Result<()> {
     assert!(text.contains("re6st_registry_db_operations_total"));
     Ok(())
 }
+
+/// Topology reports: members only, each for itself, never replayed,
+/// checked; the map lists every node with its latest report and is for
+/// admins; the page is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_reports_make_the_map() -> anyhow::Result<()> {
+    use re6st_registry::auth::sign_request;
+    use re6st_registry::topology::{Report, ReportedTunnel, Topology, TunnelTransport};
+    let reg = start().await?;
+    let client = RegistryClient::new(&reg.url)?;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(join(&client, &token(&reg)?).await?);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    fn id(n: &Node) -> Identity<'_> {
+        Identity {
+            key: &n.key,
+            serial: n.serial,
+        }
+    }
+    let report = Report {
+        version: "re6st-rs 0.1.0".into(),
+        tunnels: vec![ReportedTunnel {
+            peer: b.prefix.to_string(),
+            up: true,
+            transport: Some(TunnelTransport::Udp),
+            rtt_ms: Some(12.5),
+            cost: Some(96),
+        }],
+        unreachable: vec![c.prefix.to_string()],
+    };
+    client.report(&id(a), &report).await?;
+    client
+        .report(
+            &id(b),
+            &Report {
+                version: "re6st-rs 0.0.9".into(),
+                tunnels: Vec::new(),
+                unreachable: Vec::new(),
+            },
+        )
+        .await?;
+
+    let body = serde_json::to_vec(&report)?;
+    let (status, _) = raw(&reg.url, "POST", "/v1/report", body.clone(), None).await?;
+    assert_eq!(status, 401, "anonymous reports are refused");
+    let signed = sign_request(&a.key, a.serial, "POST", "/v1/report", &body, now())?;
+    let (status, _) = raw(&reg.url, "POST", "/v1/report", body.clone(), Some(&signed)).await?;
+    assert_eq!(status, 204);
+    let (status, e) = raw(&reg.url, "POST", "/v1/report", body.clone(), Some(&signed)).await?;
+    assert_eq!(status, 401, "a replay is refused: {e}");
+    let mut own = report.clone();
+    own.tunnels[0].peer = a.prefix.to_string();
+    let own = serde_json::to_vec(&own)?;
+    let signed = sign_request(&a.key, a.serial, "POST", "/v1/report", &own, now())?;
+    let (status, e) = raw(&reg.url, "POST", "/v1/report", own, Some(&signed)).await?;
+    assert_eq!(status, 400, "{e}");
+    let huge = vec![b' '; 65 * 1024];
+    let signed = sign_request(&a.key, a.serial, "POST", "/v1/report", &huge, now())?;
+    let (status, _) = raw(&reg.url, "POST", "/v1/report", huge, Some(&signed)).await?;
+    assert!((400..500).contains(&status), "{status}");
+
+    Store::open(&reg.db)?.revoke(
+        &re6st_registry::store::RevokeTarget::Prefix(c.prefix),
+        now(),
+    )?;
+    assert!(matches!(
+        client.report(&id(c), &report).await,
+        Err(Error::Forbidden(_))
+    ));
+
+    let map: Topology = reqwest::get(format!("{}/v1/topology", reg.url))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let prefixes: Vec<String> = map.nodes.iter().map(|n| n.prefix.clone()).collect();
+    let mut want = vec![a.prefix.to_string(), b.prefix.to_string()];
+    want.sort();
+    assert_eq!(prefixes, want, "every current node, the revoked one gone");
+    let on_map = |p: Ipv6Net| map.nodes.iter().find(|n| n.prefix == p.to_string());
+    let ma = on_map(a.prefix).ok_or_else(|| anyhow::anyhow!("a"))?;
+    assert_eq!(ma.tunnels, report.tunnels);
+    assert_eq!(ma.unreachable, report.unreachable);
+    assert!(!ma.stale);
+    assert_eq!(
+        on_map(b.prefix).and_then(|n| n.version.clone()).as_deref(),
+        Some("re6st-rs 0.0.9")
+    );
+    let page = reqwest::get(format!("{}/topology", reg.url)).await?;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await?.contains("/v1/topology"));
+    Ok(())
+}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs, as root on Debian, the packages the demo, the tests and the
-# benchmarks use (g++: libFuzzer, built by scripts/fuzz-smoke.sh). Does nothing when they are all there already (so it runs
+# benchmarks use (g++: libFuzzer, built by scripts/fuzz-smoke.sh; chromium:
+# the topology page test, headless). Does nothing when they are all there
+# already (so it runs
 # `apt-get update` at most once per machine).
 set -euo pipefail
-PKGS=(iproute2 nftables iputils-ping iperf3 procps babeld g++)
+PKGS=(iproute2 nftables iputils-ping iperf3 procps babeld g++ chromium)
 missing=()
 for p in "${PKGS[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

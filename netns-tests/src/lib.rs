@@ -55,18 +55,7 @@ pub fn set_binary_dir(dir: std::path::PathBuf) -> bool {
 pub fn binary(name: &str) -> Result<std::path::PathBuf> {
     let dir = match BINARY_DIR.get() {
         Some(dir) => dir.clone(),
-        None => {
-            let exe =
-                std::env::current_exe().map_err(|e| Error::io("finding the test executable", e))?;
-            let mut dir = exe
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default();
-            if dir.ends_with("deps") {
-                dir.pop();
-            }
-            dir
-        }
+        None => build_dir()?,
     };
     let path = dir.join(name);
     if path.is_file() {
@@ -78,6 +67,29 @@ pub fn binary(name: &str) -> Result<std::path::PathBuf> {
         )))
     }
 }
+/// The build directory of the running executable (`target/<profile>`).
+fn build_dir() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the test executable", e))?;
+    let mut dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Where a test keeps a file it made for people to look at (a
+/// screenshot): `target/<profile>/netns-artifacts/NAME`, which outlives
+/// the test's logs.
+pub fn artifact(name: &str) -> Result<std::path::PathBuf> {
+    let dir = build_dir()?.join("netns-artifacts");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir.join(name))
+}
+
 pub use net::{Host, Net};
 pub use process::Process;
 pub use topology::{LinkParams, Topology};

@@ -847,6 +847,119 @@ fn ipv4_inside_the_overlay() -> Result<()> {
     check(!lo.contains("198.19.240."), format!("address left: {lo}"))
 }
 
+/// Every node reports its tunnels to the registry; `re6st-registry
+/// topology` and the live page in headless Chromium show all five nodes,
+/// their RTTs and the broken direct path n1–n3 (n1 keeps trying it: n3 is
+/// its pinned neighbour) that the mesh routes around. The screenshot is
+/// kept with the logs.
+fn the_topology_page_shows_every_node() -> Result<()> {
+    netns_tests::netns::require_tool("chromium")?;
+    let n = names(5);
+    let mut t = topology("topo", 5, 10);
+    let broken = LinkParams {
+        blackhole: true,
+        ..LinkParams::delay_ms(10)
+    };
+    t.wan_both("n1", "n3", broken);
+    let mut m = Mesh::start(&t, "reg", &refs(&n[1..]), &[], &[])?;
+    let n3 = m.nodes[m.index("n3")?].prefix.clone();
+    m.enrol("n1", &["--neighbour", &n3])?;
+    let n1 = m.index("n1")?;
+    m.start_node(n1)?;
+    m.wait_full_reachability(Duration::from_secs(40))?;
+    let n1_prefix = m.nodes[n1].prefix.clone();
+    let prefixes: Vec<String> = m.nodes.iter().map(|x| x.prefix.clone()).collect();
+    let (map, took) = wait_until(
+        "every node's report, with RTTs, and n1's broken path to n3",
+        Duration::from_secs(100),
+        Duration::from_secs(1),
+        || {
+            let map: serde_json::Value =
+                serde_json::from_str(&m.registry_cmd(&["topology", "--json"]).ok()?).ok()?;
+            let nodes = map["nodes"].as_array()?;
+            let complete = nodes.len() == prefixes.len()
+                && nodes.iter().all(|x| {
+                    !x["stale"].as_bool().unwrap_or(true)
+                        && x["tunnels"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t["rtt_ms"].is_number()))
+                })
+                && nodes.iter().any(|x| {
+                    x["prefix"] == n1_prefix.as_str()
+                        && x["unreachable"]
+                            .as_array()
+                            .is_some_and(|u| u.iter().any(|p| *p == n3.as_str()))
+                });
+            complete.then_some(map)
+        },
+    )?;
+    eprintln!("topology: every node reported within {took:?} of full reachability");
+    let text = m.registry_cmd(&["topology"])?;
+    eprintln!("{text}");
+    check(
+        text.contains(&format!("no direct path to {n3}")),
+        format!("re6st-registry topology: {text}"),
+    )?;
+    check(
+        map["nodes"].as_array().is_some_and(|a| {
+            a.iter().all(|x| {
+                x["version"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("re6st-rs "))
+            })
+        }),
+        format!("versions: {map}"),
+    )?;
+
+    let reg = m.net.host("reg")?;
+    let dir = m.net.log_dir().to_path_buf();
+    let page = format!("{}/topology#token=registry-admin-secret", m.url);
+    let chromium = |extra: &[&str]| -> Result<String> {
+        let profile = dir.join("chromium-profile");
+        let profile = format!("--user-data-dir={}", profile.display());
+        let mut args = vec![
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--window-size=1000,1200",
+            "--virtual-time-budget=8000",
+            profile.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(&page);
+        let o = reg.output("chromium", &args)?;
+        check(
+            o.status.success(),
+            format!("chromium: {}", String::from_utf8_lossy(&o.stderr)),
+        )?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let dom = chromium(&["--dump-dom"])?;
+    for p in &m.nodes {
+        check(
+            dom.contains(&format!("class=\"node\" data-prefix=\"{}\"", p.prefix)),
+            format!("the page draws {} ({}): {dom}", p.name, p.prefix),
+        )?;
+    }
+    let mut pair = [n1_prefix.clone(), n3.clone()];
+    pair.sort();
+    check(
+        dom.contains("class=\"broken\"") && dom.contains(&pair.join(" ")),
+        format!("the page draws the broken path n1–n3: {dom}"),
+    )?;
+    check(
+        dom.contains("<div id=\"status\" class=\"\">5 nodes, "),
+        format!("the page's status line: {dom}"),
+    )?;
+    let shot = dir.join("topology.png");
+    chromium(&[&format!("--screenshot={}", shot.display())])?;
+    let kept = netns_tests::artifact("topology.png")?;
+    std::fs::copy(&shot, &kept).map_err(|e| netns_tests::Error::io("keeping the screenshot", e))?;
+    eprintln!("topology page screenshot: {}", kept.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     run_suite(&[
         ("four_nodes_reach_each_other", four_nodes_reach_each_other),
@@ -893,5 +1006,9 @@ fn main() -> ExitCode {
             a_lan_behind_its_main_interface_is_routed,
         ),
         ("ipv4_inside_the_overlay", ipv4_inside_the_overlay),
+        (
+            "the_topology_page_shows_every_node",
+            the_topology_page_shows_every_node,
+        ),
     ])
 }

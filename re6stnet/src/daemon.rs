@@ -673,6 +673,8 @@ impl Driver {
                 return;
             }
         };
+        // What a report says is taken now, not when the request runs.
+        let report = matches!(request, RegistryRequest::Report).then(|| self.report());
         let serial = self.core.certificate().serial;
         let secret = self.files.wg_secret;
         let ca = self.files.ca.clone();
@@ -700,15 +702,33 @@ impl Driver {
                         .map(|i| i.cert)
                         .map_err(text),
                 ),
+                RegistryRequest::Report => RegistryResult::Reported(match &report {
+                    Some(rep) => r.report(&id, rep).await.map_err(text),
+                    None => Ok(()),
+                }),
             };
             let _ = tx.send(out).await;
         });
     }
 
-    fn snapshot(&self) -> Snapshot {
+    /// Our topology report, as of now.
+    fn report(&self) -> re6st_registry::topology::Report {
+        let neighbours = self
+            .routing_state
+            .clone()
+            .map(|s| self.routing.snapshot(s).status().neighbours)
+            .unwrap_or_default();
+        crate::report::build(
+            &self.tunnel_infos(),
+            &neighbours,
+            &self.core.failing_peers(unix()),
+        )
+    }
+
+    /// Our tunnels as the control API shows them.
+    fn tunnel_infos(&self) -> Vec<TunnelInfo> {
         let links = self.plane.links();
-        let tunnels = self
-            .core
+        self.core
             .tunnels()
             .into_iter()
             .map(|t| {
@@ -732,7 +752,11 @@ impl Driver {
                     cost_multiplier: t.cost,
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let tunnels = self.tunnel_infos();
         let mut metrics = self.core.metrics();
         for (reason, n) in self.plane.published().dropped {
             metrics.rejected.insert(format!("wireguard_{reason}"), n);
@@ -810,5 +834,6 @@ fn failure(kind: crate::node::RegistryKind, e: String) -> RegistryResult {
         K::Bootstrap => RegistryResult::Bootstrap(Err(e)),
         K::Publish => RegistryResult::Published(Err(e)),
         K::Renew => RegistryResult::Renewed(Err(e)),
+        K::Report => RegistryResult::Reported(Err(e)),
     }
 }

@@ -13,6 +13,7 @@ pub mod node;
 pub mod overlay_table;
 pub mod path;
 pub mod peer;
+pub mod report;
 pub mod state;
 pub mod system;
 

@@ -94,6 +94,9 @@ pub enum RegistryRequest {
     Publish(SignedPeerRecord),
     /// Renew our certificate.
     Renew,
+    /// Post our topology report (the driver fills it in from the
+    /// tunnels, the routing state and [`super::NodeCore::failing_peers`]).
+    Report,
 }
 
 /// The kinds of registry requests (at most one of each runs at a time).
@@ -109,6 +112,8 @@ pub enum RegistryKind {
     Publish,
     /// [`RegistryRequest::Renew`].
     Renew,
+    /// [`RegistryRequest::Report`].
+    Report,
 }
 
 impl RegistryRequest {
@@ -120,6 +125,7 @@ impl RegistryRequest {
             Self::Bootstrap => RegistryKind::Bootstrap,
             Self::Publish(_) => RegistryKind::Publish,
             Self::Renew => RegistryKind::Renew,
+            Self::Report => RegistryKind::Report,
         }
     }
 }
@@ -137,6 +143,8 @@ pub enum RegistryResult {
     Published(Result<(), String>),
     /// To [`RegistryRequest::Renew`]: the new certificate's PEM.
     Renewed(Result<String, String>),
+    /// To [`RegistryRequest::Report`].
+    Reported(Result<(), String>),
 }
 
 impl RegistryResult {
@@ -148,6 +156,7 @@ impl RegistryResult {
             Self::Bootstrap(_) => RegistryKind::Bootstrap,
             Self::Published(_) => RegistryKind::Publish,
             Self::Renewed(_) => RegistryKind::Renew,
+            Self::Reported(_) => RegistryKind::Report,
         }
     }
 }

@@ -128,6 +128,16 @@ impl Book {
         Some(evicted)
     }
 
+    /// The peers whose last attempt failed and whose back-off runs: the
+    /// direct paths that did not work (the mesh routes around them).
+    pub fn failing(&self, unix: i64) -> Vec<Peer> {
+        self.peers
+            .iter()
+            .filter(|(_, e)| e.failing_until > unix)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
     /// Keeps at most `keep` peers: failing ones go first, then those that
     /// worked longest ago; returns those removed.
     fn trim(&mut self, keep: usize, unix: i64) -> Vec<Peer> {

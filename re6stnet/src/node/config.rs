@@ -104,6 +104,9 @@ impl NodeCore {
                 tracing::debug!(error = %e, "publishing our peer record");
                 self.timers.set(Timer::Record, now + PUBLISH_RETRY);
             }
+            RegistryResult::Reported(Ok(())) => {}
+            // The next report is due in a minute anyway.
+            RegistryResult::Reported(Err(e)) => tracing::debug!(error = %e, "topology report"),
             RegistryResult::Renewed(r) => {
                 match r.and_then(|pem| self.install_certificate(now, unix, pem)) {
                     Ok(()) => {

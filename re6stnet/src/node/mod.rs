@@ -55,6 +55,10 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 pub const RECORD_REFRESH: Duration = Duration::from_secs(300);
 /// A failed publication is retried after this.
 pub const PUBLISH_RETRY: Duration = Duration::from_secs(10);
+/// The first topology report goes this long after start (tunnels up).
+pub const REPORT_FIRST: Duration = Duration::from_secs(15);
+/// Topology reports follow each other this far apart.
+pub const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Renew the certificate this long (seconds) before it expires.
 pub const RENEW_BEFORE_S: i64 = 30 * 86_400;
 /// How often the certificate's expiry is looked at.
@@ -277,6 +281,7 @@ impl NodeCore {
         core.apply_crl(now, unix);
         if core.registry {
             core.timers.set(Timer::Config, now + Duration::from_secs(1));
+            core.timers.set(Timer::Report, now + REPORT_FIRST);
         }
         core.refresh_record(now);
         core.check_renewal(now, unix);
@@ -342,6 +347,12 @@ impl NodeCore {
                     }
                 }
                 Timer::Tunnel(p) => self.check_tunnel(now, unix, p),
+                Timer::Report => {
+                    self.timers.set(Timer::Report, now + REPORT_EVERY);
+                    if !self.revoked {
+                        self.request(RegistryRequest::Report);
+                    }
+                }
             }
         }
         self.settle(now);
@@ -553,6 +564,11 @@ impl NodeCore {
     /// or no registry).
     pub fn registry_reachable(&self) -> Option<bool> {
         self.registry_reachable
+    }
+
+    /// The peers whose last direct attempt failed (see [`Book::failing`]).
+    pub fn failing_peers(&self, unix: i64) -> Vec<Peer> {
+        self.book.failing(unix)
     }
 
     /// The MTU of our tunnel devices.

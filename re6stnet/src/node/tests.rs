@@ -286,6 +286,7 @@ impl Sim {
                             RegistryRequest::Bootstrap => RegistryResult::Bootstrap(Err(e)),
                             RegistryRequest::Publish(_) => RegistryResult::Published(Err(e)),
                             RegistryRequest::Renew => RegistryResult::Renewed(Err(e)),
+                            RegistryRequest::Report => RegistryResult::Reported(Err(e)),
                         };
                         self.cores[i].handle_registry(now, unix, res);
                     }
@@ -1108,6 +1109,29 @@ fn registry_down_the_mesh_runs_from_the_cache() {
     let (now, unix) = (sim.now, sim.unix());
     sim.cores[1].handle_registry(now, unix, RegistryResult::Bootstrap(Ok(Vec::new())));
     assert_eq!(sim.cores[1].registry_reachable(), Some(true), "back");
+}
+
+/// The topology report goes 15 s after start and then every minute,
+/// failed or not, and stops once we are revoked.
+#[test]
+fn topology_reports_go_every_minute_until_revoked() {
+    let mut sim = Sim::new(2, &netconf(1, |_| {}));
+    sim.registry_down = true;
+    sim.run_until(Duration::from_secs(200));
+    let times = |sim: &Sim| -> Vec<u64> {
+        sim.log
+            .iter()
+            .filter(|(n, _, a)| *n == 0 && *a == Action::Registry(RegistryRequest::Report))
+            .map(|(_, t, _)| t.as_secs())
+            .collect()
+    };
+    assert_eq!(times(&sim), vec![15, 75, 135, 195]);
+    let c2 = netconf(2, |c| c.crl = vec![sim.nodes[0].serial]);
+    let s2 = signed(&sim.ca, &c2);
+    sim.answer(0, RegistryResult::Config(Ok(s2)));
+    sim.run_until(Duration::from_secs(600));
+    assert!(sim.cores[0].revoked());
+    assert_eq!(times(&sim).len(), 4, "a revoked node reports nothing");
 }
 
 /// poll_timeout is None or in the future after every input, and a lone

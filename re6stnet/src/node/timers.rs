@@ -28,6 +28,8 @@ pub enum Timer {
     Tunnel(Peer),
     /// A peer announced a newer configuration and has not sent it yet.
     Announced,
+    /// Send the registry our topology report.
+    Report,
 }
 
 /// Deadlines by timer.

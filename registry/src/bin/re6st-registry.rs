@@ -59,6 +59,14 @@ enum Command {
     Config(ConfigCmd),
     /// Print the CA certificate's SHA-256 fingerprint (for `re6st-conf --ca-fingerprint`).
     Fingerprint,
+    /// The network map from the nodes' latest reports: each node's version,
+    /// its tunnels with their RTT, the peers it could not reach directly.
+    /// `serve` shows the same live at /topology.
+    Topology {
+        /// JSON output (what GET /v1/topology answers).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +223,35 @@ fn parse_duration(s: &str) -> anyhow::Result<i64> {
         .with_context(|| format!("duration {s:?} must be positive and not huge"))
 }
 
+/// The map as text: a line per node, then its tunnels and broken paths.
+fn topology_text(map: &re6st_registry::topology::Topology) -> String {
+    let mut out = String::new();
+    for n in &map.nodes {
+        let age = n.reported.map_or("never reported".into(), |t| {
+            format!("reported {} s ago", map.now - t)
+        });
+        out += &format!(
+            "{} {} ({age}{})\n",
+            n.prefix,
+            n.version.as_deref().unwrap_or("-"),
+            if n.stale { ", not seen recently" } else { "" }
+        );
+        for t in &n.tunnels {
+            let rtt = t.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms"));
+            let how = match t.transport {
+                Some(re6st_registry::topology::TunnelTransport::Tcp) => " tcp",
+                _ => "",
+            };
+            let up = if t.up { "" } else { " (no handshake)" };
+            out += &format!("  tunnel {} {rtt}{how}{up}\n", t.peer);
+        }
+        for u in &n.unreachable {
+            out += &format!("  no direct path to {u}\n");
+        }
+    }
+    out
+}
+
 fn fmt_time(ts: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ts)
         .ok()
@@ -317,6 +354,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         n.last_seen.map_or("-".into(), fmt_time)
                     );
                 }
+            }
+        }
+        Command::Topology { json } => {
+            let map = Store::open(db)?.topology(now())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            } else {
+                print!("{}", topology_text(&map));
             }
         }
         Command::Revoke { prefix, serial } => {

@@ -2,8 +2,7 @@
 # Installs, as root on Debian, the packages the demo, the tests and the
 # benchmarks use (g++: libFuzzer, built by scripts/fuzz-smoke.sh; chromium:
 # the topology page test, headless). Does nothing when they are all there
-# already (so it runs
-# `apt-get update` at most once per machine).
+# already (so it runs `apt-get update` at most once per machine).
 set -euo pipefail
 PKGS=(iproute2 nftables iputils-ping iperf3 procps babeld g++ chromium)
 missing=()
